@@ -1,0 +1,74 @@
+"""Project root, config directory and the Hydra entry-point decorator shared by all commands."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rnnlab.errors import RnnlabError
+
+_SOURCE_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def _is_project(path: Path) -> bool:
+    return (path / "conf" / "config.yaml").is_file()
+
+
+def project_root() -> Path:
+    """The rnnlab checkout: $RNNLAB_ROOT, else the nearest parent of the cwd holding
+    conf/config.yaml, else the checkout this package was installed from (editable)."""
+    env = os.environ.get("RNNLAB_ROOT")
+    if env:
+        root = Path(env).expanduser().resolve()
+        if not _is_project(root):
+            raise RnnlabError(f"RNNLAB_ROOT={env} has no conf/config.yaml; point it at an rnnlab checkout.")
+        return root
+    cwd = Path.cwd().resolve()
+    for candidate in (cwd, *cwd.parents):
+        if _is_project(candidate):
+            return candidate
+    if _is_project(_SOURCE_CHECKOUT):
+        return _SOURCE_CHECKOUT
+    raise RnnlabError("Cannot find the rnnlab project (conf/config.yaml): run from inside the checkout or set RNNLAB_ROOT.")
+
+
+def config_dir() -> Path:
+    return project_root() / "conf"
+
+
+if not OmegaConf.has_resolver("rnnlab_root"):
+    OmegaConf.register_new_resolver("rnnlab_root", lambda: str(project_root()))
+
+
+def _find_user_error(err: BaseException | None) -> RnnlabError | None:
+    """The RnnlabError behind `err`, also when Hydra's instantiate wrapped it."""
+    while err is not None:
+        if isinstance(err, RnnlabError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def hydra_entry(task_function: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+    """`hydra.main` over the project's conf/, printing RnnlabError as a one-line message
+    with exit code 2 instead of a traceback."""
+
+    @functools.wraps(task_function)
+    def guarded(cfg: DictConfig) -> Any:
+        try:
+            return task_function(cfg)
+        except Exception as err:
+            user_error = _find_user_error(err)
+            if user_error is None:
+                raise
+            print(f"rnnlab: error: {user_error}", file=sys.stderr)
+            sys.exit(2)
+
+    return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(guarded)

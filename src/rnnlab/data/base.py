@@ -1,0 +1,97 @@
+"""Shared LightningDataModule for tasks whose preprocess step saves one tensor file per split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from rnnlab.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def save_split(out_dir: Path, split: str, tensors: dict[str, torch.Tensor]) -> None:
+    torch.save(tensors, out_dir / f"{split}.pt")
+
+
+def load_split(processed_dir: Path, split: str) -> dict[str, torch.Tensor]:
+    path = Path(processed_dir) / f"{split}.pt"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: run the preprocess stage first (`dvc repro` or `python -m rnnlab.preprocess task=...`).")
+    return torch.load(path, weights_only=True)
+
+
+class SplitTensorDataModule(L.LightningDataModule):
+    """Serves the train/val/test tensors of a processed task directory.
+
+    Subclasses say which tensors make a batch (`batch_keys`) and what the network
+    needs to know about the data (`front_end_dims`, `head_dims`).
+    """
+
+    batch_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        processed_dir: str | Path,
+        batch_size: int = 64,
+        limit_train: int | None = None,
+        limit_val: int | None = None,
+        limit_test: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise DataError(f"batch_size must be a positive integer, got {batch_size}.")
+        self.processed_dir = Path(processed_dir)
+        self.batch_size = batch_size
+        self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
+        self.num_workers = num_workers
+        self.datasets: dict[str, TensorDataset] = {}
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        path = self.processed_dir / "metadata.json"
+        if not path.is_file():
+            raise DataError(f"{path} is missing: run the preprocess stage first.")
+        return json.loads(path.read_text())
+
+    def transform(self, split: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook for load-time changes (e.g. truncation); identity by default."""
+        return tensors
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            if split in self.datasets:
+                continue
+            tensors = self.transform(split, load_split(self.processed_dir, split))
+            limit = self.limits[split]
+            # Splits are shuffled once in preprocess, so a prefix is a random sample.
+            columns = [tensors[key][:limit] for key in self.batch_keys]
+            if len(columns[0]) == 0:
+                raise DataError(f"The {split} split in {self.processed_dir} is empty; check the limits and the preprocess output.")
+            self.datasets[split] = TensorDataset(*columns)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    @property
+    def front_end_dims(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    @property
+    def head_dims(self) -> dict[str, int]:
+        raise NotImplementedError

@@ -1,0 +1,15 @@
+"""Fetch a task's raw data into data/raw/<task>/: `python -m rnnlab.fetch task=sentiment`."""
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from rnnlab.config import hydra_entry
+
+
+@hydra_entry
+def main(cfg: DictConfig) -> None:
+    instantiate(cfg.task.fetch)
+
+
+if __name__ == "__main__":
+    main()

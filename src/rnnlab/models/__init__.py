@@ -1,0 +1,1 @@
+"""Front ends (tokens or frames to vectors), the recurrent encoder, and the Lightning task modules."""

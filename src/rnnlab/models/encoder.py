@@ -1,0 +1,111 @@
+"""The shared sequence encoder: any torch.nn.RNNBase-style cell plus pooling over time.
+
+The cell is the experiment's variable; everything else (dropout, pooling, masking)
+is identical for GRU, LSTM and RNN so that comparisons are fair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from hydra.utils import get_class
+from torch import nn
+
+from rnnlab.errors import ConfigError
+
+POOLINGS = ("last", "mean", "max")
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class RecurrentEncoder(nn.Module):
+    """Runs a recurrent cell over [B, T, F] features and pools the outputs over time.
+
+    With a padding mask, pooling ignores padded steps and "last" takes the forward
+    direction at the last real step and the backward direction at the first one, so
+    left and right padding both work.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        cell: str | type[nn.Module],
+        hidden_size: int,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        pooling: Sequence[str] = ("mean", "last"),
+    ) -> None:
+        super().__init__()
+        if hidden_size <= 0 or num_layers <= 0:
+            raise ConfigError(f"model.encoder.hidden_size ({hidden_size}) and num_layers ({num_layers}) must be positive.")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"model.encoder.dropout must be in [0, 1), got {dropout}.")
+        pooling = [pooling] if isinstance(pooling, str) else list(pooling)
+        unknown = [p for p in pooling if p not in POOLINGS]
+        if unknown or not pooling:
+            raise ConfigError(f"model.encoder.pooling {pooling} is invalid; choose one or more of {list(POOLINGS)}.")
+        cell_class = get_class(cell) if isinstance(cell, str) else cell
+        self.rnn = cell_class(
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+            bidirectional=bidirectional,
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.pooling = pooling
+        self.hidden_size = hidden_size
+        self.directions = 2 if bidirectional else 1
+        self.output_size = hidden_size * self.directions * len(pooling)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (pooled [B, output_size], per-step outputs [B, T, directions * hidden])."""
+        outputs, _ = self.rnn(features)
+        outputs = self.dropout(outputs)
+        pooled = torch.cat([self._pool(outputs, mask, kind) for kind in self.pooling], dim=-1)
+        return pooled, outputs
+
+    def _pool(self, outputs: torch.Tensor, mask: torch.Tensor | None, kind: str) -> torch.Tensor:
+        if kind == "last":
+            return self._last(outputs, mask)
+        if mask is None:
+            return outputs.mean(dim=1) if kind == "mean" else outputs.amax(dim=1)
+        weights = mask.unsqueeze(-1).to(outputs.dtype)
+        if kind == "mean":
+            return (outputs * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return outputs.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1).nan_to_num(neginf=0.0)
+
+    def _last(self, outputs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        batch, steps, _ = outputs.shape
+        if mask is None:
+            last = torch.full((batch,), steps - 1, device=outputs.device)
+            first = torch.zeros(batch, dtype=torch.long, device=outputs.device)
+        else:
+            positions = torch.arange(steps, device=outputs.device).expand(batch, steps)
+            last = positions.masked_fill(~mask, -1).amax(dim=1).clamp_min(0)
+            first = positions.masked_fill(~mask, steps).amin(dim=1).clamp_max(steps - 1)
+        rows = torch.arange(batch, device=outputs.device)
+        forward = outputs[rows, last, : self.hidden_size]
+        if self.directions == 1:
+            return forward
+        return torch.cat([forward, outputs[rows, first, self.hidden_size :]], dim=-1)
+
+
+class SequenceNet(nn.Module):
+    """front end -> recurrent encoder -> head. This is the network MLflow stores."""
+
+    def __init__(self, front_end: nn.Module, encoder: RecurrentEncoder, head: nn.Module) -> None:
+        super().__init__()
+        self.front_end = front_end
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features, mask = self.front_end(inputs)
+        pooled, _ = self.encoder(features, mask)
+        return self.head(pooled)

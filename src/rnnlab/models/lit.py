@@ -1,0 +1,99 @@
+"""Lightning modules: the training logic per kind of task, around a shared SequenceNet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    AUROC,
+    Accuracy,
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    F1Score,
+)
+
+from rnnlab.models.encoder import RecurrentEncoder, SequenceNet
+
+
+class RecurrentModule(L.LightningModule):
+    """Builds front end -> encoder -> head from plain config dicts and owns the optimiser.
+
+    Plain dicts (not instantiated objects) keep the checkpoint's hyper-parameters
+    loadable with `weights_only=True` and the network rebuildable from its config.
+    """
+
+    def __init__(
+        self, front_end: dict[str, Any], encoder: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any] | None
+    ) -> None:
+        super().__init__()
+        # The run's full config is logged once by train.py; don't log these a second time.
+        self.save_hyperparameters(logger=False)
+
+    def build_net(self, output_size: int) -> SequenceNet:
+        front_end = instantiate(self.hparams.front_end)
+        encoder = RecurrentEncoder(input_size=front_end.output_size, **self.hparams.encoder)
+        return SequenceNet(front_end, encoder, nn.Linear(encoder.output_size, output_size))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.hparams.optimizer, params=self.parameters())
+        schedule = self.hparams.scheduler or {}
+        if not schedule.get("scheduler"):
+            return optimizer
+        lr_scheduler = {"scheduler": instantiate(schedule["scheduler"], optimizer=optimizer), "interval": schedule.get("interval", "epoch")}
+        if schedule.get("monitor"):
+            lr_scheduler["monitor"] = schedule["monitor"]
+        return {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+
+
+class SequenceClassifier(RecurrentModule):
+    """One label per sequence: cross-entropy, accuracy, F1 and ROC-AUC.
+
+    Two classes use binary metrics on the positive class; more use macro averages.
+    """
+
+    def __init__(self, front_end: dict, encoder: dict, optimizer: dict, scheduler: dict | None, num_classes: int) -> None:
+        super().__init__(front_end, encoder, optimizer, scheduler)
+        self.net = self.build_net(num_classes)
+        self.binary = num_classes == 2
+        if self.binary:
+            metrics = MetricCollection({"acc": BinaryAccuracy(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})
+        else:
+            metrics = MetricCollection(
+                {
+                    "acc": Accuracy(task="multiclass", num_classes=num_classes),
+                    "f1": F1Score(task="multiclass", num_classes=num_classes, average="macro"),
+                    "auroc": AUROC(task="multiclass", num_classes=num_classes),
+                }
+            )
+        self.train_metrics = MetricCollection({"acc": metrics["acc"].clone()}, prefix="train_")
+        self.val_metrics = metrics.clone(prefix="val_")
+        self.test_metrics = metrics.clone(prefix="test_")
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> torch.Tensor:
+        inputs, labels = batch
+        logits = self(inputs)
+        loss = F.cross_entropy(logits, labels)
+        probs = logits.softmax(dim=-1)
+        metrics.update(probs[:, 1] if self.binary else probs, labels)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test", self.test_metrics)

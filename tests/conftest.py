@@ -1,0 +1,81 @@
+"""Shared fixtures: composed configs and a tiny sentiment project built from a CSV the tests write."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from rnnlab.config import config_dir
+
+POSITIVE = ["great", "wonderful", "superb", "loved", "brilliant", "moving"]
+NEGATIVE = ["awful", "terrible", "boring", "hated", "dull", "worst"]
+FILLER = ["the", "film", "plot", "actor", "scene", "story", "was", "and", "a", "it", "movie", "this"]
+
+
+def make_reviews(n: int, seed: int = 0) -> pd.DataFrame:
+    """Synthetic reviews whose label is carried by a few sentiment words among filler."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = [rng.choice(FILLER) for _ in range(rng.randint(8, 30))]
+        for _ in range(3):
+            words.insert(rng.randrange(len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append({"text": " ".join(words) + f" <br /><br />review {i}", "label": label, "source": "imdb"})
+    rows.append({"text": "not from imdb", "label": 1, "source": "rotten_tomatoes"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def compose_cfg() -> Callable[..., DictConfig]:
+    """Compose conf/config.yaml with overrides, as `python -m rnnlab.train` would."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def sentiment_root(tmp_path_factory: pytest.TempPathFactory, compose_cfg: Callable[..., DictConfig]) -> Path:
+    """A project root whose sentiment data went through the real fetch and preprocess steps."""
+    root = tmp_path_factory.mktemp("project")
+    csv = root / "reviews_source.csv"
+    make_reviews(240).to_csv(csv, index=False)
+    cfg = compose_cfg(f"paths.root={root}", f"task.fetch.source_csv={csv}", "task.preprocess.vocab_size=50", "task.preprocess.max_len=40")
+    instantiate(cfg.task.fetch)
+    instantiate(cfg.task.preprocess)
+    return root
+
+
+TINY = (
+    "profile=smoke",
+    "model.encoder.hidden_size=8",
+    "task.front_end.embedding_dim=8",
+    "task.data.batch_size=32",
+    "callbacks.progress_bar=null",
+)
+
+
+@pytest.fixture
+def tiny_overrides(sentiment_root: Path, tmp_path: Path) -> list[str]:
+    """Overrides for a seconds-long training run on the tiny data, tracked in a fresh store."""
+    return [
+        *TINY,
+        f"paths.root={sentiment_root}",
+        f"paths.processed={sentiment_root}/data/processed/sentiment",
+        f"paths.model_dir={tmp_path}/models",
+        f"paths.metrics_file={tmp_path}/metrics.json",
+        f"paths.history_file={tmp_path}/history.csv",
+        f"paths.run_dir={tmp_path}/run",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.artifact_location={tmp_path}/artifacts",
+    ]

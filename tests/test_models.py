@@ -1,0 +1,83 @@
+"""The shared encoder: shapes for every cell and option, masked pooling, and learning."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from rnnlab.errors import ConfigError
+from rnnlab.models.encoder import RecurrentEncoder, count_parameters
+from rnnlab.models.lit import SequenceClassifier
+
+CELLS = ["torch.nn.GRU", "torch.nn.LSTM", "torch.nn.RNN"]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_encoder_output_shapes(cell: str, bidirectional: bool, num_layers: int) -> None:
+    encoder = RecurrentEncoder(
+        6, cell, hidden_size=5, num_layers=num_layers, bidirectional=bidirectional, dropout=0.1, pooling=["mean", "last", "max"]
+    )
+    pooled, outputs = encoder(torch.randn(4, 7, 6), torch.ones(4, 7, dtype=torch.bool))
+    directions = 2 if bidirectional else 1
+    assert outputs.shape == (4, 7, 5 * directions)
+    assert pooled.shape == (4, encoder.output_size) == (4, 3 * 5 * directions)
+
+
+@pytest.mark.parametrize(("cell", "gates"), [("torch.nn.GRU", 3), ("torch.nn.LSTM", 4), ("torch.nn.RNN", 1)])
+def test_parameter_count_matches_the_formula(cell: str, gates: int) -> None:
+    encoder = RecurrentEncoder(10, cell, hidden_size=7, num_layers=1)
+    h, i = 7, 10
+    assert count_parameters(encoder) == gates * (h * i + h * h + 2 * h)
+
+
+def test_masked_pooling_ignores_padding_for_both_directions() -> None:
+    encoder = RecurrentEncoder(1, "torch.nn.GRU", hidden_size=2, bidirectional=True, pooling="last")
+    # Per step: forward half = step index, backward half = -step index.
+    steps = torch.arange(5, dtype=torch.float32)
+    outputs = torch.stack([steps, steps, -steps, -steps], dim=-1).expand(2, 5, 4)
+    mask = torch.tensor([[False, False, True, True, True], [True, True, True, False, False]])
+    last = encoder._pool(outputs, mask, "last")
+    assert last.tolist() == [[4, 4, -2, -2], [2, 2, -0.0, -0.0]]
+    assert encoder._pool(outputs, mask, "mean")[:, 0].tolist() == [3.0, 1.0]
+    assert encoder._pool(outputs, mask, "max")[:, 0].tolist() == [4.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"hidden_size": 0}, "hidden_size"), ({"dropout": -0.5}, "dropout"), ({"pooling": ["median"]}, "pooling")],
+)
+def test_bad_encoder_settings_are_refused(kwargs: dict, message: str) -> None:
+    settings = {"hidden_size": 4, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        RecurrentEncoder(3, "torch.nn.GRU", **settings)
+
+
+def make_classifier(cell: str) -> SequenceClassifier:
+    return SequenceClassifier(
+        front_end={"_target_": "rnnlab.models.front_ends.TokenEmbedding", "vocab_size": 30, "embedding_dim": 16},
+        encoder={"cell": cell, "hidden_size": 32},
+        optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
+        scheduler=None,
+        num_classes=2,
+    )
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_classifier_overfits_one_batch(cell: str) -> None:
+    L.seed_everything(0)
+    model = make_classifier(cell)
+    tokens = torch.randint(1, 30, (16, 12))
+    tokens[:, :3] = 0  # left padding
+    labels = torch.randint(0, 2, (16,))
+    optimizer = model.configure_optimizers()
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(tokens), labels)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    assert (model(tokens).argmax(-1) == labels).all()

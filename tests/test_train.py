@@ -1,0 +1,88 @@
+"""End to end on tiny data: metrics file, history, checkpoint, MLflow run and registered model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from rnnlab.train import train
+
+
+def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
+    cfg = compose_cfg(*tiny_overrides, "model=lstm", "trainer.max_epochs=2", "callbacks.early_stopping=null")
+    metrics = train(cfg)
+
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk == metrics
+    assert {"test_acc", "test_f1", "test_auroc", "test_loss", "n_params", "train_seconds"} <= on_disk.keys()
+    assert 0 <= on_disk["test_acc"] <= 1 and on_disk["epochs"] == 2
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["epoch"].tolist() == [0, 1]
+    assert {"train_loss", "val_loss", "val_acc"} <= set(history.columns)
+    assert (tmp_path / "models" / "model.ckpt").is_file()
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=["rnnlab-sentiment"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "sentiment-lstm-seed42"
+    assert run.data.tags["profile"] == "smoke" and run.data.tags["model"] == "lstm"
+    assert run.data.metrics["test_acc"] == pytest.approx(metrics["test_acc"])
+    assert run.data.metrics["n_params"] == metrics["n_params"]
+    assert run.data.params["model/encoder/cell"] == "torch.nn.LSTM"
+    client = MlflowClient(cfg.tracking.uri)
+    assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    versions = client.search_model_versions("name='rnnlab-sentiment-lstm'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+    net = mlflow.pytorch.load_model("models:/rnnlab-sentiment-lstm/1")
+    assert type(net.encoder.rnn).__name__ == "LSTM"
+
+
+def test_same_seed_gives_same_metrics(compose_cfg, tiny_overrides: list[str]) -> None:
+    first = train(compose_cfg(*tiny_overrides, "model=gru", "seed=3"))
+    second = train(compose_cfg(*tiny_overrides, "model=gru", "seed=3"))
+    other = train(compose_cfg(*tiny_overrides, "model=gru", "seed=4"))
+    timing = {"train_seconds", "seconds_per_epoch"}
+    assert {k: v for k, v in first.items() if k not in timing} == {k: v for k, v in second.items() if k not in timing}
+    assert first["test_loss"] != other["test_loss"]
+
+
+def test_failed_run_is_marked_failed_and_writes_no_metrics(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
+    cfg = compose_cfg(*tiny_overrides, "optimizer.lr=-1.0")  # AdamW rejects it when training starts
+    with pytest.raises(Exception, match="Invalid learning rate"):
+        train(cfg)
+    assert not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "models").exists()
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=["rnnlab-sentiment"], output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("rnnlab-train")  # installed beside this interpreter
+    assert script.is_file(), f"the rnnlab-train console script is not installed at {script}"
+    return subprocess.run([str(script), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_console_script_accepts_hydra_overrides(tiny_overrides: list[str], tmp_path: Path) -> None:
+    result = run_cli(*tiny_overrides, "model=rnn", "trainer.max_epochs=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == 1
+    assert metrics["n_params"] == (8 * 8 + 8 * 8 + 2 * 8) + 52 * 8 + (2 * 8 * 2 + 2)
+
+
+def test_console_script_reports_bad_values_without_traceback(tiny_overrides: list[str], tmp_path: Path) -> None:
+    result = run_cli(*tiny_overrides, "model.encoder.dropout=-0.5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.encoder.dropout must be in [0, 1), got -0.5" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "metrics.json").exists()
