@@ -29,12 +29,14 @@ install: $(STAMP)
 
 run: install
 	dvc repro
+	dvc metrics show
 
 # The smoke profile runs as a DVC experiment (`dvc exp show` lists it); params.yaml
 # is restored afterwards so the next `make run` is the default profile again.
 smoke: install
 	@cp params.yaml .params.yaml.bak
 	dvc exp run --set-param profile=smoke; status=$$?; mv .params.yaml.bak params.yaml; exit $$status
+	dvc metrics show
 
 test: install
 	python -m pytest -m "not slow"

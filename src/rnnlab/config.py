@@ -56,9 +56,11 @@ def _find_user_error(err: BaseException | None) -> RnnlabError | None:
     return None
 
 
-def hydra_entry(task_function: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+def hydra_entry(task_function: Callable[[DictConfig], Any] | None = None, *, config_name: str = "config") -> Any:
     """`hydra.main` over the project's conf/, printing RnnlabError as a one-line message
-    with exit code 2 instead of a traceback."""
+    with exit code 2 instead of a traceback. Use as `@hydra_entry` or `@hydra_entry(config_name=...)`."""
+    if task_function is None:
+        return functools.partial(hydra_entry, config_name=config_name)
 
     @functools.wraps(task_function)
     def guarded(cfg: DictConfig) -> Any:
@@ -71,4 +73,4 @@ def hydra_entry(task_function: Callable[[DictConfig], Any]) -> Callable[[], Any]
             print(f"rnnlab: error: {user_error}", file=sys.stderr)
             sys.exit(2)
 
-    return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(guarded)
+    return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(guarded)

@@ -1,0 +1,103 @@
+"""Measure what Lightning, its callbacks and MLflow logging add to a plain PyTorch training loop.
+
+`python -m rnnlab.overhead model=gru steps=100` times the same training steps (same
+network, data, optimiser and gradient clipping) both ways and prints ms per step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from rnnlab.config import hydra_entry
+from rnnlab.console import summary
+from rnnlab.tracking import make_logger
+from rnnlab.train import build
+
+
+class StepTimer(L.Callback):
+    """Wall time of the training steps after the warm-up."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.started = 0.0
+        self.finished = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.warmup:
+            self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        self.finished = time.perf_counter()
+
+
+def plain_loop(cfg: DictConfig) -> float:
+    """Seconds per step of a hand-written loop over the same batches."""
+    L.seed_everything(cfg.seed)
+    datamodule, module = build(cfg)
+    datamodule.setup()
+    optimizer = instantiate(cfg.optimizer, params=module.parameters())
+    module.train()
+    loader = datamodule.train_dataloader()
+    batches = (batch for _ in itertools.count() for batch in loader)  # epochs back to back, as Lightning does
+    started = 0.0
+    for step in range(cfg.warmup + cfg.steps):
+        if step == cfg.warmup:
+            started = time.perf_counter()
+        inputs, labels = next(batches)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(module(inputs), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.trainer.gradient_clip_val)
+        optimizer.step()
+    return (time.perf_counter() - started) / cfg.steps
+
+
+def lightning_loop(cfg: DictConfig) -> float:
+    """Seconds per step of `Trainer.fit` with rnnlab's callbacks and MLflow logging."""
+    L.seed_everything(cfg.seed)
+    datamodule, module = build(cfg)
+    timer = StepTimer(cfg.warmup)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    trainer = instantiate(
+        cfg.trainer,
+        logger=make_logger(cfg),
+        callbacks=[*callbacks, timer],
+        max_steps=cfg.warmup + cfg.steps,
+        limit_val_batches=0,
+        default_root_dir=cfg.paths.run_dir,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return (timer.finished - timer.started) / cfg.steps
+
+
+@hydra_entry(config_name="overhead")
+def main(cfg: DictConfig) -> None:
+    with tempfile.TemporaryDirectory() as tmp, open_dict(cfg):
+        # Keep the benchmark's runs and checkpoints out of the project's store.
+        cfg.tracking.uri = f"sqlite:///{Path(tmp, 'mlflow.db')}"
+        cfg.tracking.artifact_location = str(Path(tmp, "artifacts"))
+        cfg.paths.run_dir = tmp
+        cfg.callbacks.early_stopping = None
+        plain = plain_loop(cfg)
+        lightning = lightning_loop(cfg)
+    summary(
+        f"Training-step overhead: {cfg.task.name} x {cfg.model.name}, batch {cfg.task.data.batch_size}, {cfg.steps} steps",
+        {
+            "plain PyTorch loop": f"{plain * 1000:.1f} ms/step",
+            "Lightning + callbacks + MLflow": f"{lightning * 1000:.1f} ms/step",
+            "overhead": f"{(lightning / plain - 1) * 100:+.1f} %",
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
