@@ -75,6 +75,7 @@ def tiny_overrides(sentiment_root: Path, tmp_path: Path) -> list[str]:
         f"paths.model_dir={tmp_path}/models",
         f"paths.metrics_file={tmp_path}/metrics.json",
         f"paths.history_file={tmp_path}/history.csv",
+        f"paths.plots_dir={tmp_path}/plots",
         f"paths.run_dir={tmp_path}/run",
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         f"tracking.artifact_location={tmp_path}/artifacts",

@@ -86,3 +86,17 @@ def test_console_script_reports_bad_values_without_traceback(tiny_overrides: lis
     assert "model.encoder.dropout must be in [0, 1), got -0.5" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_multirun_grid_trains_each_model_into_mlflow(tiny_overrides: list[str], tmp_path: Path) -> None:
+    overrides = [o for o in tiny_overrides if not o.startswith(("paths.metrics_file", "paths.model_dir", "paths.history_file"))]
+    outputs = [f"paths.metrics_file={tmp_path}/metrics/${{model.name}}.json", f"paths.model_dir={tmp_path}/models/${{model.name}}"]
+    history = f"paths.history_file={tmp_path}/metrics/${{model.name}}_history.csv"
+    sweep_dir = f"hydra.sweep.dir={tmp_path}/multirun"
+    result = run_cli("-m", *overrides, *outputs, history, sweep_dir, "model=gru,lstm,rnn", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "metrics").glob("*.json")) == ["gru.json", "lstm.json", "rnn.json"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["rnnlab-sentiment"], output_format="list")
+    assert sorted(r.info.run_name for r in runs) == ["sentiment-gru-seed42", "sentiment-lstm-seed42", "sentiment-rnn-seed42"]
+    assert {r.info.status for r in runs} == {"FINISHED"}

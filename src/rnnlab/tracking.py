@@ -6,9 +6,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files, never windows
+import matplotlib.pyplot as plt
 import mlflow
 import mlflow.pytorch
+from lightning import LightningModule
 from lightning.pytorch.loggers import MLFlowLogger
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -73,3 +79,22 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"torch=={version('torch').split('+')[0]}", f"hydra-core=={version('hydra-core')}"]
+
+
+def save_figure(module: LightningModule, figure: Figure, name: str) -> Path:
+    """Save a matplotlib figure as <run_dir>/figures/<name>.png and log it to the run in MLflow.
+
+    train.py publishes the run's figures to plots/<task>/<model>/ (a DVC plots directory).
+    """
+    path = figures_dir(module.trainer.default_root_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    logger = module.logger
+    if isinstance(logger, MLFlowLogger):
+        logger.experiment.log_artifact(logger.run_id, str(path), "figures")
+    return path
+
+
+def figures_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "figures"

@@ -49,7 +49,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test on the best checkpoint, log everything, and write the DVC outputs."""
     L.seed_everything(cfg.seed, workers=True)
     # A fresh run must not pick up (or be confused by) a previous run's checkpoints.
-    shutil.rmtree(Path(cfg.paths.run_dir, "checkpoints"), ignore_errors=True)
+    for stale in ("checkpoints", "figures"):
+        shutil.rmtree(Path(cfg.paths.run_dir, stale), ignore_errors=True)
     datamodule, module = build(cfg)
     n_params = count_parameters(module.net)
     history = EpochHistory()
@@ -102,6 +103,9 @@ def _write_outputs(cfg: DictConfig, metrics: dict[str, float], history: EpochHis
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     with io.atomic_path(cfg.paths.history_file) as tmp:
         pd.DataFrame(history.rows).to_csv(tmp, index=False)
+    with io.atomic_dir(cfg.paths.plots_dir) as tmp:
+        for figure in tracking.figures_dir(cfg.paths.run_dir).glob("*.png"):
+            shutil.copy2(figure, tmp / figure.name)
     io.write_json(cfg.paths.metrics_file, metrics)
 
 

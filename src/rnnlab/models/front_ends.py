@@ -23,3 +23,26 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.dropout(self.embedding(tokens)), tokens != 0
+
+
+class DenseFeatures(nn.Module):
+    """Real-valued frames [B, T, F] (audio features, time-series windows), optionally projected.
+
+    With `projection_dim` set, a linear layer maps the F input features to that width;
+    otherwise the features go to the encoder as they are. No padding mask: all steps are real.
+    """
+
+    def __init__(self, num_features: int, projection_dim: int | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        if num_features <= 0:
+            raise ConfigError(f"num_features must be positive, got {num_features}.")
+        if projection_dim is not None and projection_dim <= 0:
+            raise ConfigError(f"front_end.projection_dim must be positive or null, got {projection_dim}.")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"front_end dropout must be in [0, 1), got {dropout}.")
+        self.projection = nn.Linear(num_features, projection_dim) if projection_dim else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.output_size = projection_dim or num_features
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.dropout(self.projection(frames)), None
