@@ -6,7 +6,8 @@ is identical for GRU, LSTM and RNN so that comparisons are fair.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from hydra.utils import get_class
@@ -15,6 +16,8 @@ from torch import nn
 from rnnlab.errors import ConfigError
 
 POOLINGS = ("last", "mean", "max")
+# h_n of GRU/RNN, (h_n, c_n) of LSTM: [num_layers * directions, B, hidden] each.
+RecurrentState = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -23,6 +26,9 @@ def count_parameters(module: nn.Module) -> int:
 
 class RecurrentEncoder(nn.Module):
     """Runs a recurrent cell over [B, T, F] features and pools the outputs over time.
+
+    `cell_options` are passed to the cell's constructor as they are: the options a cell
+    has beyond torch.nn.RNNBase's (e.g. rnnlab's `recurrent_dropout` and `layer_norm`).
 
     With a padding mask, pooling ignores padded steps and "last" takes the forward
     direction at the last real step and the backward direction at the first one, so
@@ -38,6 +44,7 @@ class RecurrentEncoder(nn.Module):
         bidirectional: bool = False,
         dropout: float = 0.0,
         pooling: Sequence[str] = ("mean", "last"),
+        cell_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if hidden_size <= 0 or num_layers <= 0:
@@ -56,6 +63,7 @@ class RecurrentEncoder(nn.Module):
             batch_first=True,
             dropout=dropout if num_layers > 1 else 0.0,
             bidirectional=bidirectional,
+            **(cell_options or {}),
         )
         self.dropout = nn.Dropout(dropout)
         self.pooling = pooling
@@ -65,10 +73,18 @@ class RecurrentEncoder(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (pooled [B, output_size], per-step outputs [B, T, directions * hidden])."""
-        outputs, _ = self.rnn(features)
-        outputs = self.dropout(outputs)
+        outputs, _ = self.unroll(features)
         pooled = torch.cat([self._pool(outputs, mask, kind) for kind in self.pooling], dim=-1)
         return pooled, outputs
+
+    def unroll(self, features: torch.Tensor, state: RecurrentState | None = None) -> tuple[torch.Tensor, RecurrentState]:
+        """Per-step outputs [B, T, directions * hidden] (after dropout) and the cell's final state.
+
+        Starts from `state` (zeros when None), so a language model can carry the state
+        from one chunk of a long sequence to the next.
+        """
+        outputs, final_state = self.rnn(features) if state is None else self.rnn(features, state)
+        return self.dropout(outputs), final_state
 
     def _pool(self, outputs: torch.Tensor, mask: torch.Tensor | None, kind: str) -> torch.Tensor:
         if kind == "last":

@@ -16,9 +16,12 @@ from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
     BinaryF1Score,
+    ConfusionMatrix,
     F1Score,
 )
 
+from rnnlab import tracking
+from rnnlab.errors import ConfigError
 from rnnlab.models.encoder import RecurrentEncoder, SequenceNet
 
 
@@ -56,15 +59,27 @@ class RecurrentModule(L.LightningModule):
 
 
 class SequenceClassifier(RecurrentModule):
-    """One label per sequence: cross-entropy, accuracy, F1 and ROC-AUC.
+    """One label per sequence: cross-entropy, accuracy, F1 and ROC-AUC, and a test confusion matrix.
 
     Two classes use binary metrics on the positive class; more use macro averages.
+    `class_names` label the confusion matrix's axes (class indices when not given).
     """
 
-    def __init__(self, front_end: dict, encoder: dict, optimizer: dict, scheduler: dict | None, num_classes: int) -> None:
+    def __init__(
+        self,
+        front_end: dict,
+        encoder: dict,
+        optimizer: dict,
+        scheduler: dict | None,
+        num_classes: int,
+        class_names: list[str] | None = None,
+    ) -> None:
         super().__init__(front_end, encoder, optimizer, scheduler)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ConfigError(f"class_names {class_names} must name all {num_classes} classes.")
         self.net = self.build_net(num_classes)
         self.binary = num_classes == 2
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         if self.binary:
             metrics = MetricCollection({"acc": BinaryAccuracy(), "f1": BinaryF1Score(), "auroc": BinaryAUROC()})
         else:
@@ -78,13 +93,17 @@ class SequenceClassifier(RecurrentModule):
         self.train_metrics = MetricCollection({"acc": metrics["acc"].clone()}, prefix="train_")
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
+        self.test_confusion = ConfusionMatrix(task="binary" if self.binary else "multiclass", num_classes=num_classes)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> torch.Tensor:
         inputs, labels = batch
         logits = self(inputs)
         loss = F.cross_entropy(logits, labels)
         probs = logits.softmax(dim=-1)
-        metrics.update(probs[:, 1] if self.binary else probs, labels)
+        scores = probs[:, 1] if self.binary else probs
+        metrics.update(scores, labels)
+        if stage == "test":
+            self.test_confusion.update(scores, labels)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(labels))
         return loss
@@ -97,3 +116,12 @@ class SequenceClassifier(RecurrentModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test", self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        """Draw the test confusion matrix (rows: true class, columns: predicted) and save it with the run."""
+        figure, axes = self.test_confusion.plot(labels=self.class_names)
+        size = 2.5 + 0.5 * len(self.class_names)
+        figure.set_size_inches(size, size)
+        axes.set_title("Test set confusion matrix")
+        tracking.save_figure(self, figure, "confusion_matrix")
+        self.test_confusion.reset()
