@@ -1,0 +1,443 @@
+"""rnnlab's GRU, LSTM and RNN against torch.nn's: same function, same gradients, same parameter layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from rnnlab import bench
+from rnnlab.config import config_dir
+from rnnlab.errors import ConfigError, DataError
+from rnnlab.models import cells
+from rnnlab.models.encoder import RecurrentEncoder
+from rnnlab.train import train
+
+KINDS = ["GRU", "LSTM", "RNN"]
+# Max abs difference for values of order one, relative beyond: a weight gradient sums over every step.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """Tiny tensors gain nothing from threads, and on a busy machine every parallel region waits for a time slice."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_pair(kind: str, dtype: torch.dtype = torch.float64, **kwargs: Any) -> tuple[nn.Module, nn.Module]:
+    """torch's cell and rnnlab's, with torch's weights loaded into rnnlab's."""
+    reference = getattr(nn, kind)(**kwargs).to(dtype)
+    ours = getattr(cells, kind)(**kwargs).to(dtype)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def as_tuple(state: Any) -> tuple[torch.Tensor, ...]:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def weighted_loss(output: torch.Tensor, state: Any) -> torch.Tensor:
+    """A loss that gives every output element and final state a different gradient."""
+    weights = torch.arange(output.numel(), dtype=output.dtype).view_as(output).sin()
+    return (output * weights).sum() + sum(s.cos().sum() for s in as_tuple(state))
+
+
+def max_difference(first: Any, second: Any) -> float:
+    """The largest difference between paired tensors, relative to the first one's scale where that exceeds one."""
+    pairs = zip(first, second, strict=True)
+    return max(((a - b).abs().max() / a.abs().max().clamp_min(1)).item() for a, b in pairs if a.numel())
+
+
+@st.composite
+def shapes(draw: st.DrawFn) -> dict[str, Any]:
+    return {
+        "batch": draw(st.integers(1, 8)),
+        "length": draw(st.integers(1, 40)),
+        "input_size": draw(st.integers(1, 9)),
+        "hidden_size": draw(st.integers(1, 9)),
+        "num_layers": draw(st.integers(1, 3)),
+        "bidirectional": draw(st.booleans()),
+        "batch_first": draw(st.booleans()),
+        "bias": draw(st.booleans()),
+        "initial_state": draw(st.booleans()),
+        # padded: every sequence runs all steps; lengths: rnnlab's `lengths` argument; packed: a PackedSequence.
+        "lengths": draw(st.sampled_from(["padded", "lengths", "packed"])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def run_both(kind: str, dtype: torch.dtype, case: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Outputs, final states and the gradients of every input, initial state and parameter, torch's then rnnlab's."""
+    generator = torch.Generator().manual_seed(case["seed"])
+    torch.manual_seed(case["seed"])
+    options = {k: case[k] for k in ("input_size", "hidden_size", "num_layers", "bidirectional", "batch_first", "bias")}
+    reference, ours = make_pair(kind, dtype, **options)
+    batch, length = case["batch"], case["length"]
+    shape = (batch, length, case["input_size"]) if case["batch_first"] else (length, batch, case["input_size"])
+    inputs = torch.randn(shape, dtype=dtype, generator=generator, requires_grad=True)
+    state_shape = (case["num_layers"] * (2 if case["bidirectional"] else 1), batch, case["hidden_size"])
+    states = 2 if kind == "LSTM" else 1
+    initial = tuple(torch.randn(state_shape, dtype=dtype, generator=generator, requires_grad=True) for _ in range(states))
+    hx = (initial if kind == "LSTM" else initial[0]) if case["initial_state"] else None
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    results = []
+    for module in (reference, ours):
+        if case["lengths"] == "padded":
+            output, state = module(inputs, hx)
+        elif case["lengths"] == "lengths" and module is ours:
+            output, state = module(inputs, hx, lengths=lengths)
+        else:
+            packed = pack_padded_sequence(inputs, lengths, batch_first=case["batch_first"], enforce_sorted=False)
+            output, state = module(packed, hx)
+            assert isinstance(output, PackedSequence)
+            output = pad_packed_sequence(output, batch_first=case["batch_first"], total_length=length)[0]
+        leaves = [inputs, *(initial if case["initial_state"] else ()), *module.parameters()]
+        gradients = torch.autograd.grad(weighted_loss(output, state), leaves)
+        results.append([output, *as_tuple(state), *gradients])
+    return results[0], results[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=30, deadline=None)
+@given(case=shapes())
+def test_outputs_states_and_gradients_equal_torch(kind: str, dtype: torch.dtype, case: dict[str, Any]) -> None:
+    expected, actual = run_both(kind, dtype, case)
+    assert len(expected) == len(actual)
+    assert max_difference(expected, actual) <= TOLERANCE[dtype]
+
+
+def test_relu_rnn_equals_torch() -> None:
+    torch.manual_seed(0)
+    reference, ours = make_pair("RNN", input_size=3, hidden_size=5, num_layers=2, nonlinearity="relu")
+    inputs = torch.randn(9, 4, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for module in (reference, ours):
+        output, state = module(inputs)
+        results.append([output, state, *torch.autograd.grad(weighted_loss(output, state), [inputs, *module.parameters()])])
+    assert max_difference(*results) <= 1e-10
+
+
+def test_unbatched_input_equals_torch() -> None:
+    torch.manual_seed(0)
+    reference, ours = make_pair("LSTM", input_size=3, hidden_size=4, bidirectional=True)
+    inputs = torch.randn(6, 3, dtype=torch.float64)
+    initial = (torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
+    (expected, (h, c)), (actual, (our_h, our_c)) = reference(inputs, initial), ours(inputs, initial)
+    assert actual.shape == (6, 8) and our_h.shape == (2, 4)
+    assert max_difference([expected, h, c], [actual, our_h, our_c]) <= 1e-10
+
+
+def test_dropout_between_layers_draws_the_same_masks_as_torch() -> None:
+    torch.manual_seed(0)
+    reference, ours = make_pair("GRU", input_size=3, hidden_size=4, num_layers=3, dropout=0.5)
+    inputs = torch.randn(5, 2, 3, dtype=torch.float64)
+    outputs = []
+    for module in (reference, ours):
+        torch.manual_seed(1)
+        outputs.append(module(inputs)[0])
+    assert max_difference([outputs[0]], [outputs[1]]) <= 1e-10
+    assert max_difference([outputs[1]], [ours.eval()(inputs)[0]]) > 1e-3  # dropout did act
+
+
+def test_the_other_update_convention_is_the_same_gru_with_the_z_rows_negated() -> None:
+    """h = z ⊙ n + (1 - z) ⊙ h_prev (Cho et al., Keras' docs) against PyTorch's h = (1 - z) ⊙ n + z ⊙ h_prev."""
+    torch.manual_seed(0)
+    gru = cells.GRU(3, 5).double()
+    z_rows = slice(5, 10)  # gate order r, z, n
+    w_ih, w_hh, b_ih, b_hh = (p.detach().clone() for p in (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0))
+    for parameter in (w_ih, w_hh, b_ih, b_hh):
+        parameter[z_rows] *= -1
+    inputs = torch.randn(7, 2, 3, dtype=torch.float64)
+    h = torch.zeros(2, 5, dtype=torch.float64)
+    outputs = []
+    for x in inputs:
+        (gi_r, gi_z, gi_n), (gh_r, gh_z, gh_n) = (x @ w_ih.T + b_ih).chunk(3, 1), (h @ w_hh.T + b_hh).chunk(3, 1)
+        r, z = torch.sigmoid(gi_r + gh_r), torch.sigmoid(gi_z + gh_z)
+        n = torch.tanh(gi_n + r * gh_n)
+        h = z * n + (1 - z) * h
+        outputs.append(h)
+    assert max_difference([torch.stack(outputs)], [gru(inputs)[0]]) <= 1e-12
+
+
+# --- the hand-derived backward, checked numerically -------------------------------------------------
+
+SCANS = {"GRU": (cells._GRUScan, 3, ()), "LSTM": (cells._LSTMScan, 4, ()), "RNN": (cells._RNNScan, 1, ("tanh",))}
+OPTIONS = {
+    "plain": {},
+    "no bias": {"bias": False},
+    "recurrent dropout": {"mask": True},
+    "layer norm": {"layer_norm": True},
+    "all options": {"mask": True, "layer_norm": True},
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("kind", KINDS)
+def test_custom_backward_passes_gradcheck(kind: str, options: dict[str, bool]) -> None:
+    scan, gates, extra = SCANS[kind]
+    batch_sizes, size = (3, 3, 2, 1), 3  # variable lengths 4, 3, 2
+    layout = cells._Layout(batch_sizes, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape: int, grad: bool = True) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_(grad)
+
+    gi, w_hh = tensor(layout.rows, gates * size), tensor(gates * size, size)
+    b_hh = tensor(gates * size) if options.get("bias", True) else None
+    ln_weight, ln_bias = (tensor(gates * size), tensor(gates * size)) if options.get("layer_norm") else (None, None)
+    mask = torch.bernoulli(torch.full((3, size), 0.6, dtype=torch.float64), generator=generator) / 0.6 if options.get("mask") else None
+    initial = [tensor(3, size) for _ in range(2 if kind == "LSTM" else 1)]
+    assert torch.autograd.gradcheck(
+        lambda *args: scan.apply(layout, *args[:5], mask, *args[5:], *extra), (gi, w_hh, b_hh, ln_weight, ln_bias, *initial)
+    )
+
+
+def test_double_backward_is_refused_rather_than_silently_wrong() -> None:
+    gru = cells.GRU(3, 4)
+    output, _ = gru(torch.randn(5, 2, 3, requires_grad=True))
+    with pytest.raises(NotImplementedError, match="first-order"):
+        torch.autograd.grad(output.sum(), gru.weight_hh_l0, create_graph=True)
+
+
+# --- parameter layout ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dicts_load_both_ways(kind: str) -> None:
+    options = {"input_size": 5, "hidden_size": 4, "num_layers": 2, "bidirectional": True}
+    reference, ours = getattr(nn, kind)(**options), getattr(cells, kind)(**options)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    ours.load_state_dict(reference.state_dict())
+    fresh = getattr(nn, kind)(**options)
+    fresh.load_state_dict(ours.state_dict())
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in reference.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_seed_draws_the_same_initial_weights_as_torch(kind: str) -> None:
+    torch.manual_seed(3)
+    reference = getattr(nn, kind)(4, 6, num_layers=2)
+    torch.manual_seed(3)
+    ours = getattr(cells, kind)(4, 6, num_layers=2)
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in reference.state_dict().items())
+
+
+def test_same_seed_gives_an_encoder_identical_to_torchs() -> None:
+    features = torch.randn(3, 7, 6)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, :2] = False
+    pooled = []
+    for cell in ("torch.nn.GRU", "rnnlab.models.cells.GRU"):
+        torch.manual_seed(0)
+        encoder = RecurrentEncoder(6, cell, hidden_size=5, num_layers=2, bidirectional=True).eval()
+        pooled.append(encoder(features, mask)[0])
+    assert max_difference([pooled[0]], [pooled[1]]) <= 1e-5
+
+
+def test_options_are_off_by_default_and_add_named_parameters_when_on() -> None:
+    plain = cells.GRU(3, 4)
+    assert plain.recurrent_dropout == 0.0 and plain.layer_norm is False
+    assert set(plain.state_dict()) == set(nn.GRU(3, 4).state_dict())
+    normed = cells.GRU(3, 4, layer_norm=True, bidirectional=True)
+    extra = set(normed.state_dict()) - set(nn.GRU(3, 4, bidirectional=True).state_dict())
+    assert extra == {f"ln_{kind}_{path}_l0{suffix}" for kind in ("weight", "bias") for path in ("ih", "hh") for suffix in ("", "_reverse")}
+    assert "layer_norm=True" in repr(normed)
+
+
+# --- the two options -------------------------------------------------------------------------------
+
+
+def reference_layer(kind: str, module: nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A textbook one-layer loop with autograd: recurrent-dropout mask on h_{t-1}, per-gate layer norm."""
+    gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[kind]
+    hidden_size = module.hidden_size
+
+    def norm(pre: torch.Tensor, path: str) -> torch.Tensor:
+        if not module.layer_norm:
+            return pre
+        weight, bias = getattr(module, f"ln_weight_{path}_l0"), getattr(module, f"ln_bias_{path}_l0")
+        normalised = F.layer_norm(pre.view(len(pre), gates, hidden_size), [hidden_size], eps=1e-5).view_as(pre)
+        return normalised * weight + bias
+
+    h = c = inputs.new_zeros(inputs.shape[1], hidden_size)
+    outputs = []
+    for x in inputs:
+        gi = norm(x @ module.weight_ih_l0.T + module.bias_ih_l0, "ih")
+        gh = norm((h if mask is None else h * mask) @ module.weight_hh_l0.T + module.bias_hh_l0, "hh")
+        if kind == "GRU":
+            r, z = torch.sigmoid(gi[:, : 2 * hidden_size] + gh[:, : 2 * hidden_size]).chunk(2, dim=1)
+            n = torch.tanh(gi[:, 2 * hidden_size :] + r * gh[:, 2 * hidden_size :])
+            h = (1 - z) * n + z * h
+        elif kind == "LSTM":
+            i, f, g, o = (gi + gh).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        else:
+            h = torch.tanh(gi + gh)
+        outputs.append(h)
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["no layer norm", "layer norm"])
+@pytest.mark.parametrize("recurrent_dropout", [0.0, 0.4], ids=["no recurrent dropout", "recurrent dropout"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_options_equal_a_textbook_implementation(
+    kind: str, recurrent_dropout: float, layer_norm: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    module = getattr(cells, kind)(3, 5, recurrent_dropout=recurrent_dropout, layer_norm=layer_norm).double()
+    if layer_norm:  # move the layer-norm gains and biases off their identity start
+        with torch.no_grad():
+            for name, parameter in module.named_parameters():
+                if name.startswith("ln_"):
+                    parameter.add_(torch.randn_like(parameter) * 0.3)
+    mask = None
+    if recurrent_dropout:
+        mask = torch.bernoulli(torch.full((4, 5), 1 - recurrent_dropout, dtype=torch.float64)) / (1 - recurrent_dropout)
+        monkeypatch.setattr(module, "_recurrent_mask", lambda layout, like: mask)
+    inputs = torch.randn(8, 4, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for output in (module(inputs)[0], reference_layer(kind, module, inputs, mask)):
+        results.append([output, *torch.autograd.grad(weighted_loss(output, ()), [inputs, *module.parameters()])])
+    assert max_difference(*results) <= 1e-10
+
+
+def test_recurrent_dropout_acts_only_in_training_with_one_mask_per_sequence() -> None:
+    torch.manual_seed(0)
+    reference = nn.GRU(3, 4).double()
+    dropped = cells.GRU(3, 4, recurrent_dropout=0.5).double()
+    dropped.load_state_dict(reference.state_dict())
+    inputs = torch.randn(6, 2, 3, dtype=torch.float64)
+    assert max_difference([dropped.eval()(inputs)[0]], [reference(inputs)[0]]) <= 1e-10
+    assert max_difference([dropped.train()(inputs)[0]], [reference(inputs)[0]]) > 1e-3
+    mask = dropped._recurrent_mask(cells._Layout((2000,) * 3, torch.device("cpu")), inputs)
+    assert mask.shape == (2000, 4)
+    assert set(mask.unique().tolist()) == {0.0, 2.0}
+    assert abs((mask == 0).double().mean().item() - 0.5) < 0.02
+
+
+def test_layer_norm_makes_the_cell_invariant_to_the_scale_of_its_weights() -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(10, 3, 4, dtype=torch.float64)
+    for layer_norm, changes in ((True, False), (False, True)):
+        module = cells.LSTM(4, 6, layer_norm=layer_norm).double()
+        before = module(inputs)[0]
+        with torch.no_grad():
+            for name in ("weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0"):
+                getattr(module, name).mul_(7.0)
+        assert (max_difference([before], [module(inputs)[0]]) > 1e-2) == changes
+
+
+# --- variable lengths and bad input ----------------------------------------------------------------
+
+
+def test_lengths_output_is_zero_past_each_sequence_and_state_is_taken_at_its_end() -> None:
+    torch.manual_seed(0)
+    gru = cells.GRU(2, 3, batch_first=True)
+    inputs = torch.randn(3, 6, 2)
+    output, h_n = gru(inputs, lengths=[6, 2, 4])
+    assert output.shape == (3, 6, 3)
+    assert output[1, 2:].abs().sum() == 0 and output[2, 4:].abs().sum() == 0
+    assert torch.equal(h_n[0], output[[0, 1, 2], [5, 1, 3]])
+    alone, _ = gru(inputs[1:2, :2])
+    assert max_difference([alone[0]], [output[1, :2]]) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda gru: gru(torch.randn(5, 2, 4)), DataError, "I = 3"),
+        (lambda gru: gru(torch.randn(5, 2, 3), torch.zeros(1, 3, 4)), DataError, r"\(1, 2, 4\)"),
+        (lambda gru: gru(pack_padded_sequence(torch.randn(5, 2, 3), [5, 3]), lengths=[5, 3]), DataError, "not both"),
+        (lambda gru: cells.GRU(3, 4, recurrent_dropout=1.0), ConfigError, "recurrent_dropout"),
+        (lambda gru: cells.GRU(3, 0), ConfigError, "hidden_size"),
+        (lambda gru: cells.RNN(3, 4, nonlinearity="gelu"), ConfigError, "nonlinearity"),
+        (lambda gru: cells.LSTM(3, 4)(torch.randn(5, 2, 3), torch.zeros(1, 2, 4)), DataError, "tuple"),
+    ],
+)
+def test_bad_arguments_are_refused_with_the_value_and_the_fix(call: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        call(cells.GRU(3, 4))
+
+
+# --- the model configs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scratch_model_configs_build_rnnlab_cells_with_their_options(compose_cfg: Any, kind: str) -> None:
+    model = f"model={kind.lower()}_scratch"
+    cfg = compose_cfg(model, "model.encoder.cell_options.recurrent_dropout=0.25", "model.encoder.cell_options.layer_norm=true")
+    encoder = RecurrentEncoder(input_size=8, **OmegaConf.to_container(cfg.model.encoder))
+    assert type(encoder.rnn) is getattr(cells, kind)
+    assert encoder.rnn.recurrent_dropout == 0.25 and encoder.rnn.layer_norm
+    default = RecurrentEncoder(input_size=8, **OmegaConf.to_container(compose_cfg(model).model.encoder))
+    assert default.rnn.recurrent_dropout == 0.0 and not default.rnn.layer_norm
+
+
+@pytest.mark.slow
+def test_gru_scratch_trains_like_torchs_gru_with_the_same_seed(compose_cfg: Any, tiny_overrides: list[str]) -> None:
+    scratch = train(compose_cfg(*tiny_overrides, "model=gru_scratch"))
+    reference = train(compose_cfg(*tiny_overrides, "model=gru"))
+    assert scratch["n_params"] == reference["n_params"]
+    assert scratch["test_acc"] == reference["test_acc"]
+    assert scratch["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-5)
+
+
+# --- the benchmark ---------------------------------------------------------------------------------
+
+
+def test_bench_writes_its_table_as_json_and_to_mlflow(tmp_path: Path) -> None:
+    overrides = ["quick=true", f"output={tmp_path}/reports/bench.json", f"paths.root={tmp_path}"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=overrides)
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    report = bench.run_benchmark(cfg)
+    run_id = bench.log_to_mlflow(cfg, report)
+    bench.print_table(report)
+    saved = json.loads((tmp_path / "reports" / "bench.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["cell"] == "gru" and saved["gemm_gflops"] > 0
+    padded, packed = saved["rows"]
+    assert padded["computed_steps"] == 4 * 6
+    assert 4 * 2 <= packed["computed_steps"] <= 4 * 6 and "packed" in packed["case"]
+    for row in saved["rows"]:
+        for name in ("torch", "rnnlab"):
+            assert row[name]["forward_ms"] > 0 and row[name]["train_ms"] > 0
+        assert row["train_speedup"] == pytest.approx(row["torch"]["train_ms"] / row["rnnlab"]["train_ms"])
+        assert row["rnnlab"]["forward_gflops"] == pytest.approx(row["forward_gflop"] / row["rnnlab"]["forward_ms"] * 1000)
+    run = mlflow.MlflowClient(cfg.tracking.uri).get_run(run_id)
+    assert run.info.run_name == "bench-gru" and run.info.status == "FINISHED"
+    assert run.data.metrics["B4_T6_I5_H3.rnnlab.train_ms"] == pytest.approx(padded["rnnlab"]["train_ms"])
+    assert run.data.params["cell"] == "gru"
+    assert "aten::mm" in bench.profile_table("gru", bench.configured_cases(cfg)[0], seed=0)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cell=transformer", "transformer"),
+        ("cases=[{batch:4,steps:6,hiden_size:3}]", "hiden_size"),
+        ("cases=[{batch:4,steps:6,input_size:5,hidden_size:3,min_length:9}]", "min_length"),
+    ],
+)
+def test_bench_refuses_bad_settings_with_the_fix(tmp_path: Path, override: str, message: str) -> None:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=[override, f"output={tmp_path}/bench.json"])
+    with pytest.raises(ConfigError, match=message):
+        bench.run_benchmark(cfg)
+    assert not (tmp_path / "bench.json").exists()
