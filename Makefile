@@ -9,13 +9,14 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: install run smoke test test-all lint ui clean help
+.PHONY: install espeak-ng run smoke test test-all bench lint ui clean help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make run     set up, then the full pipeline (dvc repro, profile=default)"
 	@echo "make smoke   set up, then the whole pipeline on the smoke profile (minutes)"
 	@echo "make test    set up, then the fast test suite"
+	@echo "make bench   time rnnlab's GRU against torch.nn.GRU (reports/bench_gru.json)"
 	@echo "make ui      MLflow UI over this project's runs on http://127.0.0.1:$(PORT)"
 	@echo "make lint    ruff over src/ and tests/"
 
@@ -25,7 +26,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-install: $(STAMP)
+install: espeak-ng $(STAMP)
+
+# task=speech synthesises its clips with espeak-ng, a system package: installed here where
+# that is possible (apt as root or password-less sudo), else a note says how.
+espeak-ng:
+	@if command -v espeak-ng >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; \
+	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo apt-get install -y -qq espeak-ng >/dev/null; \
+	else \
+		echo "note: espeak-ng is not installed and could not be installed here; task=speech needs it" \
+		     "(Debian/Ubuntu: sudo apt-get install espeak-ng; macOS: brew install espeak-ng)."; \
+	fi
 
 run: install
 	dvc repro
@@ -43,6 +57,9 @@ test: install
 
 test-all: install
 	python -m pytest
+
+bench: install
+	python -m rnnlab.bench
 
 lint: install
 	ruff check src tests
