@@ -112,7 +112,8 @@ def test_scaling_is_fitted_on_train_only(tmp_path: Path) -> None:
     train_values = frame["value"].to_numpy()[:112]
     meta = json.loads((first / "metadata.json").read_text())
     assert meta["target_scale"] == pytest.approx(train_values.std())
-    assert meta["mase_scale"] == pytest.approx(np.abs(train_values[7:] - train_values[:-7]).mean())
+    history = frame["value"].to_numpy()[:136]  # MASE's scale: the seasonal naive error on train + val (M4's in-sample)
+    assert meta["mase_scale"] == pytest.approx(np.abs(history[7:] - history[:-7]).mean())
     assert json.loads((second / "metadata.json").read_text())["target_scale"] == pytest.approx(meta["target_scale"])
     expected = (train_values[:8] - train_values.mean()) / train_values.std()
     assert load(first, "train")["inputs"][0, :, 0].numpy() == pytest.approx(expected, abs=1e-5)
@@ -224,7 +225,7 @@ def make_forecaster(**overrides) -> Forecaster:
         "scheduler": None,
         "horizon": 3,
         "target_scale": 2.0,
-        "mase_scale": 1.0,
+        "mase_scale": 2.5,
         "baselines": ["persistence", "seasonal_naive", "arima"],
     }
     return Forecaster(**{**settings, **overrides})
@@ -272,8 +273,9 @@ def test_test_step_scores_model_and_baselines_on_the_same_windows(processed: Pat
     targets, baselines = test["targets"][:10], test["baselines"][:10]
     for index, name in enumerate(("persistence", "seasonal_naive", "arima")):
         assert result[f"test_mae_{name}"] == pytest.approx((baselines[:, index] - targets).abs().mean().item(), rel=1e-5)
-        assert result[f"test_mase_{name}"] == pytest.approx(result[f"test_mae_{name}"])  # mase_scale 1
+        assert result[f"test_mase_{name}"] == pytest.approx(result[f"test_mae_{name}"] / 2.5)  # the module's mase_scale
     assert {"test_mae", "test_rmse", "test_mase", "test_loss"} <= result.keys()
+    assert result["test_mase"] == pytest.approx(result["test_mae"] / 2.5)
     assert (tmp_path / "figures" / "forecast.png").is_file()
 
 
@@ -317,6 +319,12 @@ def test_train_writes_forecast_metrics_beside_the_baselines(
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     expected = {f"test_{m}{b}" for m in ("mae", "rmse", "mase") for b in ("", "_persistence", "_seasonal_naive", "_arima")}
     assert expected <= metrics.keys()
+    scale = json.loads((processed / "metadata.json").read_text())["mase_scale"]
+    for name in ("", "_persistence", "_seasonal_naive", "_arima"):
+        assert metrics[f"test_mase{name}"] == pytest.approx(metrics[f"test_mae{name}"] / scale, rel=1e-5)
+    test = load(processed, "test")
+    persistence_mae = (test["baselines"][:, 0] - test["targets"]).abs().mean().item()
+    assert metrics["test_mae_persistence"] == pytest.approx(persistence_mae, rel=1e-5)
     assert (tmp_path / "plots" / "forecast.png").is_file()
 
 
@@ -333,23 +341,27 @@ def test_configs_place_each_series_in_its_own_task(compose_cfg: Callable[..., Di
 # --- bad input -------------------------------------------------------------------------------
 
 
-def test_missing_values_are_an_error_naming_the_row_or_interpolated(tmp_path: Path) -> None:
+def test_missing_values_are_an_error_naming_the_row_or_filled_forward(tmp_path: Path) -> None:
     frame = make_series(60)
     frame.loc[30, "value"] = np.nan
-    with pytest.raises(DataError, match=r"'value' has a missing \(NaN\) value at line 32 \(2021-01-31.*fill_missing=interpolate"):
+    with pytest.raises(DataError, match=r"'value' has a missing \(NaN\) value at line 32 \(2021-01-31.*fill_missing=forward_fill"):
         fetch_and_preprocess(tmp_path / "a", frame, season=2, fourier_terms=0)
-    out = fetch_and_preprocess(tmp_path / "b", frame, season=2, fourier_terms=0, fill_missing="interpolate")
+    out = fetch_and_preprocess(tmp_path / "b", frame, season=2, fourier_terms=0, fill_missing="forward_fill")
     assert json.loads((out / "metadata.json").read_text())["filled_missing"] == 1
     values = frame["value"].to_numpy()
     train = load(out, "train")
-    assert train["targets"][30 - 8, 0].item() == pytest.approx((values[29] + values[31]) / 2, abs=1e-4)  # origin 30, step 1
+    # Filled with the value before it, never from the later value it would otherwise leak: origin 30, step 1.
+    assert train["targets"][30 - 8, 0].item() == pytest.approx(values[29], abs=1e-4)
+    frame.loc[0, "value"] = np.nan
+    with pytest.raises(DataError, match=r"starts with a missing \(NaN\) value at line 2"):
+        fetch_and_preprocess(tmp_path / "c", frame, season=2, fourier_terms=0, fill_missing="forward_fill")
 
 
 def test_infinite_values_are_an_error(tmp_path: Path) -> None:
     frame = make_series(60)
     frame.loc[5, "value"] = np.inf
     with pytest.raises(DataError, match=r"'value' has an infinite value at line 7"):
-        fetch_and_preprocess(tmp_path, frame, season=2, fourier_terms=0, fill_missing="interpolate")
+        fetch_and_preprocess(tmp_path, frame, season=2, fourier_terms=0, fill_missing="forward_fill")
 
 
 @pytest.mark.parametrize(

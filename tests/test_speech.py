@@ -15,6 +15,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 from scipy.io import wavfile
+from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from rnnlab.data.speech import (
@@ -362,7 +363,15 @@ def test_testing_reports_accuracy_f1_and_draws_the_confusion_matrix(speech_dirs:
         default_root_dir=tmp_path,
     )
     dm = SpeechDataModule(str(speech_dirs[1]), batch_size=4)
-    results = trainer.test(make_speech_classifier(), datamodule=dm, verbose=False)[0]
+    model = make_speech_classifier()
+    results = trainer.test(model, datamodule=dm, verbose=False)[0]
     assert {"test_acc", "test_f1", "test_auroc", "test_loss"} <= set(results)
-    assert 0 <= results["test_acc"] <= 1
+    test = torch.load(speech_dirs[1] / "test.pt", weights_only=True)
+    with torch.no_grad():
+        predicted = model(test["features"]).argmax(-1).numpy()
+    labels = test["labels"].numpy()
+    assert results["test_acc"] == pytest.approx(accuracy_score(labels, predicted), abs=1e-6)
+    # Macro F1: the mean over classes, leaving out a class neither present nor predicted, as torchmetrics does.
+    expected_f1 = f1_score(labels, predicted, average="macro", labels=sorted(set(labels) | set(predicted)), zero_division=0)
+    assert results["test_f1"] == pytest.approx(expected_f1, abs=1e-6)
     assert (tmp_path / "figures" / "confusion_matrix.png").stat().st_size > 0

@@ -79,6 +79,7 @@ def textgen_overrides(root: Path, archive: Path) -> list[str]:
         f"task.fetch.sha256={io.sha256(archive)}",
         "task.preprocess.val_fraction=0.2",
         "task.preprocess.test_fraction=0.2",
+        "task.preprocess.linked_works=[[work1,work3]]",
     ]
 
 
@@ -165,6 +166,20 @@ def test_split_is_work_disjoint_deterministic_and_covers_every_work() -> None:
     assert 0.1 <= share["val"] < 0.18 and 0.2 <= share["test"] < 0.28
 
 
+def test_linked_works_share_a_split_and_unknown_names_are_refused() -> None:
+    sizes = {f"work{i}": 1000 for i in range(12)}
+    linked = [["work2", "work7", "work9"], ["work0", "work5"]]
+    for seed in range(20):
+        splits = split_works(sizes, 0.2, 0.2, seed, linked)
+        home = {work: split for split, works in splits.items() for work in works}
+        assert sorted(home) == sorted(sizes)
+        assert len({home[w] for w in linked[0]}) == 1 and len({home[w] for w in linked[1]}) == 1
+    with pytest.raises(DataError, match=r"linked_works names unknown work\(s\) \['hamlett'\]"):
+        split_works(sizes, 0.2, 0.2, 0, [["hamlett", "work1"]])
+    with pytest.raises(DataError, match="more than one group"):
+        split_works(sizes, 0.2, 0.2, 0, [["work1", "work2"], ["work2", "work3"]])
+
+
 def test_split_gives_each_split_a_work_and_refuses_too_few_works() -> None:
     splits = split_works({"a": 10, "b": 10, "c": 10}, 0.8 - 1e-9, 0.1, seed=0)
     assert sorted(len(works) for works in splits.values()) == [1, 1, 1]
@@ -177,6 +192,7 @@ def test_split_gives_each_split_a_work_and_refuses_too_few_works() -> None:
 def test_preprocessed_streams_are_the_works_of_their_split_with_a_train_only_vocabulary(textgen_root: Path) -> None:
     splits = json.loads(processed(textgen_root, "splits.json").read_text())
     assert sorted(w for works in splits.values() for w in works) == sorted(WORKS)
+    assert any({"work1", "work3"} <= set(works) for works in splits.values())  # linked in textgen_overrides
     assert all(splits[s] for s in ("train", "val", "test"))
     vocab = json.loads(processed(textgen_root, "vocab.json").read_text())
     assert vocab[:2] == ["<pad>", "<unk>"]

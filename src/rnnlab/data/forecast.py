@@ -31,7 +31,7 @@ from rnnlab.errors import ConfigError, DataError
 RAW_FILE = "series.csv"
 BASELINES = ("persistence", "seasonal_naive", "arima")
 NORMALIZATIONS = ("standard", "last_value")
-FILL_STRATEGIES = ("error", "interpolate")
+FILL_STRATEGIES = ("error", "forward_fill")
 # The test batch also carries the baselines' forecasts and the target dates (for the plot).
 TEST_EXTRAS = ("baselines", "target_times")
 
@@ -139,9 +139,10 @@ def fetch(out_dir: str, source: str = "seattle_weather", csv_path: str | None = 
 
 
 def clean_values(frame: pd.DataFrame, columns: Sequence[str], fill_missing: str, name: str) -> tuple[pd.DataFrame, int]:
-    """The chosen columns, checked: infinite values are an error; NaN too, unless `fill_missing="interpolate"`.
+    """The chosen columns, checked: infinite values are an error; NaN too, unless `fill_missing="forward_fill"`.
 
-    Interpolation is linear in time between the neighbouring values (the nearest value at the ends).
+    Forward fill carries the last observed value forward. Unlike interpolation it never looks
+    ahead, so a filled input cannot leak the value the model is asked to forecast.
     Returns the frame and how many values were filled.
     """
     if fill_missing not in FILL_STRATEGIES:
@@ -157,12 +158,15 @@ def clean_values(frame: pd.DataFrame, columns: Sequence[str], fill_missing: str,
         if missing_values.any() and fill_missing == "error":
             raise DataError(
                 f"{name} column {column!r} has a missing (NaN) value at {_first(frame, missing_values)}; "
-                "fix the data or set task.preprocess.fill_missing=interpolate."
+                "fix the data or set task.preprocess.fill_missing=forward_fill."
+            )
+        if missing_values.iloc[0]:
+            raise DataError(
+                f"{name} column {column!r} starts with a missing (NaN) value at {_line(frame, 0)}, which nothing earlier can fill; "
+                "drop the leading rows without a value."
             )
     filled = int(values.isna().to_numpy().sum())
-    if filled:
-        values = values.set_axis(pd.DatetimeIndex(frame["date"])).interpolate(method="time", limit_direction="both").reset_index(drop=True)
-    return pd.concat([frame[["date"]], values], axis=1), filled
+    return pd.concat([frame[["date"]], values.ffill()], axis=1), filled
 
 
 def split_bounds(n_rows: int, val_fraction: float, test_fraction: float) -> dict[str, tuple[int, int]]:
@@ -206,13 +210,17 @@ def fourier_features(n_rows: int, season: int, terms: int) -> np.ndarray:
     return np.concatenate([np.sin(steps), np.cos(steps)], axis=1)
 
 
-def seasonal_naive_scale(train_target: np.ndarray, season: int) -> float:
-    """The in-sample MAE of the seasonal naive forecast y[t] = y[t - season] on the training series (M4's MASE scale)."""
-    if len(train_target) <= season:
-        raise DataError(f"The train split has {len(train_target)} rows, not more than one season ({season}); the MASE scale needs more.")
-    scale = float(np.mean(np.abs(train_target[season:] - train_target[:-season])))
+def seasonal_naive_scale(history: np.ndarray, season: int) -> float:
+    """The in-sample MAE of the seasonal naive forecast y[t] = y[t - season] over `history` (M4's MASE scale).
+
+    As in M4, the history is everything known before the forecasts being scored: here the
+    train and val rows, the series before the test period. The model never sees this number.
+    """
+    if len(history) <= season:
+        raise DataError(f"The history before the test split has {len(history)} rows, not more than one season ({season}); MASE needs more.")
+    scale = float(np.mean(np.abs(history[season:] - history[:-season])))
     if scale == 0:
-        raise DataError(f"The training series repeats exactly every {season} steps, so MASE (scaled by that error) is undefined.")
+        raise DataError(f"The series repeats exactly every {season} steps, so MASE (scaled by that error) is undefined.")
     return scale
 
 
@@ -334,7 +342,7 @@ def preprocess(
     bounds = split_bounds(len(frame), val_fraction, test_fraction)
     train_end = bounds["train"][1]
     origins = {split: window_origins(*bounds[split], lookback, horizon, split) for split in SPLITS}
-    mase_scale = seasonal_naive_scale(series[:train_end], season)
+    mase_scale = seasonal_naive_scale(series[: bounds["test"][0]], season)
     fourier = fourier_features(len(frame), season, fourier_terms) if fourier_terms else None
     test_origins = origins["test"]
     baseline_forecasts = {

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -117,22 +117,35 @@ def read_works(texts_dir: Path) -> dict[str, str]:
     return works
 
 
-def split_works(sizes: dict[str, int], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+def split_works(
+    sizes: dict[str, int], val_fraction: float, test_fraction: float, seed: int, linked: Sequence[Sequence[str]] = ()
+) -> dict[str, list[str]]:
     """Assign whole works to test, val and train: the works in a seeded random order fill test, then val,
-    until each holds its fraction of the characters; the rest is train. Each split gets at least one work."""
+    until each holds its fraction of the characters; the rest is train. Each split gets at least one work.
+
+    Each group in `linked` (works that share passages) is placed as one unit, so that no passage
+    of a test work is read in training.
+    """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) with a sum below 1.")
-    if len(sizes) < 3:
-        raise DataError(f"A work-disjoint train/val/test split needs at least 3 works, got {len(sizes)}: {sorted(sizes)}.")
-    order = sorted(sizes)
+    grouped = [name for group in linked for name in group]
+    unknown = sorted(set(grouped) - set(sizes))
+    if unknown or len(set(grouped)) < len(grouped):
+        problem = f"names unknown work(s) {unknown}" if unknown else "lists a work in more than one group"
+        raise DataError(f"task.preprocess.linked_works {problem}; the works are {sorted(sizes)}.")
+    units = [tuple(sorted(group)) for group in linked if group] + [(name,) for name in sorted(sizes) if name not in grouped]
+    if len(units) < 3:
+        counted = " (a linked group counts as one)" if linked else ""
+        raise DataError(f"A work-disjoint train/val/test split needs at least 3 works, got {len(units)}{counted}: {units}.")
+    order = sorted(units)
     random.Random(seed).shuffle(order)
     total = sum(sizes.values())
     splits: dict[str, list[str]] = {"test": [], "val": []}
-    # `left` works stay for the splits filled later (val, then train).
+    # `left` units stay for the splits filled later (val, then train).
     for split, fraction, left in (("test", test_fraction, 2), ("val", val_fraction, 1)):
         while len(order) > left and (not splits[split] or sum(sizes[w] for w in splits[split]) < fraction * total):
-            splits[split].append(order.pop(0))
-    return {"train": sorted(order), "val": sorted(splits["val"]), "test": sorted(splits["test"])}
+            splits[split].extend(order.pop(0))
+    return {"train": sorted(w for unit in order for w in unit), "val": sorted(splits["val"]), "test": sorted(splits["test"])}
 
 
 def build_vocab(text: str) -> list[str]:
@@ -145,10 +158,17 @@ def encode(text: str, index: dict[str, int]) -> torch.Tensor:
     return torch.tensor([index.get(char, UNK_ID) for char in text], dtype=torch.int32)
 
 
-def preprocess(raw_dir: str, out_dir: str, split_seed: int = 1234, val_fraction: float = 0.1, test_fraction: float = 0.1) -> None:
+def preprocess(
+    raw_dir: str,
+    out_dir: str,
+    split_seed: int = 1234,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    linked_works: Sequence[Sequence[str]] = (),
+) -> None:
     """Split by whole works, fit the character vocabulary on train only, and save one id stream per split."""
     works = read_works(Path(raw_dir) / TEXTS_DIR)
-    splits = split_works({name: len(text) for name, text in works.items()}, val_fraction, test_fraction, split_seed)
+    splits = split_works({name: len(text) for name, text in works.items()}, val_fraction, test_fraction, split_seed, linked_works)
     streams = {split: WORK_SEPARATOR.join(works[name] for name in splits[split]) for split in SPLITS}
     vocab = build_vocab(streams["train"])
     index = {char: i for i, char in enumerate(vocab)}
