@@ -368,6 +368,20 @@ def test_lengths_output_is_zero_past_each_sequence_and_state_is_taken_at_its_end
         (lambda gru: cells.GRU(3, 0), ConfigError, "hidden_size"),
         (lambda gru: cells.RNN(3, 4, nonlinearity="gelu"), ConfigError, "nonlinearity"),
         (lambda gru: cells.LSTM(3, 4)(torch.randn(5, 2, 3), torch.zeros(1, 2, 4)), DataError, "tuple"),
+        (lambda gru: gru(torch.randn(5, 2, 3), lengths=[5]), DataError, r"one length per sequence \(2\), got lengths \[5\]"),
+        (lambda gru: gru(torch.randn(5, 2, 3), lengths=[5, 0]), DataError, r"every length must be in \[1, 5\].*got \[0\]"),
+        (lambda gru: gru(torch.randn(5, 2, 3), lengths=torch.tensor([6, 3])), DataError, r"in \[1, 5\].*got \[6\]"),
+        (lambda gru: gru(torch.randn(0, 2, 3)), DataError, r"0 time steps \(shape \(0, 2, 3\)\)"),
+        (lambda gru: gru(torch.randn(0, 3)), DataError, "0 time steps"),
+        (lambda gru: gru(torch.randn(0, 2, 3), lengths=[1, 1]), DataError, "0 time steps"),
+        (lambda gru: gru(torch.randn(5, 2, 3), torch.zeros(1, 2, 4, dtype=torch.float64)), DataError, "torch.float64 on cpu but the input"),
+        (lambda gru: gru(torch.randn(5, 2, 3), torch.zeros(1, 2, 4, device="meta")), DataError, "on meta but the input is torch.float32"),
+        (lambda gru: gru(torch.randn(5, 3, 3), torch.zeros(1, 2, 4), lengths=[5, 3, 2]), DataError, r"\(1, 3, 4\), got \(1, 2, 4\)"),
+        (
+            lambda gru: cells.LSTM(3, 4)(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4).half()), lengths=[5, 3]),
+            DataError,
+            "torch.float16 on cpu but the input is torch.float32",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_with_the_value_and_the_fix(call: Any, error: type[Exception], message: str) -> None:
@@ -401,7 +415,7 @@ def test_gru_scratch_trains_like_torchs_gru_with_the_same_seed(compose_cfg: Any,
 # --- the benchmark ---------------------------------------------------------------------------------
 
 
-def test_bench_writes_its_table_as_json_and_to_mlflow(tmp_path: Path) -> None:
+def test_bench_writes_its_table_as_json_and_to_mlflow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     overrides = ["quick=true", f"output={tmp_path}/reports/bench.json", f"paths.root={tmp_path}"]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="bench", overrides=overrides)
@@ -409,6 +423,7 @@ def test_bench_writes_its_table_as_json_and_to_mlflow(tmp_path: Path) -> None:
     report = bench.run_benchmark(cfg)
     run_id = bench.log_to_mlflow(cfg, report)
     bench.print_table(report)
+    assert "speed-up fwd+bwd" in capsys.readouterr().out  # on stdout, so `python -m rnnlab.bench > file` keeps it
     saved = json.loads((tmp_path / "reports" / "bench.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["cell"] == "gru" and saved["gemm_gflops"] > 0
@@ -433,6 +448,10 @@ def test_bench_writes_its_table_as_json_and_to_mlflow(tmp_path: Path) -> None:
         ("cell=transformer", "transformer"),
         ("cases=[{batch:4,steps:6,hiden_size:3}]", "hiden_size"),
         ("cases=[{batch:4,steps:6,input_size:5,hidden_size:3,min_length:9}]", "min_length"),
+        ("threads=0", r"threads must be a positive integer or null.*got 0"),
+        ("threads=two", r"threads must be a positive integer or null.*got 'two'"),
+        ("threads=1.5", r"threads must be a positive integer or null.*got 1.5"),
+        ("threads=true", r"threads must be a positive integer or null.*got True"),
     ],
 )
 def test_bench_refuses_bad_settings_with_the_fix(tmp_path: Path, override: str, message: str) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import lightning as L
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from rnnlab.errors import ConfigError
@@ -54,6 +58,22 @@ def test_bad_encoder_settings_are_refused(kwargs: dict, message: str) -> None:
     settings = {"hidden_size": 4, **kwargs}
     with pytest.raises(ConfigError, match=message):
         RecurrentEncoder(3, "torch.nn.GRU", **settings)
+
+
+def test_an_option_torchs_cell_lacks_points_to_rnnlabs_own_cell(compose_cfg: Callable[..., DictConfig]) -> None:
+    cfg = compose_cfg("model=gru", "+model.encoder.cell_options.recurrent_dropout=0.2")
+    message = r"cell=torch.nn.GRU does not take cell_options.recurrent_dropout .*model=gru_scratch"
+    with pytest.raises(ConfigError, match=message):
+        RecurrentEncoder(input_size=3, **OmegaConf.to_container(cfg.model.encoder))
+    with pytest.raises(ConfigError, match=r"cell=rnnlab.models.cells.LSTM does not take cell_options.peepholes .*remove the option"):
+        RecurrentEncoder(3, "rnnlab.models.cells.LSTM", hidden_size=4, cell_options={"peepholes": True})
+
+
+@pytest.mark.parametrize("cell", ["torch.nn.GRUU", "nosuch.module.GRU", "torch.nn.functional.relu"])
+def test_unknown_cell_is_refused_with_the_cells_rnnlab_ships(cell: str) -> None:
+    shipped = re.escape("rnnlab ships torch.nn.GRU, torch.nn.LSTM, torch.nn.RNN, rnnlab.models.cells.GRU, rnnlab.models.cells.LSTM, ")
+    with pytest.raises(ConfigError, match=rf"model.encoder.cell='{re.escape(cell)}' is not a class that can be imported .*{shipped}"):
+        RecurrentEncoder(3, cell, hidden_size=4)
 
 
 def make_classifier(cell: str) -> SequenceClassifier:

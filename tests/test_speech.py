@@ -22,6 +22,8 @@ from rnnlab.data.speech import (
     SAMPLE_RATE,
     SpeechDataModule,
     assign_splits,
+    check_voices,
+    espeak_version,
     fetch,
     log_mel,
     preprocess,
@@ -266,6 +268,16 @@ def test_missing_espeak_ng_says_how_to_install_it(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"not installed.*sudo apt-get install espeak-ng.*make install"):
         fetch_tiny(tmp_path / "raw", binary="/nonexistent/espeak-ng")
     assert not (tmp_path / "raw").exists()
+
+
+def test_failing_espeak_ng_is_reported_with_its_command_and_stderr(tmp_path: Path) -> None:
+    broken = tmp_path / "espeak-ng"
+    broken.write_text("#!/bin/sh\necho 'cannot open phoneme data' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    with pytest.raises(DataError, match=rf"`{re.escape(str(broken))} --version` failed \(exit code 3\): cannot open phoneme data"):
+        espeak_version(str(broken))
+    with pytest.raises(DataError, match=rf"`{re.escape(str(broken))} --voices` failed \(exit code 3\): cannot open phoneme data"):
+        check_voices(str(broken), ["en-us"], ["m1"])
 
 
 def test_unknown_espeak_voice_is_refused(tmp_path: Path) -> None:

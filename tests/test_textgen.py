@@ -7,6 +7,7 @@ import io as bytes_io
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -245,14 +246,16 @@ def test_datamodule_serves_in_order_chunks_and_the_vocabulary(textgen_root: Path
 # --- the language model --------------------------------------------------------------------------------------
 
 
-def make_model(vocabulary: list[str], cell: str = "torch.nn.GRU", hidden: int = 32, **encoder: object) -> LanguageModel:
+def make_model(
+    vocabulary: list[str], cell: str = "torch.nn.GRU", hidden: int = 32, sample_prompt: object = "a", **encoder: object
+) -> LanguageModel:
     return LanguageModel(
         front_end={"_target_": "rnnlab.models.front_ends.TokenEmbedding", "vocab_size": len(vocabulary), "embedding_dim": 16},
         encoder={"cell": cell, "hidden_size": hidden, "pooling": ["mean", "last"], **encoder},
         optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
         scheduler=None,
         vocabulary=vocabulary,
-        sample_prompt="a",
+        sample_prompt=sample_prompt,
     )
 
 
@@ -355,6 +358,16 @@ def test_generation_is_deterministic_for_a_seed() -> None:
         ({"temperature": -1.0}, r"temperature must be > 0.*got -1.0"),
         ({"top_k": 0}, "top_k must be a positive integer"),
         ({"length": 0}, "length must be a positive"),
+        # What Hydra makes of unquoted values: prompt=1600, length=1.5, length=true, temperature=hot, top_k=2.0.
+        ({"prompt": 1600}, r"prompt must be text, got 1600 \(int\).*prompt=\"'1600'\""),
+        ({"prompt": 16.5}, r"prompt must be text, got 16.5 \(float\).*prompt=\"'16.5'\""),
+        ({"prompt": None}, r"prompt must be text, got None \(NoneType\).*Quote it"),
+        ({"length": 1.5}, r"length must be a whole number of characters, got 1.5 \(float\)"),
+        ({"length": True}, r"length must be a whole number of characters, got True \(bool\)"),
+        ({"temperature": "hot"}, r"temperature must be a number > 0, got 'hot' \(str\)"),
+        ({"temperature": True}, r"temperature must be a number > 0, got True \(bool\)"),
+        ({"top_k": 2.0}, r"top_k must be a positive integer or null.*got 2.0 \(float\)"),
+        ({"top_k": True}, r"top_k must be a positive integer or null.*got True \(bool\)"),
     ],
 )
 def test_bad_sampling_requests_are_refused(kwargs: dict, message: str) -> None:
@@ -362,6 +375,15 @@ def test_bad_sampling_requests_are_refused(kwargs: dict, message: str) -> None:
     request = {"prompt": "ab", "length": 10, "temperature": 0.8, **kwargs}
     with pytest.raises(ConfigError, match=message):
         generate(net, **request)
+
+
+def test_whole_number_temperature_is_accepted() -> None:
+    assert len(generate(make_model(VOCAB).net, "ab", 5, temperature=1)) == 5
+
+
+def test_numeric_sample_prompt_is_refused_when_the_model_is_built() -> None:
+    with pytest.raises(ConfigError, match=r"prompt must be text, got 1600 \(int\).*prompt=\"'1600'\""):
+        make_model(VOCAB, sample_prompt=1600)
 
 
 # --- end to end: train, then generate from the checkpoint and from the MLflow registry ---------------------------
@@ -423,6 +445,30 @@ def test_generate_cli_names_unknown_prompt_characters(trained: Path, textgen_roo
     result = subprocess.run([*command, "prompt='thou art §'"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "prompt has character(s) outside the model's vocabulary: '§'" in result.stderr
+
+
+def test_generate_refuses_an_unquoted_numeric_prompt_before_loading_a_model(tmp_path: Path) -> None:
+    cfg = compose_generate(f"paths.root={tmp_path}", "prompt=1600", "checkpoint=missing.ckpt")
+    with pytest.raises(ConfigError, match=r"prompt must be text, got 1600 \(int\).*prompt=\"'1600'\""):
+        sample(cfg)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint\n", b"", "tensor"])
+def test_relative_checkpoint_is_found_under_the_project_root_and_must_be_a_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes | str
+) -> None:
+    root, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (root / "models").mkdir(parents=True)
+    elsewhere.mkdir()
+    if content == "tensor":
+        torch.save(torch.zeros(2), root / "models" / "model.ckpt")
+    else:
+        (root / "models" / "model.ckpt").write_bytes(content)
+    monkeypatch.chdir(elsewhere)
+    cfg = compose_generate(f"paths.root={root}", "checkpoint=models/model.ckpt")
+    expected = f"checkpoint={re.escape(str(root / 'models' / 'model.ckpt'))} is not a Lightning checkpoint .*pass the model.ckpt"
+    with pytest.raises(DataError, match=expected):
+        sample(cfg)
 
 
 def test_generate_without_a_registered_model_says_what_to_do(trained: Path, textgen_root: Path) -> None:

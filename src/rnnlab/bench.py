@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,8 +181,11 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"cell must be one of {sorted(GATES)}, got {cfg.cell!r}.")
     if cfg.repeats < 1 or cfg.warmup < 0:
         raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got repeats={cfg.repeats}, warmup={cfg.warmup}.")
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
+    threads = cfg.threads
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"threads must be a positive integer or null (torch's default, one per core), got {threads!r}.")
+    if threads is not None:
+        torch.set_num_threads(threads)
     warmup, repeats = (1, 2) if cfg.quick else (cfg.warmup, cfg.repeats)
     cases = configured_cases(cfg)
     report = {
@@ -246,8 +250,9 @@ def print_table(report: dict[str, Any]) -> None:
                 f"{timing['train_gflops']:.1f}",
                 *speedups,
             )
-    # Off a terminal rich assumes 80 columns, which would fold every row.
-    (console if console.is_terminal else Console(stderr=True, width=130)).print(table)
+    # On stdout, so `python -m rnnlab.bench > file` keeps it; off a terminal rich assumes 80 columns, which would fold every row.
+    stdout = Console(file=sys.stdout)
+    (stdout if stdout.is_terminal else Console(file=sys.stdout, width=130)).print(table)
 
 
 @hydra_entry(config_name="bench")

@@ -17,7 +17,14 @@ from omegaconf import DictConfig
 
 from rnnlab.config import hydra_entry
 from rnnlab.errors import ConfigError, DataError
-from rnnlab.models.language_model import CharLanguageNet, LanguageModel, check_sampling, generate
+from rnnlab.models.language_model import CharLanguageNet, LanguageModel, check_prompt, check_sampling, generate
+
+
+def resolve_checkpoint(path: str | Path, root: str | Path) -> Path:
+    """`path` as given if it is absolute or exists from the current directory, else under the project root,
+    so checkpoint=models/textgen/gru/model.ckpt works from anywhere, like every other path of the project."""
+    path = Path(path)
+    return path if path.is_absolute() or path.exists() else Path(root) / path
 
 
 def load_from_checkpoint(path: str | Path) -> CharLanguageNet:
@@ -25,7 +32,15 @@ def load_from_checkpoint(path: str | Path) -> CharLanguageNet:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint={path} does not exist; train first (`python -m rnnlab.train task=textgen`) or fix the path.")
-    hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    fix = "pass the model.ckpt that training wrote, e.g. models/textgen/gru/model.ckpt"
+    # torch.load fails in many ways on other files (UnpicklingError, RuntimeError, EOFError, KeyError, ...).
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataError(f"checkpoint={path} is not a Lightning checkpoint ({type(err).__name__} reading it); {fix}.") from err
+    if not isinstance(checkpoint, dict):
+        raise DataError(f"checkpoint={path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}); {fix}.")
+    hparams = checkpoint.get("hyper_parameters", {})
     if "vocabulary" not in hparams:
         raise ConfigError(f"checkpoint={path} is not a textgen language model (it has no vocabulary).")
     return LanguageModel.load_from_checkpoint(path, map_location="cpu", weights_only=True).net
@@ -48,8 +63,12 @@ def load_registered(tracking_uri: str, model_uri: str) -> CharLanguageNet:
 
 def sample(cfg: DictConfig) -> str:
     """The prompt and its sampled continuation, as the config asks."""
-    check_sampling(cfg.length, cfg.temperature, cfg.top_k)  # before loading anything
-    net = load_from_checkpoint(cfg.checkpoint) if cfg.checkpoint else load_registered(cfg.tracking.uri, cfg.model_uri)
+    check_prompt(cfg.prompt)  # before loading anything
+    check_sampling(cfg.length, cfg.temperature, cfg.top_k)
+    if cfg.checkpoint:
+        net = load_from_checkpoint(resolve_checkpoint(str(cfg.checkpoint), cfg.paths.root))
+    else:
+        net = load_registered(cfg.tracking.uri, cfg.model_uri)
     return cfg.prompt + generate(net, cfg.prompt, cfg.length, cfg.temperature, cfg.top_k, cfg.seed)
 
 

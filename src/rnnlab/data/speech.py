@@ -191,23 +191,31 @@ class Speaker:
         return f"{self.accent}+{self.variant}-r{self.rate}-p{self.pitch}"
 
 
+def run_espeak(command: list[str]) -> str:
+    """The standard output of an espeak-ng command, or a DataError quoting the command and its stderr."""
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DataError(f"`{' '.join(command)}` failed (exit code {result.returncode}): {result.stderr.strip()}")
+    return result.stdout
+
+
 def espeak_version(binary: str) -> str:
     """The espeak-ng version line, or a DataError saying how to install it."""
     if shutil.which(binary) is None:
         raise DataError(f"espeak-ng ({binary!r}) is not installed or not on PATH; {INSTALL_HINT}.")
-    return subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    return run_espeak([binary, "--version"]).strip()
 
 
 def check_voices(binary: str, accents: Sequence[str], variants: Sequence[str]) -> None:
     """espeak-ng silently falls back to a default voice for unknown names, so check them first."""
-    listing = subprocess.run([binary, "--voices"], capture_output=True, text=True, check=True).stdout
+    listing = run_espeak([binary, "--voices"])
     # Columns: Pty Language Age/Gender VoiceName File (OtherLanguage priority)...; each name selects a voice.
     languages = set()
     for fields in (line.split() for line in listing.splitlines()[1:]):
         if len(fields) >= 5:
             _, language, _, name, file, *others = fields
             languages |= {language, name, Path(file).name, *(other.strip("(") for other in others[::2])}
-    listing = subprocess.run([binary, "--voices=variant"], capture_output=True, text=True, check=True).stdout
+    listing = run_espeak([binary, "--voices=variant"])
     known_variants = {line.split("!v/", 1)[1].split()[0] for line in listing.splitlines() if "!v/" in line}
     for kind, wanted, known in (("accent", accents, languages), ("variant", variants, known_variants)):
         unknown = sorted(set(wanted) - known)
@@ -245,9 +253,7 @@ def speak(binary: str, speaker: Speaker, word: str) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "word.wav"
         command = [binary, "-v", speaker.voice, "-s", str(speaker.rate), "-p", str(speaker.pitch), "-w", str(path), word]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise DataError(f"`{' '.join(command)}` failed: {result.stderr.strip()}")
+        run_espeak(command)
         audio, _ = read_wav(path, convert=True)  # espeak-ng speaks at 22,050 Hz
     return trim_silence(audio)
 

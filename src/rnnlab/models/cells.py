@@ -494,7 +494,8 @@ class _RecurrentBase(nn.Module):
             if isinstance(input, PackedSequence):
                 raise DataError("Pass either a PackedSequence or a padded batch with lengths, not both.")
             self._check_features(input, batched_only=True)
-            packed = pack_padded_sequence(input, torch.as_tensor(lengths).cpu(), batch_first=self.batch_first, enforce_sorted=False)
+            lengths = self._check_lengths(input, torch.as_tensor(lengths).cpu())
+            packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
             output, state = self._run_packed(packed, hx)
             total = input.shape[1 if self.batch_first else 0]
             return pad_packed_sequence(output, batch_first=self.batch_first, total_length=total)[0], state
@@ -521,6 +522,8 @@ class _RecurrentBase(nn.Module):
             )
         layout = _Layout(batch_sizes.tolist(), data.device)
         if sorted_indices is not None:
+            if hx is not None:
+                self._initial_states(hx, layout.batch, data)  # name a bad state here, not as a failed index_select
             hx = self._map_state(hx, lambda s: s.index_select(1, sorted_indices))
         output, state = self._run(data, layout, hx)
         if unsorted_indices is not None:
@@ -562,12 +565,24 @@ class _RecurrentBase(nn.Module):
         keep = 1 - self.recurrent_dropout
         return like.new_empty(layout.batch, self.hidden_size).bernoulli_(keep).div_(keep)
 
+    def _check_lengths(self, input: Tensor, lengths: Tensor) -> Tensor:
+        """One length per sequence, each in [1, T]: pack_padded_sequence would fail obscurely or read past the padding."""
+        batch, steps = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
+        if lengths.dim() != 1 or len(lengths) != batch:
+            raise DataError(f"{type(self).__name__} needs one length per sequence ({batch}), got lengths {lengths.tolist()}.")
+        bad = lengths[(lengths < 1) | (lengths > steps)]
+        if len(bad):
+            raise DataError(f"{type(self).__name__}: every length must be in [1, {steps}] (the padded steps), got {bad.tolist()}.")
+        return lengths
+
     def _check_features(self, input: Tensor, batched_only: bool = False) -> None:
         dims = (3,) if batched_only else (2, 3)
         if input.dim() not in dims or input.shape[-1] != self.input_size:
             layout = "[B, T, I]" if self.batch_first else "[T, B, I]"
             expected = layout if batched_only else f"{layout} or unbatched [T, I]"
             raise DataError(f"{type(self).__name__} expects input {expected} with I = {self.input_size}, got shape {tuple(input.shape)}.")
+        if input.shape[1 if self.batch_first and input.dim() == 3 else 0] == 0:
+            raise DataError(f"{type(self).__name__} got an input with 0 time steps (shape {tuple(input.shape)}); give at least one step.")
 
     def _initial_states(self, hx: Any, batch: int, like: Tensor) -> tuple[Tensor, ...]:
         shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
@@ -577,6 +592,11 @@ class _RecurrentBase(nn.Module):
         for state in states:
             if tuple(state.shape) != shape:
                 raise DataError(f"{type(self).__name__} expects initial states of shape {shape}, got {tuple(state.shape)}.")
+            if state.dtype != like.dtype or state.device != like.device:
+                raise DataError(
+                    f"{type(self).__name__}: the initial state is {state.dtype} on {state.device} but the input is "
+                    f"{like.dtype} on {like.device}; convert it with h_0.to(input)."
+                )
         return states
 
     def _unpack_state(self, state: Any) -> tuple[Tensor, ...]:

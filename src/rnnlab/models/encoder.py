@@ -18,6 +18,24 @@ from rnnlab.errors import ConfigError
 POOLINGS = ("last", "mean", "max")
 # h_n of GRU/RNN, (h_n, c_n) of LSTM: [num_layers * directions, B, hidden] each.
 RecurrentState = torch.Tensor | tuple[torch.Tensor, ...]
+SHIPPED_CELLS = (
+    *(f"torch.nn.{name}" for name in ("GRU", "LSTM", "RNN")),
+    *(f"rnnlab.models.cells.{name}" for name in ("GRU", "LSTM", "RNN")),
+)
+SCRATCH_MODELS = "gru_scratch, lstm_scratch or rnn_scratch"
+
+
+def resolve_cell(cell: str | type[nn.Module]) -> type[nn.Module]:
+    """The cell class at a dotted path (model.encoder.cell), or a ConfigError listing the cells rnnlab ships."""
+    if not isinstance(cell, str):
+        return cell
+    try:
+        return get_class(cell)
+    except (ImportError, ValueError) as err:  # no such module or attribute / not a class
+        raise ConfigError(
+            f"model.encoder.cell={cell!r} is not a class that can be imported ({str(err).splitlines()[0]}); "
+            f"rnnlab ships {', '.join(SHIPPED_CELLS)} (model=gru, lstm, rnn, {SCRATCH_MODELS})."
+        ) from err
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -55,16 +73,31 @@ class RecurrentEncoder(nn.Module):
         unknown = [p for p in pooling if p not in POOLINGS]
         if unknown or not pooling:
             raise ConfigError(f"model.encoder.pooling {pooling} is invalid; choose one or more of {list(POOLINGS)}.")
-        cell_class = get_class(cell) if isinstance(cell, str) else cell
-        self.rnn = cell_class(
-            input_size,
-            hidden_size,
-            num_layers=num_layers,
-            batch_first=True,
-            dropout=dropout if num_layers > 1 else 0.0,
-            bidirectional=bidirectional,
-            **(cell_options or {}),
-        )
+        cell_class = resolve_cell(cell)
+        cell_options = dict(cell_options or {})
+        try:
+            self.rnn = cell_class(
+                input_size,
+                hidden_size,
+                num_layers=num_layers,
+                batch_first=True,
+                dropout=dropout if num_layers > 1 else 0.0,
+                bidirectional=bidirectional,
+                **cell_options,
+            )
+        except TypeError as err:
+            # A constructor refuses an unknown keyword with a TypeError naming it; any other TypeError is not the user's option.
+            refused = [option for option in cell_options if f"'{option}'" in str(err)]
+            if not refused:
+                raise
+            name = cell if isinstance(cell, str) else f"{cell.__module__}.{cell.__qualname__}"
+            fix = "remove the option"
+            if cell_class.__module__.startswith("torch.nn") and cell_class.__name__ in ("GRU", "LSTM", "RNN"):
+                fix = f"use rnnlab's own cell, model={cell_class.__name__.lower()}_scratch, or {fix}"
+            raise ConfigError(
+                f"model.encoder.cell={name} does not take cell_options.{refused[0]} ({err}); only rnnlab's own cells "
+                f"(model={SCRATCH_MODELS}) take options, recurrent_dropout and layer_norm: {fix}."
+            ) from err
         self.dropout = nn.Dropout(dropout)
         self.pooling = pooling
         self.hidden_size = hidden_size

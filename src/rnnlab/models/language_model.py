@@ -49,10 +49,22 @@ def language_model_metrics(nats_per_char: torch.Tensor, stage: str) -> dict[str,
     return {f"{stage}_loss": nats_per_char, f"{stage}_bpc": nats_per_char / LN2, f"{stage}_ppl": nats_per_char.exp()}
 
 
-def encode_prompt(prompt: str, vocabulary: list[str]) -> torch.Tensor:
-    """Ids of the prompt's characters; characters the model never saw in training are refused by name."""
+def check_prompt(prompt: object) -> None:
+    """Refuse a prompt that is not text or is empty, before any model is loaded."""
+    if not isinstance(prompt, str):
+        # Hydra reads an unquoted prompt=1600 as an int (and 1600.0 as a float), so only quoting keeps the text as typed.
+        example = prompt if isinstance(prompt, int | float) and not isinstance(prompt, bool) else "ROMEO."
+        raise ConfigError(
+            f"prompt must be text, got {prompt!r} ({type(prompt).__name__}): Hydra reads unquoted numbers, true/false and null "
+            f"as values, not text. Quote it, e.g. prompt=\"'{example}'\"."
+        )
     if not prompt:
         raise ConfigError("prompt is empty; give at least one character to start from, e.g. prompt='ROMEO.'.")
+
+
+def encode_prompt(prompt: str, vocabulary: list[str]) -> torch.Tensor:
+    """Ids of the prompt's characters; characters the model never saw in training are refused by name."""
+    check_prompt(prompt)
     index = {char: i for i, char in enumerate(vocabulary) if char not in (PAD, UNK)}
     unknown = sorted({char for char in prompt if char not in index})
     if unknown:
@@ -63,7 +75,18 @@ def encode_prompt(prompt: str, vocabulary: list[str]) -> torch.Tensor:
     return torch.tensor([index[char] for char in prompt])
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # bool is an int subclass, but length=true is a mistake
+
+
 def check_sampling(length: int, temperature: float, top_k: int | None) -> None:
+    """Refuse sampling settings of the wrong type or out of range, naming the value."""
+    if not _is_int(length):
+        raise ConfigError(f"length must be a whole number of characters, got {length!r} ({type(length).__name__}), e.g. length=500.")
+    if not (_is_int(temperature) or isinstance(temperature, float)):
+        raise ConfigError(f"temperature must be a number > 0, got {temperature!r} ({type(temperature).__name__}), e.g. temperature=0.8.")
+    if top_k is not None and not _is_int(top_k):
+        raise ConfigError(f"top_k must be a positive integer or null (no top-k filtering), got {top_k!r} ({type(top_k).__name__}).")
     if length <= 0:
         raise ConfigError(f"length must be a positive number of characters, got {length}.")
     if not temperature > 0:
