@@ -7,12 +7,35 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from rnnlab.errors import DataError
 
 SPLITS = ("train", "val", "test")
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8.")
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; anything else is a DataError naming the file, the byte and the fix."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from err
+
+
+def read_csv(path: Path, expected: str, **options: Any) -> pd.DataFrame:
+    """A UTF-8 CSV file read by pandas; a file that is not is a DataError naming it and what was `expected`."""
+    try:
+        return pd.read_csv(path, encoding="utf-8", **options)
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise DataError(f"{path} is not a readable CSV ({err}); expected {expected}.") from err
 
 
 def save_split(out_dir: Path, split: str, tensors: dict[str, torch.Tensor]) -> None:

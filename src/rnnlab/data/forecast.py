@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from rnnlab import io
 from rnnlab.console import summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, read_csv, save_split
 from rnnlab.errors import ConfigError, DataError
 
 RAW_FILE = "series.csv"
@@ -82,12 +82,7 @@ def read_series_csv(path: str | Path, date_column: str = "date") -> pd.DataFrame
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist; give a CSV with a {date_column!r} column and numeric value columns.")
-    try:
-        frame = pd.read_csv(path, encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8.") from err
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise DataError(f"{path} is not a readable CSV ({err}); expected a header line and one row per date.") from err
+    frame = read_csv(path, "a header line and one row per date")
     if date_column not in frame.columns:
         raise DataError(f"{path} has no column {date_column!r} (columns: {list(frame.columns)}); set task.fetch.date_column.")
     if len(frame.columns) < 2 or frame.empty:

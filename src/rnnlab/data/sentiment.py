@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from rnnlab import io
 from rnnlab.console import progress, summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_csv, read_text, save_split
 from rnnlab.errors import DataError
 
 PAD, UNK = "<pad>", "<unk>"
@@ -38,12 +38,7 @@ def package_csv() -> Path:
 
 def read_reviews_csv(path: Path) -> pd.DataFrame:
     """Read a text,label[,source] CSV and check it, naming the file and the fix on failure."""
-    try:
-        frame = pd.read_csv(path, encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8.") from err
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise DataError(f"{path} is not a readable CSV ({err}); expected the columns text,label.") from err
+    frame = read_csv(path, "the columns text,label")
     missing = {"text", "label"} - set(frame.columns)
     if missing:
         raise DataError(f"{path} lacks the column(s) {sorted(missing)}; expected text,label[,source].")
@@ -64,11 +59,7 @@ def load_aclimdb(root: str | Path) -> pd.DataFrame:
         raise DataError(f"No reviews under {root}: expected aclImdb/{{train,test}}/{{pos,neg}}/*.txt.")
     rows = []
     for f in progress(files, "Reading aclImdb"):
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{f} is not valid UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8.") from err
-        rows.append({"text": text, "label": int(f.parent.name == "pos"), "source": f"aclimdb/{f.parent.parent.name}"})
+        rows.append({"text": read_text(f), "label": int(f.parent.name == "pos"), "source": f"aclimdb/{f.parent.parent.name}"})
     return pd.DataFrame(rows)
 
 

@@ -32,7 +32,7 @@ from torchaudio.datasets import SPEECHCOMMANDS
 
 from rnnlab import io
 from rnnlab.console import progress, summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_csv, save_split
 from rnnlab.errors import DataError
 
 SAMPLE_RATE = 16000  # every clip is one second at this rate
@@ -420,7 +420,7 @@ def read_manifest(raw_dir: Path, classes: Sequence[str]) -> pd.DataFrame:
     path = raw_dir / MANIFEST
     if not path.is_file():
         raise DataError(f"{path} is missing: run the fetch stage first (`python -m rnnlab.fetch task=speech`).")
-    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
+    manifest = read_csv(path, f"the columns {list(MANIFEST_COLUMNS)}", dtype=str, keep_default_na=False)
     missing = set(MANIFEST_COLUMNS) - set(manifest.columns)
     if missing:
         raise DataError(f"{path} lacks the column(s) {sorted(missing)}; expected {list(MANIFEST_COLUMNS)}.")

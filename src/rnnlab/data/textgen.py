@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from rnnlab import io
 from rnnlab.console import summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, read_text, save_split
 from rnnlab.errors import DataError
 
 PAD, UNK = "<pad>", "<unk>"
@@ -107,10 +107,7 @@ def read_works(texts_dir: Path) -> dict[str, str]:
         raise DataError(f"No texts in {texts_dir}: run the fetch stage first (`python -m rnnlab.fetch task=textgen`).")
     works = {}
     for path in files:
-        try:
-            text = strip_gutenberg(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8.") from err
+        text = strip_gutenberg(read_text(path))
         if not text:
             raise DataError(f"{path} is empty once the Project Gutenberg header and footer are removed.")
         works[path.name.removesuffix(".txt").removesuffix("_gut")] = text
