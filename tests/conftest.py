@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import isolated_outputs
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -72,11 +73,5 @@ def tiny_overrides(sentiment_root: Path, tmp_path: Path) -> list[str]:
         *TINY,
         f"paths.root={sentiment_root}",
         f"paths.processed={sentiment_root}/data/processed/sentiment",
-        f"paths.model_dir={tmp_path}/models",
-        f"paths.metrics_file={tmp_path}/metrics.json",
-        f"paths.history_file={tmp_path}/history.csv",
-        f"paths.plots_dir={tmp_path}/plots",
-        f"paths.run_dir={tmp_path}/run",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"tracking.artifact_location={tmp_path}/artifacts",
+        *isolated_outputs(tmp_path),
     ]

@@ -7,11 +7,11 @@ import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import isolated_outputs, quiet_trainer
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from statsmodels.tsa.arima.model import ARIMA
@@ -231,12 +231,6 @@ def make_forecaster(**overrides) -> Forecaster:
     return Forecaster(**{**settings, **overrides})
 
 
-def quiet_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs
-    )
-
-
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """A tiny net gains nothing from intra-op threads, and on a busy 2-core machine they make it ~10x slower."""
@@ -293,13 +287,7 @@ def tiny_run(compose_cfg: Callable[..., DictConfig], processed: Path, tmp_path: 
         "callbacks.progress_bar=null",
         f"paths.root={processed.parent}",
         f"paths.processed={processed}",
-        f"paths.model_dir={tmp_path}/models",
-        f"paths.metrics_file={tmp_path}/metrics.json",
-        f"paths.history_file={tmp_path}/history.csv",
-        f"paths.plots_dir={tmp_path}/plots",
-        f"paths.run_dir={tmp_path}/run",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"tracking.artifact_location={tmp_path}/artifacts",
+        *isolated_outputs(tmp_path),
     )
 
 

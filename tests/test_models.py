@@ -8,8 +8,8 @@ from collections.abc import Callable
 import lightning as L
 import pytest
 import torch
+from helpers import fit_one_batch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from rnnlab.errors import ConfigError
 from rnnlab.models.encoder import RecurrentEncoder, count_parameters
@@ -93,11 +93,5 @@ def test_classifier_overfits_one_batch(cell: str) -> None:
     tokens = torch.randint(1, 30, (16, 12))
     tokens[:, :3] = 0  # left padding
     labels = torch.randint(0, 2, (16,))
-    optimizer = model.configure_optimizers()
-    for _ in range(150):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(tokens), labels)
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.05
+    assert fit_one_batch(model, tokens, labels, steps=150) < 0.05
     assert (model(tokens).argmax(-1) == labels).all()

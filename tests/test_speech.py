@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import fit_one_batch, quiet_trainer
 from omegaconf import DictConfig
 from scipy.io import wavfile
 from sklearn.metrics import accuracy_score, f1_score
-from torch import nn
 
 from rnnlab.data.speech import (
     SAMPLE_RATE,
@@ -149,16 +149,7 @@ class BatchRecorder(L.Callback):
 
 def fit_one_epoch(dm: SpeechDataModule, tmp_path: Path) -> dict[str, list[torch.Tensor]]:
     recorder = BatchRecorder()
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        callbacks=[recorder],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[recorder], num_sanity_val_steps=0)
     trainer.fit(make_speech_classifier(), datamodule=dm)
     return recorder.batches
 
@@ -354,26 +345,13 @@ def test_classifier_overfits_one_batch_of_speech_features(speech_dirs: tuple[Pat
     tensors = torch.load(speech_dirs[1] / "train.pt", weights_only=True)
     features, labels = tensors["features"], tensors["labels"]
     model = make_speech_classifier()
-    optimizer = model.configure_optimizers()
-    for _ in range(50):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(features), labels)
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.05
+    assert fit_one_batch(model, features, labels, steps=50) < 0.05
     assert (model(features).argmax(-1) == labels).all()
 
 
 def test_testing_reports_accuracy_f1_and_draws_the_confusion_matrix(speech_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     L.seed_everything(0)
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1)
     dm = SpeechDataModule(str(speech_dirs[1]), batch_size=4)
     model = make_speech_classifier()
     results = trainer.test(model, datamodule=dm, verbose=False)[0]

@@ -18,6 +18,7 @@ import lightning as L
 import mlflow
 import pytest
 import torch
+from helpers import isolated_outputs, quiet_trainer
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from mlflow import MlflowClient
@@ -274,8 +275,7 @@ class ChunkData(L.LightningDataModule):
 
 
 def run_test(model: LanguageModel, chunks: list[torch.Tensor]) -> dict[str, float]:
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    return trainer.test(model, datamodule=ChunkData(chunks), verbose=False)[0]
+    return quiet_trainer().test(model, datamodule=ChunkData(chunks), verbose=False)[0]
 
 
 def test_loss_bpc_and_perplexity_match_hand_computed_values() -> None:
@@ -405,13 +405,7 @@ def trained(textgen_root: Path, archive: Path, compose_cfg: Callable[..., DictCo
         "task.data.batch_size=4",
         "task.module.sample_prompt='thou art'",
         "callbacks.progress_bar=null",
-        f"paths.model_dir={out}/models",
-        f"paths.metrics_file={out}/metrics.json",
-        f"paths.history_file={out}/history.csv",
-        f"paths.plots_dir={out}/plots",
-        f"paths.run_dir={out}/run",
-        f"tracking.uri=sqlite:///{out}/mlflow.db",
-        f"tracking.artifact_location={out}/artifacts",
+        *isolated_outputs(out),
     ]
     train(compose_cfg(*overrides))
     return out
