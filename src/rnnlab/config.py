@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,19 @@ def _find_user_error(err: BaseException | None) -> RnnlabError | None:
     return None
 
 
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Turn an RnnlabError (a mistake the user can fix) into a one-line message and exit code 2."""
+    try:
+        yield
+    except Exception as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"rnnlab: error: {user_error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def hydra_entry(task_function: Callable[[DictConfig], Any] | None = None, *, config_name: str = "config") -> Any:
     """`hydra.main` over the project's conf/, printing RnnlabError as a one-line message
     with exit code 2 instead of a traceback. Use as `@hydra_entry` or `@hydra_entry(config_name=...)`."""
@@ -64,13 +78,7 @@ def hydra_entry(task_function: Callable[[DictConfig], Any] | None = None, *, con
 
     @functools.wraps(task_function)
     def guarded(cfg: DictConfig) -> Any:
-        try:
+        with exit_on_user_error():
             return task_function(cfg)
-        except Exception as err:
-            user_error = _find_user_error(err)
-            if user_error is None:
-                raise
-            print(f"rnnlab: error: {user_error}", file=sys.stderr)
-            sys.exit(2)
 
     return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(guarded)

@@ -39,6 +39,8 @@ def make_logger(cfg: DictConfig) -> MLFlowLogger:
         "profile": cfg.profile_name,
         "git_commit": git_commit(cfg.paths.root),
     }
+    if cfg.search.trial is not None:  # a trial of a hyperparameter search: nested under the study's run
+        tags |= {"mlflow.parentRunId": cfg.search.parent_run_id, "optuna.study": cfg.search.study, "optuna.trial": str(cfg.search.trial)}
     return MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
         run_name=cfg.tracking.run_name,

@@ -16,7 +16,7 @@ import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rnnlab import io, tracking
+from rnnlab import io, search, tracking
 from rnnlab.callbacks import EpochHistory
 from rnnlab.config import hydra_entry
 from rnnlab.console import summary
@@ -46,8 +46,13 @@ def build(cfg: DictConfig) -> tuple[SplitTensorDataModule, RecurrentModule]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test on the best checkpoint, log everything, and write the DVC outputs."""
+    """Fit, test on the best checkpoint, log everything, and write the DVC outputs.
+
+    As a trial of a hyperparameter search (search.trial set), fit only: the trial reports its
+    validation metric each epoch and may be pruned; the test set stays unseen.
+    """
     L.seed_everything(cfg.seed, workers=True)
+    trial = search.open_trial(cfg)
     # A fresh run must not pick up (or be confused by) a previous run's checkpoints.
     for stale in ("checkpoints", "figures"):
         shutil.rmtree(Path(cfg.paths.run_dir, stale), ignore_errors=True)
@@ -56,6 +61,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     history = EpochHistory()
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     logger = tracking.make_logger(cfg)
+    if trial is not None:
+        from optuna_integration import PyTorchLightningPruningCallback
+
+        callbacks.append(PyTorchLightningPruningCallback(trial, monitor=cfg.search.metric))
+        trial.set_user_attr(search.RUN_ID_ATTR, logger.run_id)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=[*callbacks, history], default_root_dir=cfg.paths.run_dir)
     tracking.log_config(logger, cfg)
     logger.log_metrics({"n_params": n_params})
@@ -63,6 +73,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         train_seconds = time.perf_counter() - started
+        if trial is not None:
+            logger.finalize("success")
+            return {"train_seconds": round(train_seconds, 2), "epochs": len(history.rows)}
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)[0]
         metrics = {
@@ -110,10 +123,8 @@ def _write_outputs(cfg: DictConfig, metrics: dict[str, float], history: EpochHis
 
 
 @hydra_entry
-def main(cfg: DictConfig) -> float:
-    metrics = train(cfg)
-    # Returned for Hydra sweepers, which optimise the primary metric.
-    return metrics[cfg.task.primary_metric]
+def main(cfg: DictConfig) -> None:
+    train(cfg)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,259 @@
+"""Hyperparameter search: the search-space parser, and whole studies run through
+`python -m rnnlab.train -m hparams_search=...` on tiny data (best config, pruning,
+resume after a kill, two workers, bad input)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import TINY
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from rnnlab.config import config_dir
+from rnnlab.errors import ConfigError
+from rnnlab.search import RUN_ID_ATTR, fixed_overrides, open_storage, parse_search_space
+
+# ---------------------------------------------------------------------------- the search space
+
+
+@pytest.fixture(scope="module")
+def base_cfg(compose_cfg: Callable[..., DictConfig]) -> DictConfig:
+    return compose_cfg("hparams_search=sentiment_gru")
+
+
+def test_search_space_maps_sweep_syntax_to_optuna_distributions(base_cfg: DictConfig) -> None:
+    space = parse_search_space(
+        {
+            "optimizer.lr": "tag(log, interval(1e-4, 1e-2))",
+            "model.encoder.dropout": "interval(0.0, 0.5)",
+            "model.encoder.num_layers": "range(1, 4)",
+            "model.encoder.bidirectional": "choice(false, true)",
+            "+model.encoder.extra": "choice(a, b)",
+        },
+        base_cfg,
+    )
+    by_name = {param.name: param for param in space}
+    assert by_name["optimizer.lr"].distribution == FloatDistribution(1e-4, 1e-2, log=True)
+    assert by_name["model.encoder.dropout"].distribution == FloatDistribution(0.0, 0.5)
+    assert by_name["model.encoder.num_layers"].distribution == IntDistribution(1, 3)
+    assert by_name["model.encoder.bidirectional"].distribution == CategoricalDistribution([False, True])
+    assert by_name["model.encoder.bidirectional"].override(True) == "model.encoder.bidirectional=true"
+    assert by_name["model.encoder.extra"].override("a") == "+model.encoder.extra=a"
+
+
+def test_every_shipped_search_config_composes_and_parses(compose_cfg: Callable[..., DictConfig]) -> None:
+    names = sorted(p.stem for p in (config_dir() / "hparams_search").glob("*.yaml") if p.stem != "base")
+    assert {f"{task}_{model}" for task in ("sentiment", "textgen", "forecast", "speech") for model in ("gru", "lstm")} <= set(names)
+    for name in names:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"hparams_search={name}"], return_hydra_config=True)
+        assert cfg.search.study == name
+        assert f"{cfg.task.name}_{cfg.model.name}" == name
+        assert cfg.search.direction == {"max": "maximize", "min": "minimize"}[cfg.task.monitor_mode]
+        space = parse_search_space(cfg.hydra.sweeper.params, cfg)
+        assert {"optimizer.lr", "model.encoder.hidden_size", "model.encoder.num_layers", "task.data.batch_size"} <= {p.name for p in space}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"optimizer.lr": "interval(0.1, 0.001)"}, "the low end 0.1 is not below the high end 0.001; write interval(0.001, 0.1)"),
+        ({"optimizer.lr": "tag(log, interval(0.0, 0.1))"}, "a log-scaled interval needs a positive low end"),
+        ({"optimizer.lr": "0.01"}, "is a fixed value, not a range to search"),
+        ({"model.encoder.hiden_size": "choice(8, 16)"}, "`model.encoder.hiden_size` is not a key of the config"),
+        ({"model.encoder.num_layers": "range(1.5, 3)"}, "range() takes integers"),
+        ({"model.encoder.num_layers": "range(3, 3)"}, "is empty"),
+        ({"optimizer.lr": "interval(0.1"}, "is not valid sweep syntax"),
+        ({}, "The search space (hydra.sweeper.params) is empty"),
+    ],
+)
+def test_bad_search_space_entries_name_the_problem_and_the_fix(base_cfg: DictConfig, entry: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_search_space(entry, base_cfg)
+    assert message in str(err.value)
+
+
+def test_a_sweep_on_the_command_line_is_refused() -> None:
+    assert fixed_overrides(["hparams_search=sentiment_gru", "seed=3"]) == ["hparams_search=sentiment_gru", "seed=3"]
+    with pytest.raises(ConfigError, match="`model=gru,lstm` is a sweep"):
+        fixed_overrides(["hparams_search=sentiment_gru", "model=gru,lstm"])
+
+
+# ---------------------------------------------------------------------------- whole studies
+
+
+@pytest.fixture
+def study(sentiment_root: Path, tmp_path: Path) -> Callable[..., subprocess.Popen]:
+    """Start `python -m rnnlab.train -m hparams_search=<name>` on the tiny data, with everything
+    it writes (study, MLflow store, reports, best config) under tmp_path."""
+    configs = tmp_path / "search_configs"
+
+    def start(name: str = "sentiment_gru", *overrides: str, configs_to_add: dict[str, dict] | None = None) -> subprocess.Popen:
+        for relative, content in (configs_to_add or {}).items():  # the test's own configs, next to the shipped ones
+            path = configs / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            package = "# @package _global_\n" if relative.startswith("hparams_search/") else ""
+            path.write_text(package + yaml.safe_dump(content))
+        command = [
+            sys.executable,
+            "-m",
+            "rnnlab.train",
+            "-m",
+            f"hparams_search={name}",
+            f"hydra.searchpath=[file://{configs}]",
+            *TINY,
+            f"paths.root={tmp_path}",
+            f"paths.processed={sentiment_root}/data/processed/sentiment",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            "trainer.max_epochs=2",
+            *overrides,
+        ]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    return start
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def load(root: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(str(root / "optuna" / f"{name}.log")))
+
+
+def load_trials(root: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    """A study's trials; none while its worker has not created it yet."""
+    try:
+        return load(root, name).trials
+    except KeyError:
+        return []
+
+
+def runs(root: Path) -> list:
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    return client.search_runs([client.get_experiment_by_name("rnnlab-sentiment").experiment_id])
+
+
+def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
+    output = finish(study("sentiment_gru", "hydra.sweeper.n_trials=4"))
+    trials = load(tmp_path, "sentiment_gru").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    best = max(trials, key=lambda t: t.value)
+    assert "hyperparameter search sentiment_gru" in output
+
+    # MLflow: a parent run holding the best value and the report, one nested child run per trial.
+    by_name = {run.info.run_name: run for run in runs(tmp_path)}
+    parent = by_name.pop("sentiment_gru-study")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(best.value)
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert sorted(by_name) == [f"sentiment_gru-trial-{n}" for n in range(4)]
+    for trial in trials:
+        child = by_name[f"sentiment_gru-trial-{trial.number}"]
+        assert child.info.run_id == trial.user_attrs[RUN_ID_ATTR]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["optuna.trial"] == str(trial.number)
+        assert child.data.tags["optuna.state"] == "COMPLETE"
+        assert float(child.data.params["optimizer/lr"]) == pytest.approx(trial.params["optimizer.lr"])
+        assert "test_acc" not in child.data.metrics  # trials never look at the test set
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    logged = {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
+    expected = {"trials.csv", "best.json", "importances.json", "optimization_history.png", "param_importances.png"}
+    assert expected <= logged
+    assert expected <= {p.name for p in (tmp_path / "reports" / "search" / "sentiment_gru").iterdir()}
+
+    # The best trial's values, as an experiment config that composes into a training run.
+    written = tmp_path / "conf" / "experiment" / "sentiment_gru_tuned.yaml"
+    assert f"trial {best.number}" in written.read_text()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        tuned = compose(config_name="config", overrides=[f"hydra.searchpath=[file://{written.parents[1]}]", "experiment=sentiment_gru_tuned"])
+    for key, value in best.params.items():
+        assert OmegaConf.select(tuned, key) == value
+    assert (tuned.task.name, tuned.model.name) == ("sentiment", "gru_tuned")
+
+
+def test_a_pruner_stops_bad_trials_and_marks_them_pruned(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
+    # Any validation accuracy is below 1.1: every trial is pruned at its first report.
+    configs = {
+        "hparams_search/pruned.yaml": {"defaults": ["sentiment_gru"], "search": {"study": "pruned"}},
+        "search/pruner/always.yaml": {"_target_": "optuna.pruners.ThresholdPruner", "lower": 1.1},
+    }
+    output = finish(study("pruned", "search/pruner=always", "hydra.sweeper.n_trials=2", "trainer.max_epochs=3", configs_to_add=configs))
+    trials = load(tmp_path, "pruned").trials
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert all(list(t.intermediate_values) == [0] for t in trials)  # stopped after the first of 3 epochs
+    children = [run for run in runs(tmp_path) if run.info.run_name != "pruned-study"]
+    assert len(children) == 2
+    assert {(run.info.status, run.data.tags["optuna.state"]) for run in children} == {("KILLED", "PRUNED")}
+    assert "trial 0: PRUNED" in output
+    assert not (tmp_path / "conf" / "experiment" / "sentiment_gru_tuned.yaml").exists()  # nothing completed, nothing to recommend
+
+
+def test_a_killed_study_resumes_without_repeating_finished_trials(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
+    first = study("sentiment_gru", "hydra.sweeper.n_trials=3")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # kill it while trial 1 trains, after trial 0 finished
+            trials = load_trials(tmp_path, "sentiment_gru")
+            if [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING] and RUN_ID_ATTR in trials[1].user_attrs:
+                break
+            assert first.poll() is None, first.communicate()[0][-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("the study did not reach trial 1 in time")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finished = load(tmp_path, "sentiment_gru").trials[0]
+
+    output = finish(study("sentiment_gru", "hydra.sweeper.n_trials=3"))
+    trials = load(tmp_path, "sentiment_gru").trials
+    assert "trial 1 was cut short by a dead worker" in output
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[0].datetime_complete == finished.datetime_complete  # trial 0 was not run again
+    assert trials[1].user_attrs["interrupted"] is True
+    assert trials[2].params == trials[1].params  # the interrupted parameters ran again
+    killed = next(run for run in runs(tmp_path) if run.info.run_name == "sentiment_gru-trial-1")
+    assert (killed.info.status, killed.data.tags["optuna.state"]) == ("KILLED", "INTERRUPTED")
+
+
+def test_two_workers_share_one_study(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
+    workers = [study("sentiment_gru", "hydra.sweeper.n_trials=4")]
+    time.sleep(2)  # the second joins the study the first created
+    workers.append(study("sentiment_gru", "hydra.sweeper.n_trials=4"))
+    for worker in workers:
+        finish(worker)
+    trials = load(tmp_path, "sentiment_gru").trials
+    # Each worker stops once the study holds n_trials; at the same instant both may start one more.
+    assert 4 <= len(trials) <= 5
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert {t.user_attrs["worker"] for t in trials} == {f"{os.uname().nodename}:{w.pid}" for w in workers}
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
+    parents = [run for run in runs(tmp_path) if run.info.run_name == "sentiment_gru-study"]
+    assert len(parents) == 1
+
+
+def test_a_bad_search_space_fails_before_any_trial_runs(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
+    config = {"defaults": ["sentiment_gru"], "search": {"study": "bad"}, "hydra": {"sweeper": {"params": {"optimizer.lr": "interval(0.1, 0.001)"}}}}
+    process = study("bad", configs_to_add={"hparams_search/bad.yaml": config})
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 2
+    assert "rnnlab: error: search space entry `optimizer.lr: interval(0.1, 0.001)`: the low end 0.1 is not below" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "optuna").exists()  # no study, no trial
+    assert not (tmp_path / "logs" / "optuna").exists()
