@@ -181,7 +181,9 @@ def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(study: C
     written = tmp_path / "conf" / "experiment" / "sentiment_gru_tuned.yaml"
     assert f"trial {best.number}" in written.read_text()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        tuned = compose(config_name="config", overrides=[f"hydra.searchpath=[file://{written.parents[1]}]", "experiment=sentiment_gru_tuned"])
+        tuned = compose(
+            config_name="config", overrides=[f"hydra.searchpath=[file://{written.parents[1]}]", "experiment=sentiment_gru_tuned"]
+        )
     for key, value in best.params.items():
         assert OmegaConf.select(tuned, key) == value
     assert (tuned.task.name, tuned.model.name) == ("sentiment", "gru_tuned")
@@ -249,7 +251,11 @@ def test_two_workers_share_one_study(study: Callable[..., subprocess.Popen], tmp
 
 
 def test_a_bad_search_space_fails_before_any_trial_runs(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
-    config = {"defaults": ["sentiment_gru"], "search": {"study": "bad"}, "hydra": {"sweeper": {"params": {"optimizer.lr": "interval(0.1, 0.001)"}}}}
+    config = {
+        "defaults": ["sentiment_gru"],
+        "search": {"study": "bad"},
+        "hydra": {"sweeper": {"params": {"optimizer.lr": "interval(0.1, 0.001)"}}},
+    }
     process = study("bad", configs_to_add={"hparams_search/bad.yaml": config})
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 2

@@ -376,7 +376,9 @@ class Search:
     def _recover_dead_trials(self) -> None:
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if _is_dead(trial.user_attrs.get(WORKER_ATTR)):
-                console.print(f"{self.name}: trial {trial.number} was cut short by a dead worker; its parameters run again.", soft_wrap=True)
+                console.print(
+                    f"{self.name}: trial {trial.number} was cut short by a dead worker; its parameters run again.", soft_wrap=True
+                )
                 self._interrupt(trial.number)
 
     # -- the report
