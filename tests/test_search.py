@@ -195,8 +195,11 @@ def test_a_pruner_stops_bad_trials_and_marks_them_pruned(study: Callable[..., su
         "hparams_search/pruned.yaml": {"defaults": ["sentiment_gru"], "search": {"study": "pruned"}},
         "search/pruner/always.yaml": {"_target_": "optuna.pruners.ThresholdPruner", "lower": 1.1},
     }
-    output = finish(study("pruned", "search/pruner=always", "hydra.sweeper.n_trials=2", "trainer.max_epochs=3", configs_to_add=configs))
-    trials = load(tmp_path, "pruned").trials
+    # This study lives in an RDB (SQLite here; PostgreSQL for workers on several machines), not a journal file.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    overrides = ("search/pruner=always", f"search.storage={storage}", "hydra.sweeper.n_trials=2", "trainer.max_epochs=3")
+    output = finish(study("pruned", *overrides, configs_to_add=configs))
+    trials = optuna.load_study(study_name="pruned", storage=storage).trials
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     assert all(list(t.intermediate_values) == [0] for t in trials)  # stopped after the first of 3 epochs
     children = [run for run in runs(tmp_path) if run.info.run_name != "pruned-study"]
@@ -263,3 +266,36 @@ def test_a_bad_search_space_fails_before_any_trial_runs(study: Callable[..., sub
     assert "Traceback" not in output
     assert not (tmp_path / "optuna").exists()  # no study, no trial
     assert not (tmp_path / "logs" / "optuna").exists()
+
+
+def compose_bench(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="search_bench", overrides=list(overrides))
+
+
+def test_search_bench_measures_trials_per_hour_for_each_worker_count(sentiment_root: Path, tmp_path: Path) -> None:
+    from rnnlab.search_bench import run
+
+    overrides = [*TINY, f"paths.processed={sentiment_root}/data/processed/sentiment", "trainer.max_epochs=1"]
+    quoted = ",".join(f"'{o}'" for o in overrides)
+    report = run(compose_bench(f"output={tmp_path}/bench.json", "workers=[1,2]", "n_trials=2", f"overrides=[{quoted}]"))
+    one, two = report["rows"]
+    assert (one["workers"], one["trials"], one["complete"]) == (1, 2, 2)
+    # Each worker stops once the study holds n_trials; at the same instant both may start one more.
+    assert two["workers"] == 2 and 2 <= two["trials"] <= 3 and two["complete"] == two["trials"]
+    cores = os.cpu_count() or 1
+    assert (one["threads_per_worker"], two["threads_per_worker"]) == (cores, max(1, cores // 2))
+    for row in report["rows"]:
+        assert row["trials_per_hour"] == pytest.approx(row["trials"] / row["seconds"] * 3600, rel=0.01)
+    assert yaml.safe_load((tmp_path / "bench.json").read_text())["rows"] == report["rows"]
+    root = config_dir().parent  # the benchmark's studies live in a temporary directory, not the project's
+    assert not list((root / "optuna").glob("bench-*")) and not list((root / "reports" / "search").glob("bench-*"))
+
+
+def test_search_bench_refuses_bad_settings() -> None:
+    from rnnlab.search_bench import run
+
+    with pytest.raises(ConfigError, match=r"workers must be a list of positive integers such as \[1, 2\], got \[0\]"):
+        run(compose_bench("workers=[0]"))
+    with pytest.raises(ConfigError, match="search_config=nope is not a config of conf/hparams_search/"):
+        run(compose_bench("search_config=nope"))

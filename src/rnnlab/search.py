@@ -41,11 +41,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 from hydra.errors import HydraException
 from hydra.utils import instantiate
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-from rnnlab import io
+from rnnlab import io, tracking
 from rnnlab.console import console, summary
 from rnnlab.errors import ConfigError
 
@@ -213,8 +212,8 @@ class Search:
         self.sampler_cfg = sweeper.sampler
         self.storage_label = str(search.storage)
         self.storage = open_storage(self.storage_label)
-        self.client = MlflowClient(tracking_uri=config.tracking.uri)
-        self.report_dir = Path(config.paths.root, "reports", "search", self.name)
+        self.client = tracking.open_store(config.tracking.uri)
+        self.report_dir = Path(search.report_dir)
         self.study, self.parent_run_id = self._open_study()
 
     # -- setup
@@ -432,7 +431,7 @@ class Search:
     def write_experiment(self, best: FrozenTrial) -> Path:
         """conf/experiment/<task>_<model>_tuned.yaml: the default config with the best trial's searched values."""
         task, model = self.config.task.name, self.config.model.name
-        path = Path(self.config.paths.root, "conf", "experiment", f"{task}_{model}_tuned.yaml")
+        path = Path(self.config.search.experiment_file)
         values = OmegaConf.from_dotlist([Param(k, None).override(v) for k, v in best.params.items()])
         values.model = OmegaConf.merge(values.get("model", {}), {"name": f"{model}_tuned"})
         header = (

@@ -12,9 +12,11 @@ matplotlib.use("Agg")  # figures are files, never windows
 import matplotlib.pyplot as plt
 import mlflow
 import mlflow.pytorch
+from filelock import FileLock
 from lightning import LightningModule
 from lightning.pytorch.loggers import MLFlowLogger
 from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -29,9 +31,22 @@ def git_commit(root: str | Path) -> str:
         return "unknown"
 
 
+def open_store(uri: str) -> MlflowClient:
+    """An MlflowClient on `uri`. A new SQLite store is created under a file lock: two processes
+    creating one at the same instant race in MLflow's schema migration (alembic), and one fails."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock"):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates and migrates the schema, if new
+    return client
+
+
 def make_logger(cfg: DictConfig) -> MLFlowLogger:
     """A Lightning MLFlowLogger on the project's SQLite store (never the ./mlruns file store)."""
-    Path(cfg.paths.root, "mlruns").mkdir(parents=True, exist_ok=True)
+    open_store(cfg.tracking.uri)
     tags = {
         "task": cfg.task.name,
         "model": cfg.model.name,
