@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: install espeak-ng run smoke test test-all bench lint ui clean help
+.PHONY: install espeak-ng run smoke test test-all bench bench-search lint ui clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -17,6 +17,7 @@ help:
 	@echo "make smoke   set up, then the whole pipeline on the smoke profile (minutes)"
 	@echo "make test    set up, then the fast test suite"
 	@echo "make bench   time rnnlab's GRU against torch.nn.GRU (reports/bench_gru.json)"
+	@echo "make bench-search  trials per hour of a search, 1 worker against 2 (reports/search_bench.json)"
 	@echo "make ui      MLflow UI over this project's runs on http://127.0.0.1:$(PORT)"
 	@echo "make lint    ruff over src/ and tests/"
 
@@ -60,6 +61,9 @@ test-all: install
 
 bench: install
 	python -m rnnlab.bench
+
+bench-search: install
+	python -m rnnlab.search_bench
 
 lint: install
 	ruff check src tests

@@ -61,10 +61,28 @@ def test_every_shipped_search_config_composes_and_parses(compose_cfg: Callable[.
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=[f"hparams_search={name}"], return_hydra_config=True)
         assert cfg.search.study == name
-        assert f"{cfg.task.name}_{cfg.model.name}" == name
+        canonical = f"{cfg.task.name}_{cfg.model.name}"
+        assert name == canonical or name.startswith(canonical + "_")  # a variant, e.g. sentiment_gru_cpu
         assert cfg.search.direction == {"max": "maximize", "min": "minimize"}[cfg.task.monitor_mode]
-        space = parse_search_space(cfg.hydra.sweeper.params, cfg)
-        assert {"optimizer.lr", "model.encoder.hidden_size", "model.encoder.num_layers", "task.data.batch_size"} <= {p.name for p in space}
+        searched = {p.name for p in parse_search_space(cfg.hydra.sweeper.params, cfg)}
+        assert {
+            "optimizer.lr",
+            "optimizer.weight_decay",
+            "model.encoder.hidden_size",
+            "model.encoder.dropout",
+            "task.data.batch_size",
+        } <= searched
+        if name == canonical:
+            assert {"model.encoder.num_layers", "model.encoder.bidirectional", "trainer.gradient_clip_val"} <= searched
+
+
+def test_a_null_entry_drops_a_key_from_the_space_it_extends(compose_cfg: Callable[..., DictConfig]) -> None:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hparams_search=sentiment_gru_cpu"], return_hydra_config=True)
+    searched = {p.name: p.distribution for p in parse_search_space(cfg.hydra.sweeper.params, cfg)}
+    assert "model.encoder.num_layers" not in searched and "model.encoder.bidirectional" not in searched
+    assert searched["model.encoder.hidden_size"] == CategoricalDistribution([96, 128, 160])
+    assert searched["optimizer.lr"] == FloatDistribution(3e-4, 1e-2, log=True)  # inherited from base
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,9 @@ class Param:
 
 
 def parse_search_space(params: Mapping[str, str], config: DictConfig) -> list[Param]:
-    """The search space from Hydra's sweep syntax, checked before any trial runs."""
+    """The search space from Hydra's sweep syntax, checked before any trial runs. An entry set to
+    null is not searched: a search config narrows the space of the one it extends that way."""
+    params = {key: spec for key, spec in params.items() if spec is not None}
     if not params:
         raise ConfigError("The search space (hydra.sweeper.params) is empty; list the config keys to tune, " + SYNTAX_HELP + ".")
     parser = OverridesParser.create()
