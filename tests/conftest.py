@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import isolated_outputs
+from helpers import isolated_outputs, write_tone
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -75,3 +75,19 @@ def tiny_overrides(sentiment_root: Path, tmp_path: Path) -> list[str]:
         f"paths.processed={sentiment_root}/data/processed/sentiment",
         *isolated_outputs(tmp_path),
     ]
+
+
+@pytest.fixture
+def speechcommands_root(tmp_path: Path) -> Path:
+    """A tiny SpeechCommands/speech_commands_v0.02 tree: word folders, split lists and background noise.
+    One file is odd, yes/aaaa1111_nohash_1.wav: 8 kHz stereo, not 16 kHz mono."""
+    root = tmp_path / "archive"
+    folder = root / "SpeechCommands" / "speech_commands_v0.02"
+    for word in ("yes", "no", "bed"):
+        for speaker in ("aaaa1111", "bbbb2222", "cccc3333"):
+            write_tone(folder / word / f"{speaker}_nohash_0.wav", seconds=0.8)
+    write_tone(folder / "yes" / "aaaa1111_nohash_1.wav", rate=8000, channels=2)
+    (folder / "validation_list.txt").write_text("yes/bbbb2222_nohash_0.wav\nno/bbbb2222_nohash_0.wav\nbed/bbbb2222_nohash_0.wav\n")
+    (folder / "testing_list.txt").write_text("yes/cccc3333_nohash_0.wav\nno/cccc3333_nohash_0.wav\nbed/cccc3333_nohash_0.wav\n")
+    write_tone(folder / "_background_noise_" / "hum.wav", seconds=5.0)
+    return root

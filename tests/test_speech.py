@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import fit_one_batch, quiet_trainer
+from helpers import fit_one_batch, quiet_trainer, write_tone
 from omegaconf import DictConfig
 from scipy.io import wavfile
 from sklearn.metrics import accuracy_score, f1_score
@@ -193,26 +193,7 @@ def test_smoke_and_default_configs_compose(compose_cfg: Callable[..., DictConfig
 # --- the Speech Commands folder layout ---------------------------------------------------
 
 
-def write_tone(path: Path, rate: int = SAMPLE_RATE, seconds: float = 1.0, channels: int = 1) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t = np.arange(int(rate * seconds)) / rate
-    tone = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
-    wavfile.write(path, rate, np.stack([tone] * channels, axis=1) if channels > 1 else tone)
-
-
-@pytest.fixture
-def speechcommands_root(tmp_path: Path) -> Path:
-    """A tiny SpeechCommands/speech_commands_v0.02 tree: word folders, split lists and background noise."""
-    root = tmp_path / "archive"
-    folder = root / "SpeechCommands" / "speech_commands_v0.02"
-    for word in ("yes", "no", "bed"):
-        for speaker in ("aaaa1111", "bbbb2222", "cccc3333"):
-            write_tone(folder / word / f"{speaker}_nohash_0.wav", seconds=0.8)
-    write_tone(folder / "yes" / "aaaa1111_nohash_1.wav", rate=8000, channels=2)  # the one odd file
-    (folder / "validation_list.txt").write_text("yes/bbbb2222_nohash_0.wav\nno/bbbb2222_nohash_0.wav\nbed/bbbb2222_nohash_0.wav\n")
-    (folder / "testing_list.txt").write_text("yes/cccc3333_nohash_0.wav\nno/cccc3333_nohash_0.wav\nbed/cccc3333_nohash_0.wav\n")
-    write_tone(folder / "_background_noise_" / "hum.wav", seconds=5.0)
-    return root
+# The tiny tree of the speechcommands_root fixture (conftest.py) has one odd file: yes/aaaa1111_nohash_1.wav, 8 kHz stereo.
 
 
 def test_speechcommands_folder_is_read_into_the_raw_format(speechcommands_root: Path, tmp_path: Path) -> None:

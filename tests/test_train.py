@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from helpers import isolated_outputs, without_timing
 from mlflow import MlflowClient
 
 from rnnlab.train import train
@@ -46,18 +47,20 @@ def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: 
     assert type(net.encoder.rnn).__name__ == "LSTM"
 
 
-def test_same_seed_gives_same_metrics(compose_cfg, tiny_overrides: list[str]) -> None:
-    first = train(compose_cfg(*tiny_overrides, "model=gru", "seed=3"))
-    second = train(compose_cfg(*tiny_overrides, "model=gru", "seed=3"))
-    other = train(compose_cfg(*tiny_overrides, "model=gru", "seed=4"))
-    timing = {"train_seconds", "seconds_per_epoch"}
-    assert {k: v for k, v in first.items() if k not in timing} == {k: v for k, v in second.items() if k not in timing}
+def test_same_seed_gives_same_metrics(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
+    """Two runs with their own outputs, checkpoints and MLflow store: nothing of the first can reach the second."""
+    first = train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / "first"), "model=gru", "seed=3"))
+    second = train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / "second"), "model=gru", "seed=3"))
+    other = train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / "other"), "model=gru", "seed=4"))
+    assert without_timing(first) == without_timing(second)
+    histories = [pd.read_csv(tmp_path / run / "history.csv").drop(columns="seconds") for run in ("first", "second")]
+    pd.testing.assert_frame_equal(*histories)
     assert first["test_loss"] != other["test_loss"]
 
 
 def test_failed_run_is_marked_failed_and_writes_no_metrics(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
-    cfg = compose_cfg(*tiny_overrides, "optimizer.lr=-1.0")  # AdamW rejects it when training starts
-    with pytest.raises(Exception, match="Invalid learning rate"):
+    cfg = compose_cfg(*tiny_overrides, "+optimizer.betas=[2.0,0.999]")  # AdamW rejects it when training starts
+    with pytest.raises(Exception, match="Invalid beta parameter"):
         train(cfg)
     assert not (tmp_path / "metrics.json").exists()
     assert not (tmp_path / "models").exists()
@@ -72,12 +75,15 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(script), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-def test_console_script_accepts_hydra_overrides(tiny_overrides: list[str], tmp_path: Path) -> None:
+def test_console_script_accepts_hydra_overrides(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
     result = run_cli(*tiny_overrides, "model=rnn", "trainer.max_epochs=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs"] == 1
     assert metrics["n_params"] == (8 * 8 + 8 * 8 + 2 * 8) + 52 * 8 + (2 * 8 * 2 + 2)
+    # The command and train() in this process (another hash seed, fresh state) give the same run.
+    in_process = train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / "in_process"), "model=rnn", "trainer.max_epochs=1"))
+    assert without_timing(in_process) == without_timing(metrics)
 
 
 def test_console_script_reports_bad_values_without_traceback(tiny_overrides: list[str], tmp_path: Path) -> None:

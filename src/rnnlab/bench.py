@@ -18,12 +18,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -35,7 +33,7 @@ from rnnlab.config import hydra_entry
 from rnnlab.console import console
 from rnnlab.errors import ConfigError
 from rnnlab.models import cells
-from rnnlab.tracking import git_commit
+from rnnlab.tracking import ensure_experiment, git_commit, open_store
 
 GATES = {"gru": 3, "lstm": 4, "rnn": 1}
 GEMM_SIZE = 1024
@@ -205,14 +203,8 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
 
 def log_to_mlflow(cfg: DictConfig, report: dict[str, Any]) -> str:
     """One MLflow run: the settings as parameters, every time and rate as a metric, the report as JSON."""
-    Path(cfg.paths.root, "mlruns").mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(cfg.tracking.uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(cfg.tracking.experiment, artifact_location=cfg.tracking.artifact_location)
-    )
+    client = open_store(cfg.tracking.uri)
+    experiment_id = ensure_experiment(cfg.tracking)
     tags = {"cell": report["cell"], "quick": str(report["quick"]), "git_commit": git_commit(cfg.paths.root)}
     run_id = client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=tags).info.run_id
     now = int(time.time() * 1000)

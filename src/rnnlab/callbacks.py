@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
+import signal
+import threading
 import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
+
+from rnnlab.errors import TrainingError
 
 
 class EpochHistory(L.Callback):
@@ -24,6 +36,120 @@ class EpochHistory(L.Callback):
                 row[key] = float(value)
         self.rows.append(row)
 
+    # In the checkpoint, so that a resumed run's history holds the epochs before the interruption too.
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
+
     @property
     def seconds_per_epoch(self) -> float:
         return sum(r["seconds"] for r in self.rows) / max(len(self.rows), 1)
+
+
+class ResumeState(L.Callback):
+    """What a resumed run needs beyond Lightning's own checkpoint: the MLflow run to continue,
+    and the random number generators as they were when the checkpoint was saved.
+
+    Lightning restores the loops, optimiser and callbacks but not the RNGs; without them a resumed
+    run would shuffle its next epoch and draw its dropout masks from the freshly seeded state, and
+    end with other metrics than the same run uninterrupted. The states are restored before the
+    resumed fit draws anything (callbacks load before the data loaders start).
+    """
+
+    mlflow_run_id: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.mlflow_run_id = getattr(trainer.logger, "run_id", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        return {
+            "mlflow_run_id": self.mlflow_run_id,
+            # Tensors and tuples only, so the checkpoint stays loadable with weights_only=True.
+            "rng": {
+                "python": random.getstate(),
+                "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rng = state_dict["rng"]
+        random.setstate(rng["python"])
+        kind, keys, position, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    @classmethod
+    def mlflow_run_of(cls, checkpoint: str | Path) -> str | None:
+        """The MLflow run a checkpoint belongs to (read before the logger is made)."""
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["callbacks"].get(cls.__qualname__, {})
+        return state.get("mlflow_run_id")
+
+
+class FiniteLoss(L.Callback):
+    """Stop with a TrainingError as soon as the training loss is NaN or infinite: every step after
+    it would train on garbage, and early stopping would only end the run quietly, marked a success."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        bad = loss is not None and not bool(torch.isfinite(loss).all())
+        # Decided together, so that under DDP every process stops at the same step rather than one hanging.
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            raise TrainingError(
+                f"The training loss became {float(loss) if bad else 'non-finite on another process'} in epoch {trainer.current_epoch}, "
+                f"step {trainer.global_step} (batch {batch_idx}). Lower the learning rate (optimizer.lr, now {lr:g}) or clip "
+                f"gradients harder (trainer.gradient_clip_val, now {trainer.gradient_clip_val})."
+            )
+
+
+class StopOnSignal(L.Callback):
+    """SIGINT and SIGTERM stop a run at the next safe point: the end of a batch, or a `check()` between
+    the steps of train(), with a KeyboardInterrupt that Lightning turns into its on_exception hooks and
+    an exit. Raised from the signal handler itself, it could land inside an MLflow write and leave that
+    SQLite transaction holding the lock, and marking the run KILLED would then fail. A second signal
+    stops at once, for a run stuck before its next safe point.
+
+    Python's own SIGTERM ends a process with no cleanup at all (its MLflow run left RUNNING), and a
+    process started with SIGINT ignored (a background job of a script) would not stop on it.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopOnSignal]:
+        """The handlers, for the duration of a run (only the main thread may set them)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {signum: signal.signal(signum, self._received) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _received(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if len(self.received) > 1:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def check(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt(signal.Signals(self.received[0]).name)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.check()
+
+    def on_validation_batch_end(self, *args: Any) -> None:
+        self.check()
+
+    def on_test_batch_end(self, *args: Any) -> None:
+        self.check()

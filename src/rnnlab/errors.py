@@ -11,3 +11,7 @@ class DataError(RnnlabError):
 
 class ConfigError(RnnlabError):
     """A configuration value is out of range or inconsistent."""
+
+
+class TrainingError(RnnlabError):
+    """Training went wrong in a way a setting can fix, e.g. a loss that became NaN."""

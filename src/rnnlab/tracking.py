@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,16 @@ import mlflow.pytorch
 from filelock import FileLock
 from lightning import LightningModule
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import rnnlab
+from rnnlab.errors import ConfigError
 
 
 def git_commit(root: str | Path) -> str:
@@ -44,9 +49,10 @@ def open_store(uri: str) -> MlflowClient:
     return client
 
 
-def make_logger(cfg: DictConfig) -> MLFlowLogger:
-    """A Lightning MLFlowLogger on the project's SQLite store (never the ./mlruns file store)."""
-    open_store(cfg.tracking.uri)
+def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
+    """A Lightning MLFlowLogger on the project's SQLite store (never the ./mlruns file store);
+    with `run_id`, one that continues that run (resume=true)."""
+    Path(cfg.paths.root, "mlruns").mkdir(parents=True, exist_ok=True)
     tags = {
         "task": cfg.task.name,
         "model": cfg.model.name,
@@ -56,23 +62,74 @@ def make_logger(cfg: DictConfig) -> MLFlowLogger:
     }
     if cfg.search.trial is not None:  # a trial of a hyperparameter search: nested under the study's run
         tags |= {"mlflow.parentRunId": cfg.search.parent_run_id, "optuna.study": cfg.search.study, "optuna.trial": str(cfg.search.trial)}
-    return MLFlowLogger(
+    if rank_zero_only.rank == 0:  # MLFlowLogger itself logs from rank zero only
+        ensure_experiment(cfg.tracking)
+    logger = MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
         run_name=cfg.tracking.run_name,
         tracking_uri=cfg.tracking.uri,
         artifact_location=cfg.tracking.artifact_location,
         tags=tags,
         log_model=False,
+        run_id=run_id,
     )
+    if run_id is not None:
+        logger.experiment.update_run(run_id, status="RUNNING")  # it was KILLED when interrupted
+    return logger
+
+
+def ensure_experiment(tracking: DictConfig) -> str:
+    """The id of the experiment `tracking.experiment`, created unless it exists. Two processes that start
+    together on a new store both find it missing; the one that loses the race to create it uses the winner's."""
+    client = open_store(tracking.uri)
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location)
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    return client.get_experiment_by_name(tracking.experiment).experiment_id
 
 
 def log_config(logger: MLFlowLogger, cfg: DictConfig) -> None:
     """Log the resolved config once: flattened as parameters and whole as config.yaml."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = _loggable(cfg)
     logger.log_hyperparams(resolved)
     logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(resolved), "config.yaml")
 
 
+def check_resumable(cfg: DictConfig, run_id: str) -> None:
+    """Refuse to resume `run_id` with settings other than those it started with: MLflow keeps one
+    value per parameter, and a run whose epochs were trained two ways would misreport itself."""
+    logged = open_store(cfg.tracking.uri).get_run(run_id).data.params
+    params = _flatten(_loggable(cfg))
+    changed = [f"{key} was {logged[key]}, now {value}" for key, value in params if logged.get(key, str(value)) != str(value)]
+    if changed:
+        raise ConfigError(
+            f"resume=true continues MLflow run {run_id} with the settings it started with, but {'; '.join(changed)}. "
+            "Resume with the interrupted run's overrides, or start a fresh run without resume=true."
+        )
+
+
+def _loggable(cfg: DictConfig) -> dict[str, Any]:
+    # `resume` says how a run was started, not what it is: a resumed run logs its config again into the same run.
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("resume", None)
+    return resolved
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(key, value) as MLFlowLogger.log_hyperparams logs them: nested keys joined by '/'."""
+    for key, value in params.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@rank_zero_only
 def log_model(logger: MLFlowLogger, net: nn.Module, registered_name: str) -> Any:
     """Log `net` as an MLflow PyTorch model and register it under `registered_name`.
 
@@ -102,8 +159,12 @@ def save_figure(module: LightningModule, figure: Figure, name: str) -> Path:
     """Save a matplotlib figure as <run_dir>/figures/<name>.png and log it to the run in MLflow.
 
     train.py publishes the run's figures to plots/<task>/<model>/ (a DVC plots directory).
+    Under DDP only the main process writes it: the others would write the same file at once.
     """
     path = figures_dir(module.trainer.default_root_dir) / f"{name}.png"
+    if not module.trainer.is_global_zero:
+        plt.close(figure)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)

@@ -6,26 +6,37 @@ registers the model; the metrics file and best checkpoint are the DVC outputs.
 
 from __future__ import annotations
 
+import shlex
 import shutil
+import signal
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import lightning as L
 import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from rnnlab import io, search, tracking
-from rnnlab.callbacks import EpochHistory
+from rnnlab import io, search, tracking, validation
+from rnnlab.callbacks import EpochHistory, FiniteLoss, ResumeState, StopOnSignal
 from rnnlab.config import hydra_entry
 from rnnlab.console import summary
 from rnnlab.data.base import SplitTensorDataModule
+from rnnlab.errors import ConfigError
 from rnnlab.models.encoder import count_parameters
 from rnnlab.models.lit import RecurrentModule
 
 # Noise from Lightning's own internals on torch 2.11; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# A resumed run's checkpoint directory holds its earlier epochs, as it should; a fresh run empties it first.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def build(cfg: DictConfig) -> tuple[SplitTensorDataModule, RecurrentModule]:
@@ -45,39 +56,77 @@ def build(cfg: DictConfig) -> tuple[SplitTensorDataModule, RecurrentModule]:
     return datamodule, module
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run; `exit_code` is the shell's convention, 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test on the best checkpoint, log everything, and write the DVC outputs.
 
     As a trial of a hyperparameter search (search.trial set), fit only: the trial reports its
     validation metric each epoch and may be pruned; the test set stays unseen.
+
+    SIGINT and SIGTERM stop a run alike (RunInterrupted): its MLflow run is marked KILLED, no DVC
+    output is written, and `resume=true` continues it from <run_dir>/checkpoints/last.ckpt, the
+    end of its last finished epoch. Under DDP the main process tests, logs and writes the outputs;
+    the others return {} after fitting.
     """
+    stop = StopOnSignal()
+    with stop.installed():
+        try:
+            return _train(cfg, stop)
+        except BaseException:
+            if not stop.received:
+                raise
+            raise RunInterrupted(stop.received[0], _interrupted_message(cfg, stop.received[0])) from None
+
+
+def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
+    validation.check_run_config(cfg)  # before any data is read or MLflow run created
     L.seed_everything(cfg.seed, workers=True)
     trial = search.open_trial(cfg)
-    # A fresh run must not pick up (or be confused by) a previous run's checkpoints.
-    for stale in ("checkpoints", "figures"):
-        shutil.rmtree(Path(cfg.paths.run_dir, stale), ignore_errors=True)
+    resume_from = _resume_checkpoint(cfg)
+    if resume_from is None:
+        _clear_run_dir(cfg.paths.run_dir)
     datamodule, module = build(cfg)
     n_params = count_parameters(module.net)
     history = EpochHistory()
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    logger = tracking.make_logger(cfg)
-    if trial is not None:
-        from optuna_integration import PyTorchLightningPruningCallback
-
-        callbacks.append(PyTorchLightningPruningCallback(trial, monitor=cfg.search.metric))
-        trial.set_user_attr(search.RUN_ID_ATTR, logger.run_id)
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=[*callbacks, history], default_root_dir=cfg.paths.run_dir)
-    tracking.log_config(logger, cfg)
-    logger.log_metrics({"n_params": n_params})
+    stop.check()  # before an MLflow run exists
+    run_id = ResumeState.mlflow_run_of(resume_from) if resume_from else None
+    if run_id is not None:
+        tracking.check_resumable(cfg, run_id)
+    logger = tracking.make_logger(cfg, run_id=run_id)
     try:
+        if trial is not None:
+            from optuna_integration import PyTorchLightningPruningCallback
+
+            callbacks.append(PyTorchLightningPruningCallback(trial, monitor=cfg.search.metric))
+            trial.set_user_attr(search.RUN_ID_ATTR, logger.run_id)
+        callbacks += [history, ResumeState(), FiniteLoss(), stop]
+        trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.run_dir)
+        _check_launch(trainer)
+        tracking.log_config(logger, cfg)
+        if resume_from is None:
+            logger.log_metrics({"n_params": n_params})
         started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         train_seconds = time.perf_counter() - started
         if trial is not None:
             logger.finalize("success")
             return {"train_seconds": round(train_seconds, 2), "epochs": len(history.rows)}
+        stop.check()  # a signal after the last batch
+        tester = _tester(cfg, trainer, stop)
+        if tester is None:
+            return {}
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)[0]
+        if best:  # the best epoch's weights alone: test(ckpt_path=...) would also roll the callbacks back to that epoch
+            module = type(module).load_from_checkpoint(best, weights_only=True)
+        tested = tester.test(module, datamodule=datamodule, verbose=False)[0]
         metrics = {
             **{key: float(value) for key, value in tested.items()},
             "n_params": n_params,
@@ -86,12 +135,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "epochs": len(history.rows),
         }
         logger.log_metrics({"train_seconds": metrics["train_seconds"], "seconds_per_epoch": metrics["seconds_per_epoch"]})
-        if best:
-            module = type(module).load_from_checkpoint(best, weights_only=True)
         tracking.log_model(logger, module.net, cfg.tracking.registered_model)
+        stop.check()  # the last point where a signal keeps the outputs unwritten
         _write_outputs(cfg, metrics, history, best)
     except BaseException:
-        logger.finalize("failed")
+        logger.finalize("KILLED" if stop.received else "failed")
         raise
     logger.finalize("success")
     summary(
@@ -106,6 +154,75 @@ def train(cfg: DictConfig) -> dict[str, float]:
         },
     )
     return metrics
+
+
+def _last_checkpoint(cfg: DictConfig) -> Path | None:
+    """Where the checkpoint callback keeps the end of the latest epoch (what resume=true continues), if it does."""
+    checkpoint = cfg.callbacks.get("checkpoint")
+    if checkpoint is None or not checkpoint.get("save_last"):
+        return None
+    return Path(checkpoint.dirpath, ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
+
+
+def _resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint resume=true continues from; None for a fresh run."""
+    if not cfg.resume:
+        return None
+    if cfg.search.trial is not None:
+        raise ConfigError("resume=true is for single runs: a search resumes when its command runs again (interrupted trials rerun).")
+    path = _last_checkpoint(cfg)
+    if path is None:
+        raise ConfigError("resume=true needs callbacks.checkpoint with save_last: true, which keeps the checkpoint a run resumes from.")
+    if not path.is_file():
+        raise ConfigError(
+            f"resume=true, but there is no checkpoint to resume at {path}: no run with this config (run dir {cfg.paths.run_dir}) "
+            "finished an epoch. Start it without resume=true."
+        )
+    return path
+
+
+@rank_zero_only
+def _clear_run_dir(run_dir: str) -> None:
+    # A fresh run must not pick up (or be confused by) a previous run's checkpoints.
+    for stale in ("checkpoints", "figures"):
+        shutil.rmtree(Path(run_dir, stale), ignore_errors=True)
+
+
+def _check_launch(trainer: L.Trainer) -> None:
+    """Refuse multi-process training that Lightning would launch from a Hydra multirun: its launcher
+    re-runs the command line in each new process, which would start the whole sweep again there."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    spawns = trainer.world_size > 1 and environment is not None and not environment.creates_processes_externally
+    if spawns and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(
+            f"trainer.devices={trainer.num_devices} with -m (multirun): Lightning would start each sweep again in every process. "
+            "Run multi-process training as single runs (no -m), or through a cluster launcher (hydra/launcher=slurm)."
+        )
+
+
+def _tester(cfg: DictConfig, trainer: L.Trainer, stop: StopOnSignal) -> L.Trainer | None:
+    """The trainer that tests the model: the fit's own on one device. After multi-process training, a
+    one-device trainer in the main process, as Lightning advises: a DistributedSampler repeats examples
+    to even out the shards, and a loss logged without syncing would be one process's. None elsewhere."""
+    if trainer.world_size == 1:
+        return trainer
+    torch.distributed.destroy_process_group()  # the test must not wait on processes that are done
+    if not trainer.is_global_zero:
+        return None
+    single = {**OmegaConf.to_container(cfg.trainer, resolve=True), "strategy": "auto", "devices": 1, "num_nodes": 1}
+    return instantiate(single, logger=trainer.logger, callbacks=[stop], default_root_dir=cfg.paths.run_dir)
+
+
+def _interrupted_message(cfg: DictConfig, signum: int) -> str:
+    name = signal.Signals(signum).name
+    if cfg.search.trial is not None:
+        return f"interrupted by {name}; this search trial runs again when the search command runs again."
+    checkpoint = _last_checkpoint(cfg)
+    if checkpoint is None or not checkpoint.is_file():
+        return f"interrupted by {name} before an epoch finished; nothing to resume, run the command again."
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else ["<the same overrides>"]
+    command = shlex.join(["python", "-m", "rnnlab.train", *(o for o in overrides if not o.startswith("resume=")), "resume=true"])
+    return f"interrupted by {name}; MLflow run marked KILLED, no outputs written. Resume from {checkpoint} with: {command}"
 
 
 def _write_outputs(cfg: DictConfig, metrics: dict[str, float], history: EpochHistory, best_checkpoint: str) -> None:
@@ -124,7 +241,11 @@ def _write_outputs(cfg: DictConfig, metrics: dict[str, float], history: EpochHis
 
 @hydra_entry
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except RunInterrupted as stop:
+        print(f"rnnlab: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,14 @@ SPLITS = ("train", "val", "test")
 
 
 def _not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
-    return DataError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}); re-encode it as UTF-8.")
+    """Name the first byte of `path` that is not UTF-8, and its line (pandas decodes in chunks: its error's offset is not the file's)."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exact:
+        err = exact
+    line = data.count(b"\n", 0, err.start) + 1
+    return DataError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}, line {line}); re-encode it as UTF-8.")
 
 
 def read_text(path: Path) -> str:
@@ -31,11 +38,17 @@ def read_text(path: Path) -> str:
 def read_csv(path: Path, expected: str, **options: Any) -> pd.DataFrame:
     """A UTF-8 CSV file read by pandas; a file that is not is a DataError naming it and what was `expected`."""
     try:
-        return pd.read_csv(path, encoding="utf-8", **options)
+        frame = pd.read_csv(path, encoding="utf-8", **options)
     except UnicodeDecodeError as err:
         raise _not_utf8(path, err) from err
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise DataError(f"{path} is not a readable CSV ({err}); expected {expected}.") from err
+    # pandas takes the first column as the index, instead of failing, when the first row has more fields than the header.
+    if "index_col" not in options and not isinstance(frame.index, pd.RangeIndex):
+        raise DataError(
+            f"{path} is not a readable CSV (the first row has more fields than the header {list(frame.columns)}); expected {expected}."
+        )
+    return frame
 
 
 def save_split(out_dir: Path, split: str, tensors: dict[str, torch.Tensor]) -> None:

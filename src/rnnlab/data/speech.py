@@ -52,7 +52,7 @@ def class_names(commands: Sequence[str]) -> list[str]:
 
 
 def read_wav(path: str | Path, convert: bool) -> tuple[np.ndarray, str | None]:
-    """A WAV file as float32 mono samples at 16 kHz in [-1, 1], and what was converted (None if nothing).
+    """A WAV file as float32 mono samples at 16 kHz in [-1, 1], and what was done to it (None if nothing).
 
     With `convert`, other sample rates are resampled and several channels averaged;
     without it such files are refused, naming the mismatch.
@@ -69,20 +69,25 @@ def read_wav(path: str | Path, convert: bool) -> tuple[np.ndarray, str | None]:
         audio = data.astype(np.float32) / np.iinfo(data.dtype).max
     if audio.size == 0:
         raise DataError(f"{path} holds no samples.")
-    problems = []
+    problems, conversions = [], []
     if audio.ndim == 2:
         problems.append(f"{audio.shape[1]} channels, expected mono")
+        conversions.append(f"downmixed from {audio.shape[1]} channels to mono")
     if rate != SAMPLE_RATE:
         problems.append(f"{rate} Hz, expected {SAMPLE_RATE} Hz")
+        conversions.append(f"resampled from {rate} Hz to {SAMPLE_RATE} Hz")
     if not problems:
         return audio, None
     if not convert:
-        raise DataError(f"{path} has {' and '.join(problems)}; convert it, or set task.fetch.convert_audio=true to resample/downmix it.")
+        raise DataError(
+            f"{path} has {' and '.join(problems)}; convert it yourself, or set task.fetch.convert_audio=true "
+            f"and it will be {' and '.join(conversions)}."
+        )
     if audio.ndim == 2:
         audio = audio.mean(axis=1)
     if rate != SAMPLE_RATE:
         audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, SAMPLE_RATE).numpy()
-    return audio, f"{path}: " + " and ".join(problems)
+    return audio, " and ".join(conversions)
 
 
 def write_wav(path: Path, audio: np.ndarray) -> None:
@@ -394,8 +399,9 @@ def fetch(
     rows, converted = [], []
     with io.atomic_dir(out_dir) as tmp:
         for row, clip in progress(clips, "Writing clips"):
-            if row.pop("note", None):
-                converted.append(row["file"])
+            note = row.pop("note", None)
+            if note:
+                converted.append(f"{row['file']} ({note})")
             write_wav(tmp / "wav" / row["file"], clip)
             rows.append(row)
         manifest = pd.DataFrame(rows, dtype=object).fillna("")  # silence clips have no speaker or voice

@@ -15,6 +15,7 @@ from rnnlab.data.textgen import PAD, UNK
 from rnnlab.errors import ConfigError
 from rnnlab.models.encoder import RecurrentEncoder, RecurrentState
 from rnnlab.models.lit import RecurrentModule
+from rnnlab.validation import is_int, is_number
 
 LN2 = math.log(2)
 
@@ -75,17 +76,13 @@ def encode_prompt(prompt: str, vocabulary: list[str]) -> torch.Tensor:
     return torch.tensor([index[char] for char in prompt])
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # bool is an int subclass, but length=true is a mistake
-
-
 def check_sampling(length: int, temperature: float, top_k: int | None) -> None:
     """Refuse sampling settings of the wrong type or out of range, naming the value."""
-    if not _is_int(length):
+    if not is_int(length):
         raise ConfigError(f"length must be a whole number of characters, got {length!r} ({type(length).__name__}), e.g. length=500.")
-    if not (_is_int(temperature) or isinstance(temperature, float)):
+    if not is_number(temperature):
         raise ConfigError(f"temperature must be a number > 0, got {temperature!r} ({type(temperature).__name__}), e.g. temperature=0.8.")
-    if top_k is not None and not _is_int(top_k):
+    if top_k is not None and not is_int(top_k):
         raise ConfigError(f"top_k must be a positive integer or null (no top-k filtering), got {top_k!r} ({type(top_k).__name__}).")
     if length <= 0:
         raise ConfigError(f"length must be a positive number of characters, got {length}.")

@@ -1,0 +1,94 @@
+"""Types and ranges of the training settings users override most, checked on the composed config.
+
+Hydra composes untyped YAML: `trainer.max_epochs=abc` or `optimizer.lr=fast` would reach Lightning or
+torch as text and fail with a traceback after the MLflow run was created, and `trainer.max_epochs=0` or
+`optimizer.lr=0` would "train" and report an untrained model. `check_run_config` refuses them first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rnnlab.errors import ConfigError
+from rnnlab.models.encoder import RecurrentEncoder
+
+
+def is_int(value: object) -> bool:
+    """A whole number; bool is an int subclass, but max_epochs=true is a mistake."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return is_int(value) or isinstance(value, float)
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """What a setting accepts: in words, for the error message, and as a test."""
+
+    words: str
+    test: Callable[[Any], bool]
+
+    def or_null(self) -> Accepts:
+        return Accepts(f"{self.words} or null", lambda value: value is None or self.test(value))
+
+
+POSITIVE_INT = Accepts("a positive whole number", lambda value: is_int(value) and value > 0)
+NON_NEGATIVE_INT = Accepts("a whole number >= 0", lambda value: is_int(value) and value >= 0)
+POSITIVE_NUMBER = Accepts("a number > 0", lambda value: is_number(value) and value > 0)
+NON_NEGATIVE_NUMBER = Accepts("a number >= 0", lambda value: is_number(value) and value >= 0)
+FRACTION = Accepts("in [0, 1)", lambda value: is_number(value) and 0 <= value < 1)
+BOOLEAN = Accepts("true or false", lambda value: isinstance(value, bool))
+
+# key -> (what it accepts, a valid example). A key the composed task or model does not have is skipped.
+SETTINGS: dict[str, tuple[Accepts, str]] = {
+    "seed": (Accepts("a whole number", is_int), "42"),
+    "trainer.max_epochs": (POSITIVE_INT, "4"),
+    "trainer.gradient_clip_val": (NON_NEGATIVE_NUMBER.or_null(), "1.0"),
+    "optimizer.lr": (POSITIVE_NUMBER, "2e-3"),
+    "optimizer.weight_decay": (NON_NEGATIVE_NUMBER, "0.01"),
+    "model.encoder.hidden_size": (POSITIVE_INT, "128"),
+    "model.encoder.num_layers": (POSITIVE_INT, "2"),
+    "model.encoder.dropout": (FRACTION, "0.2"),
+    "model.encoder.bidirectional": (BOOLEAN, "true"),
+    "model.encoder.cell_options.recurrent_dropout": (FRACTION, "0.2"),
+    "task.data.batch_size": (POSITIVE_INT, "64"),
+    # A negative limit would silently drop the last examples (a slice), 0 would leave the split empty.
+    **{f"task.data.limit_{split}": (POSITIVE_INT.or_null(), "200") for split in ("train", "val", "test")},
+    "task.front_end.embedding_dim": (POSITIVE_INT, "128"),
+    "task.front_end.dropout": (FRACTION, "0.1"),
+    "callbacks.early_stopping.patience": (NON_NEGATIVE_INT, "2"),
+}
+ENCODER_SETTINGS = sorted(set(inspect.signature(RecurrentEncoder).parameters) - {"input_size"})  # input_size comes from the data
+_ABSENT = object()
+
+
+def _shown(value: object) -> str:
+    """The value as the message quotes it, with its type when that is what is wrong (Hydra reads `abc` as text)."""
+    return repr(value) if is_number(value) or value is None else f"{value!r} ({type(value).__name__})"
+
+
+def check_encoder_keys(encoder: DictConfig) -> None:
+    """Refuse a setting the encoder does not have: a typo added with `+` (as Hydra suggests) would otherwise
+    be a TypeError from the encoder's constructor, and the setting meant would silently keep its default."""
+    for key in encoder:
+        if key not in ENCODER_SETTINGS:
+            close = difflib.get_close_matches(str(key), ENCODER_SETTINGS, n=1)
+            hint = f" (did you mean model.encoder.{close[0]}?)" if close else ""
+            raise ConfigError(f"model.encoder.{key} is not an encoder setting{hint}; the settings are {', '.join(ENCODER_SETTINGS)}.")
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Refuse a training config whose usual overrides have the wrong type or range, naming the key, the value
+    and what is accepted; called before any data is loaded or MLflow run created."""
+    check_encoder_keys(cfg.model.encoder)
+    for key, (accepts, example) in SETTINGS.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not accepts.test(value):
+            raise ConfigError(f"{key} must be {accepts.words}, got {_shown(value)}; e.g. {key}={example}.")

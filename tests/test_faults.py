@@ -1,0 +1,226 @@
+"""Faults a training run must survive or report: signals, resuming, a diverging loss, a shared MLflow store."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from helpers import isolated_outputs, without_timing
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from mlflow import MlflowClient
+
+import rnnlab
+from rnnlab.callbacks import StopOnSignal
+from rnnlab.config import config_dir, project_root
+from rnnlab.errors import ConfigError, TrainingError
+from rnnlab.train import train
+
+OUTPUTS = ("metrics.json", "history.csv", "models", "plots")  # what isolated_outputs sends a run's DVC outputs to
+
+
+def start_training(*overrides: str, out: Path) -> subprocess.Popen:
+    """`python -m rnnlab.train` in its own process, with tests/ importable (for helpers.Throttle)."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    with (out / "output.log").open("w") as log:  # a file, not a pipe: a full pipe would stall the run while the test polls
+        return subprocess.Popen([sys.executable, "-m", "rnnlab.train", *overrides], cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, out: Path, timeout: float = 300) -> str:
+    process.wait(timeout=timeout)
+    return (out / "output.log").read_text()
+
+
+def interrupt_in_second_epoch(overrides: list[str], out: Path, signum: int) -> tuple[int, str]:
+    """Start a 3-epoch run slowed to ~2 s an epoch, send `signum` once the first epoch's last.ckpt
+    exists (so it lands in the second epoch), and return the exit code and output."""
+    throttled = [*overrides, "trainer.max_epochs=3", "+callbacks.throttle._target_=helpers.Throttle", "+callbacks.throttle.seconds=0.3"]
+    process = start_training(*throttled, out=out)
+    last = out / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.is_file():
+        assert process.poll() is None, finish(process, out)[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint after the first epoch"
+        time.sleep(0.05)
+    process.send_signal(signum)
+    return process.wait(timeout=120), finish(process, out)
+
+
+def only_run(out: Path) -> mlflow.entities.Run:
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("rnnlab-sentiment").experiment_id])
+    return run
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_run_marks_it_killed_and_writes_no_outputs(tiny_overrides: list[str], tmp_path: Path, signum: int) -> None:
+    code, output = interrupt_in_second_epoch(tiny_overrides, tmp_path, signum)
+
+    assert code == 128 + signum, output[-3000:]
+    name = signal.Signals(signum).name
+    hint = next(line for line in output.splitlines() if line.startswith("rnnlab: interrupted"))
+    assert f"rnnlab: interrupted by {name}; MLflow run marked KILLED" in hint and hint.endswith("resume=true"), hint
+    assert "Traceback" not in output
+    assert not any((tmp_path / output).exists() for output in OUTPUTS)
+    assert only_run(tmp_path).info.status == "KILLED"
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 0  # the end of the first epoch, the last one that finished
+
+
+def test_a_signal_stops_at_the_next_safe_point_and_a_second_one_at_once() -> None:
+    """Not inside whatever the signal interrupts (an MLflow write would keep its SQLite lock)."""
+    stop = StopOnSignal()
+    previous = signal.getsignal(signal.SIGTERM)
+    with stop.installed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == [signal.SIGTERM]  # noted, nothing raised
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            stop.check()
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
+    reference = train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / "reference"), "trainer.max_epochs=3"))
+
+    interrupted = tmp_path / "interrupted"
+    overrides = [*tiny_overrides, *isolated_outputs(interrupted)]
+    code, output = interrupt_in_second_epoch(overrides, interrupted, signal.SIGTERM)
+    assert code == 143, output[-3000:]
+    resumed = train(compose_cfg(*overrides, "trainer.max_epochs=3", "resume=true"))
+
+    assert without_timing(resumed) == without_timing(reference)
+    assert json.loads((interrupted / "metrics.json").read_text()) == resumed
+    history = pd.read_csv(interrupted / "history.csv")  # the epochs before the interruption too
+    assert history["epoch"].tolist() == [0, 1, 2]
+    pd.testing.assert_frame_equal(
+        history.drop(columns="seconds"), pd.read_csv(tmp_path / "reference" / "history.csv").drop(columns="seconds")
+    )
+    run = only_run(interrupted)  # the interrupted MLflow run, continued
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in MlflowClient(f"sqlite:///{interrupted}/mlflow.db").get_metric_history(run.info.run_id, "val_acc")]
+    assert len(steps) == 3 and len(set(steps)) == 3
+
+
+def test_resume_without_a_checkpoint_says_there_is_none(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"resume=true, but there is no checkpoint to resume at .*last\.ckpt"):
+        train(compose_cfg(*tiny_overrides, "resume=true"))
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any MLflow run was made
+
+
+def test_a_loss_that_becomes_nan_fails_the_run_naming_the_step_and_the_fix(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
+    cfg = compose_cfg(*tiny_overrides, "optimizer.lr=1e30")  # the first step sends the weights to ~1e30
+    with pytest.raises(
+        TrainingError, match=r"training loss became nan in epoch 0, step \d+ .*optimizer\.lr, now 1e\+30.*gradient_clip_val"
+    ):
+        train(cfg)
+    assert not any((tmp_path / output).exists() for output in OUTPUTS)
+    assert only_run(tmp_path).info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_two_runs_share_one_new_mlflow_store(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """Two processes start at once on a store that does not exist yet: both create it, the
+    experiment and the registered model, and log all along; neither may fail on a locked database."""
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/artifacts"]
+    processes = {
+        seed: start_training(
+            *tiny_overrides, *isolated_outputs(tmp_path / f"seed{seed}"), *store, f"seed={seed}", out=tmp_path / f"seed{seed}"
+        )
+        for seed in (1, 2)
+    }
+    outputs = {seed: finish(process, tmp_path / f"seed{seed}") for seed, process in processes.items()}
+    for seed, process in processes.items():
+        assert process.returncode == 0, outputs[seed][-3000:]
+        assert "database is locked" not in outputs[seed]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("rnnlab-sentiment").experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [
+        ("sentiment-gru-seed1", "FINISHED"),
+        ("sentiment-gru-seed2", "FINISHED"),
+    ]
+    assert sorted(int(v.version) for v in client.search_model_versions("name='rnnlab-sentiment-gru'")) == [1, 2]
+
+
+def test_multi_process_training_is_refused_in_a_multirun(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """Lightning starts DDP processes by re-running the command line: from -m, each would run the sweep."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[*tiny_overrides, "trainer=ddp", "hydra.mode=MULTIRUN"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with pytest.raises(ConfigError, match=r"trainer.devices=2 with -m \(multirun\).*single runs \(no -m\)"):
+            train(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []  # refused before a run was made
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_tracks_one_run_logged_once(tiny_overrides: list[str], tmp_path: Path) -> None:
+    process = start_training(*tiny_overrides, "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2", out=tmp_path)
+    output = finish(process, tmp_path)
+    assert process.returncode == 0, output[-3000:]
+    assert "Starting with 2 processes" in output
+
+    run = only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer/devices"] == "2" and run.data.params["trainer/strategy/process_group_backend"] == "gloo"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for key in run.data.metrics.keys() - {"epoch"}:  # Lightning itself logs `epoch` with every call, on one device too
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {steps}"
+    assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 2  # once per epoch, not once per process
+    assert [int(v.version) for v in client.search_model_versions("name='rnnlab-sentiment-gru'")] == [1]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["test_acc"] == pytest.approx(run.data.metrics["test_acc"])
+    assert pd.read_csv(tmp_path / "history.csv")["epoch"].tolist() == [0, 1]
+
+
+def test_the_slurm_launcher_sizes_jobs_from_the_trainer() -> None:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.tasks_per_node, launcher.nodes) == (4, 2)  # one SLURM task per DDP process
+
+
+def test_checkpoints_load_with_weights_only_and_no_string_is_evaluated() -> None:
+    """torch.load and Lightning's checkpoint loading unpickle; weights_only=True admits only tensors and plain data."""
+    unsafe = []
+    for path in sorted(Path(rnnlab.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            func, keywords = node.func, {k.arg: k.value for k in node.keywords}
+            where = f"{path.name}:{node.lineno}"
+            if isinstance(func, ast.Name) and func.id in ("eval", "exec"):
+                unsafe.append(f"{where} calls {func.id}")
+            loads = isinstance(func, ast.Attribute) and (
+                (func.attr == "load" and isinstance(func.value, ast.Name) and func.value.id == "torch")
+                or func.attr == "load_from_checkpoint"
+                or "ckpt_path" in keywords
+            )
+            weights_only = keywords.get("weights_only")
+            if loads and not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                unsafe.append(f"{where} loads a checkpoint without weights_only=True")
+    assert unsafe == []
+    (ui,) = [line for line in (project_root() / "Makefile").read_text().splitlines() if "mlflow ui" in line]
+    assert "--host 127.0.0.1" in ui  # the UI is for this machine, not the network
