@@ -173,6 +173,10 @@ def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(study: C
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     best = max(trials, key=lambda t: t.value)
     assert "hyperparameter search sentiment_gru" in output
+    # The first trial runs the config's own values where the space holds them (TINY's sizes it does not).
+    defaults = {"optimizer.lr": 2e-3, "optimizer.weight_decay": 0.01, "model.encoder.num_layers": 1, "task.data.batch_size": 32}
+    assert {key: trials[0].params[key] for key in defaults} == defaults
+    assert trials[0].params["model.encoder.hidden_size"] != 8 and trials[0].params["model.encoder.bidirectional"] is False
 
     # MLflow: a parent run holding the best value and the report, one nested child run per trial.
     by_name = {run.info.run_name: run for run in runs(tmp_path)}
@@ -198,10 +202,10 @@ def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(study: C
     # The best trial's values, as an experiment config that composes into a training run.
     written = tmp_path / "conf" / "experiment" / "sentiment_gru_tuned.yaml"
     assert f"trial {best.number}" in written.read_text()
+    # Composed under a name of its own: the project's conf/ would shadow the test's sentiment_gru_tuned.
+    written.rename(written.with_name("test_tuned.yaml"))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        tuned = compose(
-            config_name="config", overrides=[f"hydra.searchpath=[file://{written.parents[1]}]", "experiment=sentiment_gru_tuned"]
-        )
+        tuned = compose(config_name="config", overrides=[f"hydra.searchpath=[file://{written.parents[1]}]", "experiment=test_tuned"])
     for key, value in best.params.items():
         assert OmegaConf.select(tuned, key) == value
     assert (tuned.task.name, tuned.model.name) == ("sentiment", "gru_tuned")

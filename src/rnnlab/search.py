@@ -123,6 +123,19 @@ def _distribution(where: str, value: Any) -> optuna.distributions.BaseDistributi
     raise ConfigError(f"{where} is a fixed value, not a range to search; {SYNTAX_HELP} (fixed overrides go on the command line).")
 
 
+def default_params(space: list[Param], config: DictConfig) -> dict[str, Any]:
+    """The config's own values of the searched keys that lie in the space: enqueued as the first
+    trial, so that a search starts from the default and its best is never worse on validation."""
+    values = {param.name: OmegaConf.select(config, param.name, default=None) for param in space}
+    return {param.name: values[param.name] for param in space if _in_space(param.distribution, values[param.name])}
+
+
+def _in_space(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return value in distribution.choices
+    return isinstance(value, int | float) and not isinstance(value, bool) and distribution.low <= value <= distribution.high
+
+
 def fixed_overrides(arguments: Sequence[str]) -> list[str]:
     """The command line's overrides, passed to every trial; sweeps belong in the search space."""
     parser = OverridesParser.create()
@@ -234,15 +247,12 @@ class Search:
             return study, self._await_parent_run(study)
         run_id = self._create_parent_run()
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        if self.sweeper.enqueue_defaults:
+            study.enqueue_trial(default_params(self.space, self.config))
         return study, run_id
 
     def _create_parent_run(self) -> str:
-        experiment = self.client.get_experiment_by_name(self.config.tracking.experiment)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else self.client.create_experiment(self.config.tracking.experiment, artifact_location=self.config.tracking.artifact_location)
-        )
+        experiment_id = tracking.ensure_experiment(self.config.tracking)
         run = self.client.create_run(
             experiment_id,
             run_name=f"{self.name}-study",

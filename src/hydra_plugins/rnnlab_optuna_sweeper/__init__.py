@@ -24,6 +24,7 @@ class RnnlabOptunaSweeperConf:
     n_trials: int = 20  # finished trials (complete, pruned or failed) the study should hold
     timeout: Optional[float] = None  # noqa: UP045  # seconds; this worker asks for no new trial after it
     sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": 42})
+    enqueue_defaults: bool = True  # the first trial of a new study runs the config's own values where the space allows
     # config key -> Hydra sweep syntax: tag(log, interval(1e-4, 1e-2)), range(1, 4), choice(64, 128);
     # null drops a key that the config this one extends searches
     params: dict[str, Optional[str]] = field(default_factory=dict)  # noqa: UP045
@@ -33,8 +34,8 @@ ConfigStore.instance().store(group="hydra/sweeper", name="rnnlab_optuna", node=R
 
 
 class RnnlabOptunaSweeper(Sweeper):
-    def __init__(self, n_trials: int, timeout: float | None, sampler: Any, params: dict[str, str | None]) -> None:
-        self.n_trials, self.timeout, self.sampler, self.params = n_trials, timeout, sampler, params
+    def __init__(self, n_trials: int, timeout: float | None, sampler: Any, enqueue_defaults: bool, params: dict[str, str | None]) -> None:
+        self.n_trials, self.timeout, self.sampler, self.enqueue_defaults, self.params = n_trials, timeout, sampler, enqueue_defaults, params
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
