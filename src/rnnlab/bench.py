@@ -34,6 +34,7 @@ from rnnlab.console import console
 from rnnlab.errors import ConfigError
 from rnnlab.models import cells
 from rnnlab.tracking import ensure_experiment, git_commit, open_store
+from rnnlab.validation import is_int
 
 GATES = {"gru": 3, "lstm": 4, "rnn": 1}
 GEMM_SIZE = 1024
@@ -180,7 +181,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     if cfg.repeats < 1 or cfg.warmup < 0:
         raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got repeats={cfg.repeats}, warmup={cfg.warmup}.")
     threads = cfg.threads
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+    if threads is not None and not (is_int(threads) and threads >= 1):
         raise ConfigError(f"threads must be a positive integer or null (torch's default, one per core), got {threads!r}.")
     if threads is not None:
         torch.set_num_threads(threads)

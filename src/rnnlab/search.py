@@ -47,6 +47,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rnnlab import io, tracking
 from rnnlab.console import console, summary
 from rnnlab.errors import ConfigError
+from rnnlab.validation import is_number
 
 SYNTAX_HELP = "write e.g. tag(log, interval(1e-4, 1e-2)), interval(0.0, 0.5), range(1, 4) or choice(64, 128, 256)"
 # Trial attributes: which process runs the trial, its MLflow run, and whether it was cut short.
@@ -133,7 +134,7 @@ def default_params(space: list[Param], config: DictConfig) -> dict[str, Any]:
 def _in_space(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
         return value in distribution.choices
-    return isinstance(value, int | float) and not isinstance(value, bool) and distribution.low <= value <= distribution.high
+    return is_number(value) and distribution.low <= value <= distribution.high
 
 
 def fixed_overrides(arguments: Sequence[str]) -> list[str]:

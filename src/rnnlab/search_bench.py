@@ -25,6 +25,7 @@ from rnnlab.config import hydra_entry
 from rnnlab.console import console, summary
 from rnnlab.errors import ConfigError, RnnlabError
 from rnnlab.search import open_storage
+from rnnlab.validation import is_int
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -99,7 +100,7 @@ def measure(cfg: DictConfig, workers: int, threads: int, progress: Progress) -> 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     workers = list(cfg.workers)
-    if not workers or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in workers):
+    if not workers or not all(is_int(w) and w >= 1 for w in workers):
         raise ConfigError(f"workers must be a list of positive integers such as [1, 2], got {OmegaConf.to_container(cfg.workers)}.")
     if cfg.n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {cfg.n_trials}.")

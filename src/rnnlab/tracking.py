@@ -52,7 +52,6 @@ def open_store(uri: str) -> MlflowClient:
 def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
     """A Lightning MLFlowLogger on the project's SQLite store (never the ./mlruns file store);
     with `run_id`, one that continues that run (resume=true)."""
-    Path(cfg.paths.root, "mlruns").mkdir(parents=True, exist_ok=True)
     tags = {
         "task": cfg.task.name,
         "model": cfg.model.name,
