@@ -9,11 +9,12 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: install espeak-ng run smoke test test-all bench bench-search lint ui clean help
+.PHONY: install espeak-ng run smoke quick test test-all bench bench-search lint ui clean help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make run     set up, then the full pipeline (dvc repro, profile=default)"
+	@echo "make quick   set up, then the whole pipeline on the quick profile, one seed (< 20 min)"
 	@echo "make smoke   set up, then the whole pipeline on the smoke profile (minutes)"
 	@echo "make test    set up, then the fast test suite"
 	@echo "make bench   time rnnlab's GRU against torch.nn.GRU (reports/bench_gru.json)"
@@ -44,14 +45,14 @@ espeak-ng:
 
 run: install
 	dvc repro
-	dvc metrics show
+	@echo "comparison: reports/comparison.md"
 
-# The smoke profile runs as a DVC experiment (`dvc exp show` lists it); params.yaml
-# is restored afterwards so the next `make run` is the default profile again.
-smoke: install
+# The smoke and quick profiles run as DVC experiments with one seed (`dvc exp show` lists them);
+# params.yaml is restored afterwards so the next `make run` is the default profile again.
+smoke quick: install
 	@cp params.yaml .params.yaml.bak
-	dvc exp run --set-param profile=smoke; status=$$?; mv .params.yaml.bak params.yaml; exit $$status
-	dvc metrics show
+	dvc exp run --set-param profile=$@ --set-param 'seeds=[42]'; status=$$?; mv .params.yaml.bak params.yaml; exit $$status
+	@echo "comparison: reports/comparison.md"
 
 test: install
 	python -m pytest -m "not slow"

@@ -26,7 +26,7 @@ def test_every_combination_composes(compose_cfg, task: str, model: str, profile:
     assert cfg.profile_name == profile
     # Interpolations resolve and paths are absolute, whatever the working directory.
     assert Path(cfg.paths.metrics_file).is_absolute()
-    assert cfg.paths.metrics_file.endswith(f"metrics/{task}/{model}.json")
+    assert cfg.paths.metrics_file.endswith(f"metrics/{task}/{model}/seed42.json")
     assert cfg.tracking.uri.startswith("sqlite:////")
 
 

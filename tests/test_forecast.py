@@ -319,8 +319,8 @@ def test_train_writes_forecast_metrics_beside_the_baselines(
 def test_configs_place_each_series_in_its_own_task(compose_cfg: Callable[..., DictConfig]) -> None:
     weather = compose_cfg("task=forecast", "model=gru", "paths.root=/r")
     stock = compose_cfg("task=forecast_stock", "model=gru", "paths.root=/r")
-    assert weather.paths.metrics_file == "/r/metrics/forecast/gru.json"
-    assert stock.paths.metrics_file == "/r/metrics/forecast_stock/gru.json"
+    assert weather.paths.metrics_file == "/r/metrics/forecast/gru/seed42.json"
+    assert stock.paths.metrics_file == "/r/metrics/forecast_stock/gru/seed42.json"
     assert stock.task.fetch.source == "msft" and stock.task.preprocess.target == "Close"
     assert stock.task.data._target_ == weather.task.data._target_  # one data module for every series
     assert instantiate(stock.task.front_end, num_features=1).output_size == 1

@@ -38,6 +38,9 @@ def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: 
     assert run.data.tags["profile"] == "smoke" and run.data.tags["model"] == "lstm"
     assert run.data.metrics["test_acc"] == pytest.approx(metrics["test_acc"])
     assert run.data.metrics["n_params"] == metrics["n_params"]
+    # What the model costs to use, for the comparison: measured on the test set, logged beside the metrics.
+    for key in ("latency_ms_per_sequence", "peak_memory_mb"):
+        assert metrics[key] > 0 and run.data.metrics[key] == pytest.approx(metrics[key])
     assert run.data.params["model/encoder/cell"] == "torch.nn.LSTM"
     client = MlflowClient(cfg.tracking.uri)
     assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]

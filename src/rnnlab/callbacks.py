@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import random
+import resource
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -46,6 +48,48 @@ class EpochHistory(L.Callback):
     @property
     def seconds_per_epoch(self) -> float:
         return sum(r["seconds"] for r in self.rows) / max(len(self.rows), 1)
+
+
+class InferenceCost(L.Callback):
+    """What a model costs to use, measured while it is tested: the forward-pass latency per sequence and the
+    peak memory of the run.
+
+    Latency is the fastest of `repeats` forward passes over the first test batch, divided by the batch's
+    sequences: the fastest pass is the one least disturbed by other work on the machine. Peak memory is
+    the accelerator's peak allocation on a GPU, else the process's peak resident set (data, libraries and
+    training included: what the run needed of the machine).
+    """
+
+    def __init__(self, repeats: int = 5) -> None:
+        self.repeats = repeats
+        self.latency_ms_per_sequence = float("nan")
+        self.peak_memory_mb = float("nan")
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx != 0:
+            return
+        inputs = batch[0]
+        timings = []
+        for _ in range(self.repeats):
+            started = time.perf_counter()
+            pl_module(inputs)
+            if inputs.is_cuda:
+                torch.cuda.synchronize(inputs.device)
+            timings.append(time.perf_counter() - started)
+        self.latency_ms_per_sequence = 1000 * min(timings) / len(inputs)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            self.peak_memory_mb = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+        else:  # ru_maxrss is in kilobytes on Linux (bytes on macOS)
+            scale = 2**20 if sys.platform == "darwin" else 2**10
+            self.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"latency_ms_per_sequence": round(self.latency_ms_per_sequence, 4), "peak_memory_mb": round(self.peak_memory_mb, 1)}
 
 
 class ResumeState(L.Callback):

@@ -44,8 +44,19 @@ def config_dir() -> Path:
     return project_root() / "conf"
 
 
+def pipeline_param(key: str) -> Any:
+    """A value of the pipeline's params.yaml (e.g. `seeds`), for configs that must agree with what
+    `dvc repro` trains: DVC cannot pass a list on a command line."""
+    path = project_root() / "params.yaml"
+    params = OmegaConf.load(path) if path.is_file() else OmegaConf.create()
+    if key not in params:
+        raise RnnlabError(f"{path} has no `{key}`; add it there or set {key}=... on the command line.")
+    return OmegaConf.to_container(params, resolve=True)[key]
+
+
 if not OmegaConf.has_resolver("rnnlab_root"):
     OmegaConf.register_new_resolver("rnnlab_root", lambda: str(project_root()))
+    OmegaConf.register_new_resolver("pipeline_param", pipeline_param)
 
 
 def _find_user_error(err: BaseException | None) -> RnnlabError | None:

@@ -157,7 +157,7 @@ def _requirements() -> list[str]:
 def save_figure(module: LightningModule, figure: Figure, name: str) -> Path:
     """Save a matplotlib figure as <run_dir>/figures/<name>.png and log it to the run in MLflow.
 
-    train.py publishes the run's figures to plots/<task>/<model>/ (a DVC plots directory).
+    train.py publishes the run's figures to plots/<task>/<model>/seed<seed>/ (a DVC plots directory).
     Under DDP only the main process writes it: the others would write the same file at once.
     """
     path = figures_dir(module.trainer.default_root_dir) / f"{name}.png"

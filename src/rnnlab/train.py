@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlab import io, search, tracking, validation
-from rnnlab.callbacks import EpochHistory, FiniteLoss, ResumeState, StopOnSignal
+from rnnlab.callbacks import EpochHistory, FiniteLoss, InferenceCost, ResumeState, StopOnSignal
 from rnnlab.config import hydra_entry
 from rnnlab.console import summary
 from rnnlab.data.base import SplitTensorDataModule
@@ -95,6 +95,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
     datamodule, module = build(cfg)
     n_params = count_parameters(module.net)
     history = EpochHistory()
+    cost = InferenceCost()
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     stop.check()  # before an MLflow run exists
     run_id = ResumeState.mlflow_run_of(resume_from) if resume_from else None
@@ -107,7 +108,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
 
             callbacks.append(PyTorchLightningPruningCallback(trial, monitor=cfg.search.metric))
             trial.set_user_attr(search.RUN_ID_ATTR, logger.run_id)
-        callbacks += [history, ResumeState(), FiniteLoss(), stop]
+        callbacks += [history, ResumeState(), FiniteLoss(), cost, stop]
         trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.run_dir)
         _check_launch(trainer)
         tracking.log_config(logger, cfg)
@@ -120,7 +121,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
             logger.finalize("success")
             return {"train_seconds": round(train_seconds, 2), "epochs": len(history.rows)}
         stop.check()  # a signal after the last batch
-        tester = _tester(cfg, trainer, stop)
+        tester = _tester(cfg, trainer, [cost, stop])
         if tester is None:
             return {}
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -133,8 +134,9 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
             "train_seconds": round(train_seconds, 2),
             "seconds_per_epoch": round(history.seconds_per_epoch, 2),
             "epochs": len(history.rows),
+            **cost.metrics,
         }
-        logger.log_metrics({"train_seconds": metrics["train_seconds"], "seconds_per_epoch": metrics["seconds_per_epoch"]})
+        logger.log_metrics({key: metrics[key] for key in ("train_seconds", "seconds_per_epoch", *cost.metrics)})
         tracking.log_model(logger, module.net, cfg.tracking.registered_model)
         stop.check()  # the last point where a signal keeps the outputs unwritten
         _write_outputs(cfg, metrics, history, best)
@@ -148,6 +150,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
             **{k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("test_")},
             "parameters": f"{n_params:,}",
             "train time": f"{train_seconds:.1f} s ({metrics['epochs']} epochs)",
+            "inference": f"{metrics['latency_ms_per_sequence']:.3g} ms per sequence, peak memory {metrics['peak_memory_mb']:,.0f} MB",
             "metrics": cfg.paths.metrics_file,
             "model": cfg.paths.model_dir,
             "MLflow run": f"{cfg.tracking.experiment} / {cfg.tracking.run_name} ({logger.run_id})",
@@ -200,9 +203,9 @@ def _check_launch(trainer: L.Trainer) -> None:
         )
 
 
-def _tester(cfg: DictConfig, trainer: L.Trainer, stop: StopOnSignal) -> L.Trainer | None:
+def _tester(cfg: DictConfig, trainer: L.Trainer, callbacks: list[L.Callback]) -> L.Trainer | None:
     """The trainer that tests the model: the fit's own on one device. After multi-process training, a
-    one-device trainer in the main process, as Lightning advises: a DistributedSampler repeats examples
+    one-device trainer in the main process (with `callbacks`), as Lightning advises: a DistributedSampler repeats examples
     to even out the shards, and a loss logged without syncing would be one process's. None elsewhere."""
     if trainer.world_size == 1:
         return trainer
@@ -210,7 +213,7 @@ def _tester(cfg: DictConfig, trainer: L.Trainer, stop: StopOnSignal) -> L.Traine
     if not trainer.is_global_zero:
         return None
     single = {**OmegaConf.to_container(cfg.trainer, resolve=True), "strategy": "auto", "devices": 1, "num_nodes": 1}
-    return instantiate(single, logger=trainer.logger, callbacks=[stop], default_root_dir=cfg.paths.run_dir)
+    return instantiate(single, logger=trainer.logger, callbacks=callbacks, default_root_dir=cfg.paths.run_dir)
 
 
 def _interrupted_message(cfg: DictConfig, signum: int) -> str:
