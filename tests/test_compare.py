@@ -1,15 +1,22 @@
-"""The comparison stage on a synthetic MLflow store: statistics, verdicts, ignored runs, figures, errors."""
+"""The comparison stage: statistics, verdicts, seeds, champions, figures, curves and errors on a synthetic MLflow
+store, and the champion alias and fetched figures on real tiny training runs."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
+from helpers import isolated_outputs
 from hydra import compose, initialize_config_dir
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -19,8 +26,14 @@ from scipy import stats
 from rnnlab.compare import compare, learning_curve
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError, DataError
+from rnnlab.train import train
 
-TASKS = {"sentiment": ("test_acc", "max"), "forecast": ("test_mase", "min"), "textgen": ("test_loss", "min")}
+# task -> (primary metric, monitor, monitor mode), as conf/task/*.yaml set them.
+TASKS = {
+    "sentiment": ("test_acc", "val_acc", "max"),
+    "forecast": ("test_mase", "val_mase", "min"),
+    "textgen": ("test_loss", "val_loss", "min"),
+}
 # Primary metric per (task, model), one value per seed 1, 2, ...
 GRU_SENTIMENT = [0.901, 0.899, 0.902, 0.898, 0.900]
 VALUES = {
@@ -28,27 +41,72 @@ VALUES = {
     # Seed noise in both directions around the GRU: no real difference.
     ("sentiment", "lstm"): [g + d for g, d in zip(GRU_SENTIMENT, [0.010, -0.012, 0.007, -0.006, 0.002], strict=True)],
     ("sentiment", "rnn"): [0.801, 0.800, 0.803, 0.799, 0.802],  # clearly worse, low noise
+    ("sentiment", "gru_tuned"): [0.91],  # a configured variant with one seed: reported, in no pair
     ("forecast", "gru"): [1.10, 1.12, 1.11],
     ("forecast", "lstm"): [0.90, 0.91, 0.905],  # lower error: better
     ("textgen", "gru"): [1.60],  # one seed each
     ("textgen", "lstm"): [1.70],
 }
 VAL_LOSS = [0.9, 0.7, 0.6]
+# The validation history of the monitor where it is not the default (best = the test value, at epoch 1): the GRU's
+# seed 4 has the worst sentiment test accuracy but by far the best validation accuracy, so it is the champion.
+VAL = {("sentiment", "gru", 4): [0.5, 0.99, 0.6]}
+# textgen's monitor is val_loss: the LSTM's is best at epoch 1, not at its last epoch.
+TEXTGEN_VAL_LOSS = {"lstm": [0.9, 0.5, 0.7]}
+NO_ALIAS = "champion_alias=null"  # the synthetic runs have no network to register
+
+
+def png(rows: int) -> bytes:
+    """A small PNG, its size (and so its bytes) set by `rows`."""
+    buffer = io.BytesIO()
+    plt.imsave(buffer, np.zeros((rows, 3)), format="png")
+    return buffer.getvalue()
+
+
+def sample(task: str, model: str, seed: int, epoch: int) -> str:
+    # A backtick fence inside the LSTM's sample: the report's fence must be longer.
+    return f"{model} seed {seed} epoch {epoch}: To be, or not" + ("\n```\nthat is $x$" if model == "lstm" else "")
 
 
 def add_run(
-    client: MlflowClient, task: str, model: str, seed: int, value: float, start: int, status: str = "FINISHED", **extra: Any
+    client: MlflowClient,
+    task: str,
+    model: str,
+    seed: int,
+    value: float,
+    start: int,
+    status: str = "FINISHED",
+    val: list[float] | None = None,
+    **extra: Any,
 ) -> str:
-    """A run as `python -m rnnlab.train` leaves it: tags, the task's config parameters, test and per-epoch metrics."""
+    """A run as `python -m rnnlab.train` leaves it: tags, the task's config parameters, test and per-epoch metrics
+    (`epoch` too, as Lightning logs it), and its figures or text samples."""
     experiment = client.get_experiment_by_name(f"rnnlab-{task}")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(f"rnnlab-{task}")
+    root = Path(client.tracking_uri.removeprefix("sqlite:///")).parent
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(f"rnnlab-{task}", f"{root}/artifacts/{task}")
     tags = {"task": task, "model": model, "seed": str(seed), "profile": "default", **extra.pop("tags", {})}
     run_id = client.create_run(experiment_id, start_time=start, tags=tags, run_name=f"{task}-{model}-seed{seed}").info.run_id
-    metric, mode = TASKS[task]
+    metric, monitor, mode = TASKS[task]
     logged = {metric: value, "n_params": 1000.0 * len(model), "seconds_per_epoch": 2.0, **extra}
     metrics = [Metric(key, v, start, 0) for key, v in logged.items()]
-    metrics += [Metric("val_loss", loss + value / 10, start + epoch, 10 * (epoch + 1)) for epoch, loss in enumerate(VAL_LOSS)]
-    client.log_batch(run_id, metrics=metrics, params=[Param("task/primary_metric", metric), Param("task/monitor_mode", mode)])
+    step = [10 * (epoch + 1) for epoch in range(len(VAL_LOSS))]
+    val_loss = TEXTGEN_VAL_LOSS.get(model, VAL_LOSS) if task == "textgen" else VAL_LOSS
+    metrics += [Metric("val_loss", loss + value / 10, start + e, step[e]) for e, loss in enumerate(val_loss)]
+    metrics += [Metric("epoch", e, start + e, step[e]) for e in range(len(VAL_LOSS))]
+    if monitor != "val_loss":
+        sign = 1 if mode == "max" else -1
+        history = val if val is not None else VAL.get((task, model, seed), [value - sign * 0.02, value, value - sign * 0.01])
+        metrics += [Metric(monitor, v, start + e, step[e]) for e, v in enumerate(history)]
+    params = [Param("task/primary_metric", metric), Param("task/monitor", monitor), Param("task/monitor_mode", mode)]
+    client.log_batch(run_id, metrics=metrics, params=params)
+    if task in ("sentiment", "forecast"):
+        with tempfile.TemporaryDirectory() as tmp:
+            figure = Path(tmp) / ("confusion_matrix.png" if task == "sentiment" else "forecast.png")
+            figure.write_bytes(png(seed))
+            client.log_artifact(run_id, str(figure), "figures")
+    if task == "textgen":
+        for epoch in range(len(VAL_LOSS)):
+            client.log_text(run_id, sample(task, model, seed, epoch), f"samples/epoch{epoch:02d}.txt")
     client.set_terminated(run_id, status)
     return run_id
 
@@ -83,7 +141,18 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(store: Path) -> dict[str, Any]:
-    return compare(compose_compare(*store_overrides(store)))
+    return compare(compose_compare(*store_overrides(store), NO_ALIAS))
+
+
+def run_id_of(store: Path, task: str, model: str, seed: int) -> str:
+    """The counted run of (task, model, seed): the newest FINISHED run of the default profile outside a search."""
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    experiment = client.get_experiment_by_name(f"rnnlab-{task}")
+    query = f"tags.model = '{model}' AND tags.seed = '{seed}' AND tags.profile = 'default' AND attributes.status = 'FINISHED'"
+    runs = [
+        r for r in client.search_runs([experiment.experiment_id], query, order_by=["start_time DESC"]) if "optuna.trial" not in r.data.tags
+    ]
+    return runs[0].info.run_id
 
 
 def test_model_statistics_match_numpy_and_scipy(report: dict[str, Any]) -> None:
@@ -98,6 +167,10 @@ def test_model_statistics_match_numpy_and_scipy(report: dict[str, Any]) -> None:
         assert result["n_params"] == 1000 * len(model) and result["seconds_per_epoch"] == 2.0
     assert report["tasks"]["forecast"]["models"]["gru"]["latency_ms_per_sequence"] == 0.5
     assert report["tasks"]["sentiment"]["models"]["gru"]["peak_memory_mb"] is None
+    # Every model with runs, conf/model/ or not; only the configured pairs are tested.
+    assert list(report["tasks"]["sentiment"]["models"]) == ["gru", "gru_tuned", "lstm", "rnn"]
+    assert report["tasks"]["sentiment"]["models"]["gru_tuned"]["ci"] is None
+    assert [(p["first"], p["second"]) for p in report["tasks"]["sentiment"]["pairs"]] == [("gru", "lstm"), ("gru", "rnn")]
 
 
 def test_paired_tests_and_verdicts(report: dict[str, Any], store: Path) -> None:
@@ -111,8 +184,9 @@ def test_paired_tests_and_verdicts(report: dict[str, Any], store: Path) -> None:
     assert [(p["first"], p["second"], p["winner"]) for p in forecast] == [("gru", "lstm", "lstm")]  # lower MASE wins; no rnn runs
 
     md = (store / "reports" / "comparison.md").read_text()
-    assert "| gru vs lstm | 5 |" in md and "no significant difference |" in md
+    assert "| gru vs lstm | 5 |" in md and "| 0.963 | no significant difference |" in md
     assert "**gru** better |" in md and "**lstm** better |" in md
+    assert "**lstm** better" not in md.split("## sentiment")[1].split("## textgen")[0]  # no winner where p >= alpha
     assert "(higher is better)" in md and "(lower is better)" in md
     assert "| — | — |" in md  # latency and peak memory the runs did not log
     assert json.loads((store / "reports" / "comparison.json").read_text()) == report
@@ -127,15 +201,159 @@ def test_single_seed_has_no_interval_and_no_test(report: dict[str, Any], store: 
     assert "undefined (one seed)" in (store / "reports" / "comparison.md").read_text()
 
 
+def test_champion_is_chosen_by_validation_not_test(report: dict[str, Any], store: Path) -> None:
+    gru = report["tasks"]["sentiment"]["models"]["gru"]["champion"]
+    # Seed 3 has the best test accuracy (0.902), seed 4 the worst (0.898) but the best val_acc: the champion.
+    assert (gru["seed"], gru["monitor"], gru["best_value"], gru["epoch"], gru["test_value"]) == (4, "val_acc", 0.99, 1, 0.898)
+    assert gru["run_id"] == run_id_of(store, "sentiment", "gru", 4)
+    assert report["tasks"]["sentiment"]["models"]["rnn"]["champion"]["seed"] == 3  # the default history: best val = best test
+    # Lower is better for forecast's val_mase and textgen's val_loss.
+    assert report["tasks"]["forecast"]["models"]["lstm"]["champion"]["seed"] == 1
+    textgen = report["tasks"]["textgen"]["models"]
+    assert (textgen["gru"]["champion"]["epoch"], textgen["lstm"]["champion"]["epoch"]) == (2, 1)
+    assert report["champion_alias"] is None and "registered_model" not in gru
+    md = (store / "reports" / "comparison.md").read_text()
+    assert f"| gru | sentiment-gru-seed4 (`{gru['run_id']}`) | 4 | 0.9900 (1) | 0.8980 | not registered (champion_alias: null) |" in md
+
+
 def test_figures_and_mlflow_run(report: dict[str, Any], store: Path) -> None:
-    figures = sorted((store / "reports" / "figures").iterdir())
-    assert len(figures) == 3 * len(TASKS)
-    assert all(path.read_bytes().startswith(b"\x89PNG") for path in figures)
+    figures = store / "reports" / "figures"
+    fetched = {f"sentiment_{m}_confusion_matrix.png" for m in ("gru", "gru_tuned", "lstm", "rnn")}
+    fetched |= {f"forecast_{m}_forecast.png" for m in ("gru", "lstm")}
+    drawn = {f"{task}_{name}.png" for task in TASKS for name in ("learning_curves", "metric_ci", "metric_vs_params")}
+    assert {path.name for path in figures.iterdir()} == drawn | fetched | {"textgen_samples.png"}
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in figures.iterdir())
+    # The champion's own figure: the GRU's is seed 4's, not another seed's.
+    assert (figures / "sentiment_gru_confusion_matrix.png").read_bytes() == png(4)
+    md = (store / "reports" / "comparison.md").read_text()
+    assert all(f"](figures/{path.name})" in md for path in figures.iterdir())
+    assert report["tasks"]["sentiment"]["figures"][:4] == [
+        "sentiment_learning_curves.png",
+        "sentiment_metric_ci.png",
+        "sentiment_metric_vs_params.png",
+        "sentiment_gru_confusion_matrix.png",
+    ]
+
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("rnnlab-compare").experiment_id])
-    assert run.info.run_name == "compare-default" and run.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"comparison.md", "comparison.json", "figures"}
-    assert len(client.list_artifacts(run.info.run_id, "figures")) == len(figures)
+    assert run.info.run_name == "compare-default" and run.info.status == "FINISHED" and run.data.tags["seeds"] == "all"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert logged == {"comparison.md", "comparison.json", "comparison_metrics.json", "figures", "curves"}
+    assert len(client.list_artifacts(run.info.run_id, "figures")) == len(list(figures.iterdir()))
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "curves")] == [f"curves/{task}.csv" for task in sorted(TASKS)]
+
+
+def test_curves_csv_is_the_mean_val_loss_per_model(report: dict[str, Any], store: Path) -> None:
+    sentiment = pd.read_csv(store / "reports" / "curves" / "sentiment.csv")
+    assert list(sentiment.columns) == ["epoch", "gru", "gru_tuned", "lstm", "rnn"]
+    assert sentiment["epoch"].tolist() == [0, 1, 2]
+    for model in ("gru", "rnn"):
+        expected = [loss + np.mean(VALUES["sentiment", model]) / 10 for loss in VAL_LOSS]
+        assert sentiment[model].tolist() == pytest.approx(expected)
+    textgen = pd.read_csv(store / "reports" / "curves" / "textgen.csv")
+    assert textgen["lstm"].tolist() == pytest.approx([loss + 0.17 for loss in TEXTGEN_VAL_LOSS["lstm"]])
+
+
+def test_textgen_samples_in_the_markdown(report: dict[str, Any], store: Path) -> None:
+    md = (store / "reports" / "comparison.md").read_text()
+    # Each champion's sample from the epoch it was tested at: the GRU's last epoch, the LSTM's epoch 1.
+    assert "gru champion's sample (seed 1, epoch 2):\n\n```text\ngru seed 1 epoch 2: To be, or not\n```\n" in md
+    assert f"lstm champion's sample (seed 1, epoch 1):\n\n````text\n{sample('textgen', 'lstm', 1, 1)}\n````\n" in md
+    assert report["tasks"]["textgen"]["models"]["lstm"]["champion"]["sample"]["artifact"] == "samples/epoch01.txt"
+    assert report["tasks"]["sentiment"]["models"]["gru"]["champion"]["sample"] is None
+    assert "![textgen samples](figures/textgen_samples.png)" in md
+
+
+def test_metrics_file_holds_only_numbers(report: dict[str, Any], store: Path) -> None:
+    metrics = json.loads((store / "reports" / "comparison_metrics.json").read_text())
+
+    def leaves(node: Any) -> list[Any]:
+        return [leaf for child in node.values() for leaf in leaves(child)] if isinstance(node, dict) else [node]
+
+    assert all(isinstance(leaf, int | float) and not isinstance(leaf, bool) for leaf in leaves(metrics))
+    gru = metrics["sentiment"]["gru"]
+    assert gru["test_acc_mean"] == pytest.approx(np.mean(GRU_SENTIMENT)) and gru["seeds"] == 5 and gru["champion_val_acc"] == 0.99
+    assert gru["ci_low"] < gru["test_acc_mean"] < gru["ci_high"] and "peak_memory_mb" not in gru  # not logged: left out
+    assert "ci_low" not in metrics["textgen"]["gru"]  # one seed: no interval
+    assert metrics["sentiment"]["gru_vs_rnn"]["p_value"] == pytest.approx(report["tasks"]["sentiment"]["pairs"][1]["p_value"])
+    assert "p_value" not in metrics["textgen"]["gru_vs_lstm"]
+
+
+def test_seeds_filter(store: Path, tmp_path: Path) -> None:
+    narrowed = compare(compose_compare(*store_overrides(store, tmp_path), NO_ALIAS, "seeds=[1,2,3]", "tracking.experiment=seeds"))
+    assert narrowed["seeds"] == [1, 2, 3]
+    sentiment = narrowed["tasks"]["sentiment"]
+    assert sentiment["models"]["gru"]["seeds"] == [1, 2, 3] and sentiment["models"]["gru_tuned"]["seeds"] == [1]
+    assert sentiment["models"]["gru"]["mean"] == pytest.approx(np.mean(GRU_SENTIMENT[:3]))
+    assert sentiment["models"]["gru"]["champion"]["seed"] == 3  # seed 4, the champion over every seed, is left out
+    assert sentiment["pairs"][0]["shared_seeds"] == [1, 2, 3]
+    assert "(profile `default`, seeds 1, 2, 3)" in (tmp_path / "reports" / "comparison.md").read_text()
+    # The same seeds from a params file, as the DVC stage passes them; one seed as a plain number.
+    params = tmp_path / "params.yaml"
+    params.write_text("profile: default\nseeds: [3, 1, 2]\n")
+    from_file = compare(compose_compare(*store_overrides(store, tmp_path / "file"), NO_ALIAS, f"seeds_from={params}"))
+    assert from_file["tasks"] == narrowed["tasks"]
+    single = compare(compose_compare(*store_overrides(store, tmp_path / "one"), NO_ALIAS, "seeds=4", "tasks=[sentiment]"))
+    assert single["seeds"] == [4] and list(single["tasks"]["sentiment"]["models"]) == ["gru", "lstm", "rnn"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (
+            ["seeds=[a,2]"],
+            ConfigError,
+            r"seeds must be null \(every seed\), a whole number or a list of them, e.g. seeds=\[42,43,44\]; got \['a', 2\]",
+        ),
+        (["seeds=1.5"], ConfigError, r"seeds must be .* got 1.5"),
+        (["seeds=[]"], ConfigError, r"seeds must be .* got \[\]"),
+        (
+            ["seeds=[1,99]"],
+            DataError,
+            r"seed 99 has no FINISHED training runs of profile 'default' .*; the runs there have seeds 1, 2, 3, 4, 5\. ",
+        ),
+        (["seeds=[1]", "seeds_from=params.yaml"], ConfigError, r"give seeds or seeds_from, not both"),
+        (["seeds_from=/nonexistent/params.yaml"], ConfigError, r"seeds_from=/nonexistent/params.yaml: cannot read"),
+        (["models=[gru,nosuch]"], ConfigError, r"unknown model 'nosuch'; known: gru, gru_scratch, gru_tuned, lstm, .*models with runs"),
+        (
+            ["models=[lstm_scratch]"],
+            DataError,
+            r"no FINISHED training runs of model lstm_scratch .*; models with runs: gru, gru_tuned, lstm, rnn",
+        ),
+        (["tasks=[nosuch]"], ConfigError, r"unknown task 'nosuch'; known: .*sentiment"),
+        (["champion_alias=latest"], ConfigError, r"champion_alias must be null .* other than 'latest' and v<number>"),
+        (["champion_alias=v2"], ConfigError, r"champion_alias must be null"),
+        (["profile=smoke", "models=[lstm]"], DataError, r"no FINISHED training runs of model lstm of profile 'smoke'.*dvc repro"),
+    ],
+)
+def test_bad_settings_are_clear_errors_and_write_nothing(
+    store: Path, tmp_path: Path, overrides: list[str], error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        compare(compose_compare(*store_overrides(store, tmp_path), NO_ALIAS, *overrides))
+    assert not (tmp_path / "reports").exists()
+
+
+def test_run_without_monitor_history_is_a_clear_error(tmp_path: Path) -> None:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    add_run(client, "sentiment", "gru", 1, 0.9, 1000)
+    broken = add_run(client, "forecast", "gru", 1, 1.1, 1000, val=[])  # no val_mase logged
+    with pytest.raises(DataError, match=rf"run {broken} \(forecast-gru-seed1\) logged no val_mase history.*seeds=\[\.\.\.\]"):
+        compare(compose_compare(*store_overrides(tmp_path), NO_ALIAS))
+    assert not (tmp_path / "reports").exists()
+
+
+def test_failed_registration_writes_nothing(store: Path, tmp_path: Path) -> None:
+    """The synthetic runs have no config.yaml or network: setting the alias fails, after the figures were drawn."""
+    with pytest.raises(DataError, match=r"has no config\.yaml artifact"):
+        compare(compose_compare(*store_overrides(store, tmp_path), "tasks=[textgen]"))
+    assert not (tmp_path / "reports").exists()
+
+
+def test_champion_alias_is_profile_aware() -> None:
+    assert compose_compare().champion_alias == "champion"
+    assert compose_compare("profile=smoke").champion_alias == "champion-smoke"
+    assert compose_compare("profile=smoke", "champion_alias=best").champion_alias == "best"
 
 
 def test_learning_curve_is_the_mean_per_epoch(tmp_path: Path) -> None:
@@ -146,18 +364,8 @@ def test_learning_curve_is_the_mean_per_epoch(tmp_path: Path) -> None:
     for step, value, timestamp in ((10, 5.0, 1), (10, 0.5, 2), (20, 0.3, 3)):
         client.log_metric(short, "val_loss", value, timestamp=timestamp, step=step)
     curve = learning_curve(client, [long, short])
-    assert curve.index.tolist() == [1, 2, 3]
+    assert curve.index.tolist() == [0, 1, 2]
     assert curve.tolist() == pytest.approx([(0.9 + 0.5) / 2, (0.7 + 0.3) / 2, 0.6])
-
-
-def test_filters_and_unknown_task(store: Path) -> None:
-    narrowed = compare(compose_compare(*store_overrides(store, store / "narrowed"), "tasks=[sentiment]", "tracking.experiment=narrowed"))
-    assert list(narrowed["tasks"]) == ["sentiment"]
-    with pytest.raises(DataError, match=r"profile 'smoke'.*rnnlab-sentiment.*dvc repro"):
-        compare(compose_compare(*store_overrides(store, store / "smoke"), "profile=smoke", "models=[lstm]"))
-    with pytest.raises(ConfigError, match=r"unknown task 'nosuch'; known: .*sentiment"):
-        compare(compose_compare(*store_overrides(store), "tasks=[nosuch]"))
-    assert not (store / "smoke").exists()
 
 
 def test_empty_store_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:
@@ -168,3 +376,42 @@ def test_empty_store_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None
     assert result.stderr.splitlines()[-1].startswith("rnnlab: error: no FINISHED training runs of profile 'default'")
     assert "rnnlab-sentiment" in result.stderr and "dvc repro" in result.stderr and "python -m rnnlab.train" in result.stderr
     assert not (tmp_path / "reports").exists()
+
+
+def test_champion_alias_and_figures_from_real_runs(
+    compose_cfg: Callable[..., DictConfig], tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """Two tiny sentiment runs: the champion's serving model gets `champion-smoke`, which moves with the seeds compared
+    and back again without a new version; the champion's confusion matrix is fetched into the report."""
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.artifact_location={tmp_path}/artifacts"]
+    for seed in (1, 2):
+        train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / f"seed{seed}"), *store, "trainer.max_epochs=2", f"seed={seed}"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {
+        int(r.data.tags["seed"]): r.info.run_id
+        for r in client.search_runs([client.get_experiment_by_name("rnnlab-sentiment").experiment_id])
+    }
+    best_val = {seed: max(m.value for m in client.get_metric_history(run_id, "val_acc")) for seed, run_id in runs.items()}
+
+    def compare_seeds(seeds: str, out: str) -> dict[str, Any]:
+        overrides = [*store, f"output_dir={tmp_path}/{out}", "profile=smoke", "tasks=[sentiment]", f"seeds={seeds}"]
+        return compare(compose_compare(*overrides))
+
+    def champion_run() -> str:
+        return client.get_model_version_by_alias("rnnlab-sentiment-gru", "champion-smoke").run_id
+
+    both = compare_seeds("[1,2]", "both")["tasks"]["sentiment"]["models"]["gru"]["champion"]
+    assert best_val[both["seed"]] == max(best_val.values()) and both["best_value"] == pytest.approx(best_val[both["seed"]])
+    assert champion_run() == runs[both["seed"]] and both["alias"] == "champion-smoke"
+    md = (tmp_path / "both" / "comparison.md").read_text()
+    assert f"rnnlab-sentiment-gru v{both['version']} @champion-smoke" in md
+    assert "![sentiment gru_confusion_matrix](figures/sentiment_gru_confusion_matrix.png)" in md
+    assert (tmp_path / "both" / "figures" / "sentiment_gru_confusion_matrix.png").read_bytes().startswith(b"\x89PNG")
+    assert pd.read_csv(tmp_path / "both" / "curves" / "sentiment.csv")["epoch"].tolist() == [0, 1]
+
+    other = 3 - both["seed"]
+    moved = compare_seeds(str(other), "other")["tasks"]["sentiment"]["models"]["gru"]["champion"]
+    assert champion_run() == runs[other] and moved["version"] != both["version"]
+    back = compare_seeds(str(both["seed"]), "back")["tasks"]["sentiment"]["models"]["gru"]["champion"]
+    assert champion_run() == runs[both["seed"]] and back["version"] == both["version"]  # the alias moved, no new version
+    assert client.get_registered_model("rnnlab-sentiment-gru").aliases == {"champion-smoke": both["version"]}

@@ -1,15 +1,29 @@
 """Compare the models of each task over seeds: `python -m rnnlab.compare` (the `compare` DVC stage).
 
 Reads the finished training runs back from MLflow (experiment rnnlab-<task>, runs tagged task, model,
-seed and profile) and writes reports/comparison.md and .json and PNG figures under reports/figures/:
-per model the primary test metric as mean ± std over seeds with a Student t-interval, parameters,
-seconds per epoch, latency and memory where logged; per pair of models a paired t-test over the seeds
-both share. The report and figures are also logged to one run of the experiment rnnlab-compare.
+seed and profile), optionally only those of some seeds, and writes under reports/:
+
+- comparison.md and comparison.json: per model the primary test metric as mean ± std over seeds with a
+  Student t-interval, parameters, seconds per epoch, latency and memory where logged, and its champion
+  (the run with the best validation value of the task's monitor metric); per pair of models a paired
+  t-test over the seeds both share;
+- comparison_metrics.json: the numbers alone, nested task -> model -> value (a DVC metrics file);
+- figures/*.png: learning curves, the metric with its CI, the metric against the parameter count, the
+  champions' own figures fetched from their runs (confusion matrix, forecast) and text samples;
+- curves/<task>.csv: the learning curves as data (epoch, one column per model; DVC plots).
+
+Each champion's serving model is registered with the alias `champion_alias` (rnnlab.serving), and the
+report's files are logged to one run of the experiment rnnlab-compare.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
+import shutil
+import tempfile
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,14 +37,17 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from scipy import stats
 
-from rnnlab import io, tracking
+from rnnlab import io, serving, tracking
 from rnnlab.config import config_dir, hydra_entry
 from rnnlab.console import summary
 from rnnlab.errors import ConfigError, DataError
+from rnnlab.validation import is_int
 
 # Logged by every training run (the last two by runs that measure them), averaged over seeds: label and format in the report.
 EXTRAS = {
@@ -41,6 +58,12 @@ EXTRAS = {
 }
 SEARCH_TAGS = ("optuna.trial", "optuna.study")  # a search's trials and its study's parent run are not seeds of a model
 FIGURES = ("learning_curves", "metric_ci", "metric_vs_params")
+RUN_FIGURES = "figures"  # where a training run logs its PNGs (tracking.save_figure)
+RUN_SAMPLES = "samples"  # where a language model logs a text sample per epoch, epochNN.txt
+SAMPLE = re.compile(r"epoch(\d+)\.txt")
+# MLflow's own rule for alias names (mlflow.utils.validation), checked before anything is written.
+ALIAS = re.compile(r"[\w-]+")
+RESERVED_ALIAS = re.compile(r"latest|[vV]\d+", re.IGNORECASE)
 
 
 def choices(group: str, requested: Any) -> list[str]:
@@ -48,11 +71,59 @@ def choices(group: str, requested: Any) -> list[str]:
     known = sorted(path.stem for path in (config_dir() / group).glob("*.yaml"))
     if requested is None:
         return known
-    names = [requested] if isinstance(requested, str) else [str(name) for name in requested]
+    names = _names(requested)
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ConfigError(f"unknown {group} {', '.join(map(repr, unknown))}; known: {', '.join(known)} (conf/{group}/).")
     return names
+
+
+def _names(requested: Any) -> list[str]:
+    return [requested] if isinstance(requested, str) else [str(name) for name in requested]
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig | DictConfig) else value
+
+
+def check_seeds(value: Any, where: str = "seeds") -> list[int] | None:
+    """The seeds to compare, sorted: None (every seed), one whole number or a non-empty list of them."""
+    value = _plain(value)
+    if value is None:
+        return None
+    seeds = value if isinstance(value, list) else [value]
+    if not seeds or not all(is_int(seed) for seed in seeds):
+        raise ConfigError(f"{where} must be null (every seed), a whole number or a list of them, e.g. seeds=[42,43,44]; got {value!r}.")
+    return sorted(set(seeds))
+
+
+def requested_seeds(cfg: DictConfig) -> list[int] | None:
+    """`seeds`, or the `seeds` list of the YAML file `seeds_from` (the DVC stage passes params.yaml: DVC cannot put a list
+    into a command line)."""
+    if cfg.seeds_from is None:
+        return check_seeds(cfg.seeds)
+    if cfg.seeds is not None:
+        raise ConfigError(f"give seeds or seeds_from, not both (seeds={_plain(cfg.seeds)}, seeds_from={cfg.seeds_from}).")
+    path = Path(cfg.paths.root, cfg.seeds_from)  # an absolute seeds_from stays as it is
+    try:
+        params = OmegaConf.load(path)
+    except (OSError, ValueError) as err:  # missing, or not YAML (yaml's errors are ValueErrors)
+        raise ConfigError(f"seeds_from={cfg.seeds_from}: cannot read {path} ({err}); name a YAML file with a `seeds` list.") from err
+    if not isinstance(params, DictConfig) or "seeds" not in params:
+        raise ConfigError(f"seeds_from={cfg.seeds_from}: {path} has no top-level `seeds` list, e.g. `seeds: [42, 43, 44]`.")
+    return check_seeds(params.seeds, f"seeds in {path}")
+
+
+def check_alias(alias: Any) -> str | None:
+    """The champion alias, refused now if MLflow would refuse it after the report was drawn."""
+    if alias is None:
+        return None
+    if not (isinstance(alias, str) and ALIAS.fullmatch(alias)) or RESERVED_ALIAS.fullmatch(str(alias)):
+        raise ConfigError(
+            f"champion_alias must be null (no alias) or a registered-model alias of letters, digits, _ and -, other than "
+            f"'latest' and v<number> (MLflow reserves them), e.g. champion; got {alias!r}."
+        )
+    return alias
 
 
 def _runs(client: MlflowClient, experiment_id: str, profile: str) -> Iterator[Run]:
@@ -67,34 +138,92 @@ def _runs(client: MlflowClient, experiment_id: str, profile: str) -> Iterator[Ru
             return
 
 
-def load_runs(client: MlflowClient, tasks: list[str], models: list[str], profile: str, uri: str) -> pd.DataFrame:
+def load_runs(client: MlflowClient, tasks: list[str], profile: str) -> pd.DataFrame:
     """One row per (task, model, seed): its newest FINISHED training run of `profile`, search runs left out."""
     rows = []
     for task in tasks:
         experiment = client.get_experiment_by_name(f"rnnlab-{task}")
         for run in _runs(client, experiment.experiment_id, profile) if experiment else ():
             tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-            if any(tag in tags for tag in SEARCH_TAGS) or tags.get("model") not in models:
+            if any(tag in tags for tag in SEARCH_TAGS) or "model" not in tags or "seed" not in tags:  # not a training run
                 continue
-            # The run's own config says which metric it was judged by and which direction is better.
-            metric, mode = params.get("task/primary_metric"), params.get("task/monitor_mode")
-            if metric not in metrics or mode not in ("min", "max"):
+            # The run's own config says which metrics it was judged by and which direction is better.
+            metric, monitor, mode = params.get("task/primary_metric"), params.get("task/monitor"), params.get("task/monitor_mode")
+            if metric not in metrics or not monitor or mode not in ("min", "max"):
                 raise DataError(
-                    f"run {run.info.run_id} ({run.info.run_name}) has no task/primary_metric and task/monitor_mode "
-                    "parameters with a logged value; only runs of `python -m rnnlab.train` can be compared."
+                    f"run {run.info.run_id} ({run.info.run_name}) has no task/primary_metric with a logged value, task/monitor "
+                    "and task/monitor_mode parameters; only runs of `python -m rnnlab.train` can be compared."
                 )
-            run_info = {"model": tags["model"], "seed": int(tags["seed"]), "run_id": run.info.run_id, "start_time": run.info.start_time}
-            logged = {"metric": metric, "mode": mode, "value": metrics[metric], **{key: metrics.get(key, math.nan) for key in EXTRAS}}
-            rows.append({"task": task, **run_info, **logged})
-    if not rows:
-        searched = ", ".join(f"rnnlab-{task}" for task in tasks)
-        raise DataError(
-            f"no FINISHED training runs of profile {profile!r} for models {', '.join(models)} in experiments {searched} at {uri} "
-            f"(search trials are not counted). Produce them with `dvc repro`, or `python -m rnnlab.train task={tasks[0]} "
-            f"model={models[0]} seed=1 profile={profile}` for each seed, or compare another profile (profile=...)."
-        )
-    newest_first = pd.DataFrame(rows).sort_values("start_time", ascending=False)
+            run_info = {"model": tags["model"], "seed": int(tags["seed"]), "run_id": run.info.run_id, "run_name": run.info.run_name}
+            logged = {"metric": metric, "monitor": monitor, "mode": mode, "value": metrics[metric]}
+            extras = {key: metrics.get(key, math.nan) for key in EXTRAS}
+            rows.append({"task": task, **run_info, "start_time": run.info.start_time, **logged, **extras})
+    columns = ["task", "model", "seed", "run_id", "run_name", "start_time", "metric", "monitor", "mode", "value", *EXTRAS]
+    newest_first = pd.DataFrame(rows, columns=columns).sort_values("start_time", ascending=False)
     return newest_first.drop_duplicates(["task", "model", "seed"]).sort_values(["task", "model", "seed"]).reset_index(drop=True)
+
+
+def select_runs(runs: pd.DataFrame, models: Any, seeds: list[int] | None, where: str) -> pd.DataFrame:
+    """The runs of the requested models (null: every model with runs) and seeds (null: every seed). `where` says in the
+    errors which profile and store were searched."""
+    train = "`dvc repro`, or `python -m rnnlab.train task=<task> model=<model> seed=<seed> profile=<profile>` for each seed"
+    if runs.empty:
+        raise DataError(
+            f"no FINISHED training runs {where} (search trials are not counted). Produce them with {train}, or compare another "
+            "profile (profile=...)."
+        )
+    found = sorted(runs["model"].unique())
+    if models is not None:
+        names = _names(models)
+        known = sorted(set(choices("model", None)) | set(found))  # trained models include configured variants such as gru_tuned
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ConfigError(
+                f"unknown model {', '.join(map(repr, unknown))}; known: {', '.join(known)} (conf/model/ and models with runs)."
+            )
+        missing = [name for name in names if name not in found]
+        if missing:
+            raise DataError(
+                f"no FINISHED training runs of model {', '.join(missing)} {where}; models with runs: {', '.join(found)}. "
+                f"Produce them with {train}."
+            )
+        runs = runs[runs["model"].isin(names)]
+    if seeds is not None:
+        have = sorted(int(seed) for seed in runs["seed"].unique())
+        absent = [seed for seed in seeds if seed not in have]
+        if absent:
+            raise DataError(
+                f"seed {', '.join(map(str, absent))} has no FINISHED training runs {where}; the runs there have seeds "
+                f"{', '.join(map(str, have))}. Compare those (e.g. seeds=[{','.join(map(str, have))}]) or produce the missing "
+                f"ones with {train}."
+            )
+        runs = runs[runs["seed"].isin(seeds)]
+    return runs.reset_index(drop=True)
+
+
+def per_epoch(client: MlflowClient, run_id: str, key: str) -> pd.DataFrame:
+    """The run's history of metric `key` as columns step, value: one value per logged step, the latest where a
+    resumed run logged a step twice."""
+    history = pd.DataFrame(
+        [(m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key)], columns=["step", "timestamp", "value"]
+    )
+    return history.sort_values(["step", "timestamp"]).drop_duplicates("step", keep="last")[["step", "value"]].reset_index(drop=True)
+
+
+def best_validation(client: MlflowClient, run: pd.Series) -> tuple[float, int]:
+    """The best value of the run's monitor metric over its epochs and the (0-based) epoch that had it: the checkpoint
+    train.py tested and registered. Lightning logs `epoch` at every step it logs metrics at; without it, the position."""
+    history = per_epoch(client, run["run_id"], run["monitor"])
+    if history.empty:
+        raise DataError(
+            f"run {run['run_id']} ({run['run_name']}) logged no {run['monitor']} history, so its best validation epoch is unknown; "
+            "only runs of `python -m rnnlab.train` (which log it every epoch) can be compared. Delete the run in MLflow or "
+            "leave its seed out (seeds=[...])."
+        )
+    best = int(history["value"].idxmax() if run["mode"] == "max" else history["value"].idxmin())  # the first of equal values
+    epochs = per_epoch(client, run["run_id"], "epoch").set_index("step")["value"]
+    step = history.loc[best, "step"]
+    return float(history.loc[best, "value"]), int(epochs[step]) if step in epochs.index else best
 
 
 def describe(values: np.ndarray, confidence: float) -> dict[str, Any]:
@@ -123,6 +252,21 @@ def paired(first: pd.Series, second: pd.Series, mode: str, confidence: float, al
     return {**result, "winner": winner, "verdict": f"{winner} better"}
 
 
+def champion(group: pd.DataFrame) -> dict[str, Any]:
+    """The run of one task x model (rows sorted by seed) with the best validation value; the lowest seed among equals."""
+    best = group["best_val"].idxmax() if group["mode"].iloc[0] == "max" else group["best_val"].idxmin()
+    run = group.loc[best]
+    return {
+        "run_id": run["run_id"],
+        "run_name": run["run_name"],
+        "seed": int(run["seed"]),
+        "monitor": run["monitor"],
+        "best_value": float(run["best_val"]),
+        "epoch": int(run["best_epoch"]),
+        "test_value": float(run["value"]),
+    }
+
+
 def _json_safe(value: Any) -> Any:
     """NaN (a metric no run logged, a test of identical values) as None: JSON has no NaN."""
     if isinstance(value, dict):
@@ -132,44 +276,50 @@ def _json_safe(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def build_report(runs: pd.DataFrame, pairs: list[list[str]], confidence: float, alpha: float, profile: str) -> dict[str, Any]:
+def build_report(
+    runs: pd.DataFrame, pairs: list[list[str]], confidence: float, alpha: float, profile: str, seeds: list[int] | None = None
+) -> dict[str, Any]:
+    """The comparison as JSON-ready data. `runs` carry best_val and best_epoch (best_validation) besides load_runs' columns."""
     tasks = {}
     for task, task_runs in runs.groupby("task"):
-        newest = task_runs.loc[task_runs["start_time"].idxmax()]  # its config decides the task's metric and direction
-        by_model = {model: group.set_index("seed") for model, group in task_runs.groupby("model")}
+        newest = task_runs.loc[task_runs["start_time"].idxmax()]  # its config decides the task's metrics and direction
+        by_model = {model: group.sort_values("seed") for model, group in task_runs.groupby("model")}
         models = {
             model: {
-                "seeds": group.index.tolist(),
+                "seeds": [int(seed) for seed in group["seed"]],
                 "run_ids": group["run_id"].tolist(),
                 **describe(group["value"].to_numpy(), confidence),
                 **{key: float(group[key].mean()) for key in EXTRAS},  # None (shown "—") where no run logged it
+                "champion": champion(group.reset_index(drop=True)),
             }
             for model, group in by_model.items()
         }
-        series = {model: group["value"].rename(model) for model, group in by_model.items()}
+        series = {model: group.set_index("seed")["value"].rename(model) for model, group in by_model.items()}
         tested = [
             {"first": a, "second": b, **paired(series[a], series[b], newest["mode"], confidence, alpha)}
             for a, b in pairs
             if a in series and b in series
         ]
-        tasks[task] = {"metric": newest["metric"], "mode": newest["mode"], "models": models, "pairs": tested}
-    report = {"profile": profile, "confidence": confidence, "alpha": alpha, "interval": "Student t over seeds", "test": "paired t"}
+        tasks[task] = {"metric": newest["metric"], "monitor": newest["monitor"], "mode": newest["mode"], "models": models, "pairs": tested}
+    report = {"profile": profile, "seeds": seeds, "confidence": confidence, "alpha": alpha}
+    report |= {"interval": "Student t over seeds", "test": "paired t", "champion_alias": None}
     return _json_safe(report | {"tasks": tasks})
 
 
 def learning_curve(client: MlflowClient, run_ids: list[str]) -> pd.Series:
-    """Mean over runs of val_loss per epoch (from 1); a run that stopped early counts only for its epochs."""
-    curves = []
-    for run_id in run_ids:
-        history = pd.DataFrame(
-            [(m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, "val_loss")], columns=["step", "timestamp", "value"]
-        )
-        # One value per validation epoch; a resumed run may have logged an epoch twice: its latest counts.
-        per_epoch = history.sort_values(["step", "timestamp"]).drop_duplicates("step", keep="last")["value"]
-        curves.append(per_epoch.reset_index(drop=True))
+    """Mean over runs of val_loss per epoch (from 0, as in the runs' history files); a run that stopped early counts
+    only for its epochs."""
+    curves = [per_epoch(client, run_id, "val_loss")["value"] for run_id in run_ids]
     mean = pd.concat(curves, axis=1).mean(axis=1)
-    mean.index = mean.index + 1
+    mean.index.name = "epoch"
     return mean
+
+
+def curves_table(curves: dict[str, pd.Series]) -> pd.DataFrame:
+    """The learning curves of one task as columns epoch and one per model (empty where a model had stopped)."""
+    table = pd.DataFrame(curves)
+    table.index.name = "epoch"
+    return table.reset_index()
 
 
 @contextmanager
@@ -206,6 +356,118 @@ def draw_figures(report: dict[str, Any], curves: dict[str, dict[str, pd.Series]]
                 ax.annotate(name, (model["n_params"], model["mean"]), textcoords="offset points", xytext=(5, 5))
 
 
+def _artifacts(client: MlflowClient, run_id: str, path: str) -> list[str]:
+    return sorted(info.path for info in client.list_artifacts(run_id, path) if not info.is_dir)
+
+
+def _download(client: MlflowClient, run_id: str, artifact: str, scratch: Path) -> Path:
+    try:
+        return Path(client.download_artifacts(run_id, artifact, str(scratch)))
+    except (MlflowException, OSError) as err:
+        raise DataError(
+            f"cannot read the artifact {artifact} of run {run_id} from {client.tracking_uri}'s artifact store ({err})."
+        ) from err
+
+
+@contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """MLflow draws a progress bar for every download: two lines of noise per small figure in the stage's log."""
+    name, previous = MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def fetch_champion_artifacts(client: MlflowClient, report: dict[str, Any], out: Path) -> None:
+    """Copy every champion's own figures (figures/*.png of its run) to out/<task>_<model>_<name>.png and read its text
+    sample (samples/epochNN.txt) into the report: the sample of the epoch it was tested at, else its last one."""
+    with tempfile.TemporaryDirectory() as scratch, _quiet_downloads():
+        for task, result in report["tasks"].items():
+            for model, entry in result["models"].items():
+                best = entry["champion"]
+                run_id, best["figures"], best["sample"] = best["run_id"], [], None
+                for artifact in _artifacts(client, run_id, RUN_FIGURES):
+                    if artifact.endswith(".png"):
+                        name = f"{task}_{model}_{Path(artifact).stem}.png"
+                        shutil.copyfile(_download(client, run_id, artifact, Path(scratch)), out / name)
+                        best["figures"].append(name)
+                samples = {
+                    int(match[1]): path for path in _artifacts(client, run_id, RUN_SAMPLES) if (match := SAMPLE.fullmatch(Path(path).name))
+                }
+                if samples:
+                    epoch = best["epoch"] if best["epoch"] in samples else max(samples)
+                    text = _download(client, run_id, samples[epoch], Path(scratch)).read_text(encoding="utf-8")
+                    best["sample"] = {"epoch": epoch, "artifact": samples[epoch], "text": text}
+
+
+def draw_samples(report: dict[str, Any], out: Path, width: int = 90, max_lines: int = 14) -> None:
+    """Per task whose champions logged text samples, out/<task>_samples.png: each model's sample in monospace, one
+    panel per model, wrapped at `width` characters and cut after `max_lines` lines."""
+    for task, result in report["tasks"].items():
+        sampled = {model: m["champion"] for model, m in result["models"].items() if m["champion"]["sample"]}
+        if not sampled:
+            continue
+        blocks = []
+        for model, best in sampled.items():
+            lines = [part for line in best["sample"]["text"].splitlines() for part in textwrap.wrap(line, width) or [""]]
+            shown = lines[:max_lines] + (["[...]"] if len(lines) > max_lines else [])
+            blocks.append((f"{task}: {model} champion (seed {best['seed']}, epoch {best['sample']['epoch']})", shown))
+        rows = [len(lines) + 2.5 for _, lines in blocks]  # the text's lines, the panel title and a gap
+        figure, axes = plt.subplots(len(blocks), 1, figsize=(0.075 * width + 0.4, 0.165 * sum(rows)), height_ratios=rows, squeeze=False)
+        try:
+            for ax, (title, lines) in zip(axes[:, 0], blocks, strict=True):
+                ax.set_axis_off()
+                ax.set_title(title, loc="left", fontsize=10, fontweight="bold")
+                # parse_math=False: a `$` in generated text is a character, not the start of a formula.
+                ax.text(0, 1, "\n".join(lines), transform=ax.transAxes, family="monospace", fontsize=9, va="top", parse_math=False)
+            figure.subplots_adjust(left=0.01, right=0.99, top=0.97, bottom=0.01, hspace=0.05)
+            figure.savefig(out / f"{task}_samples.png", dpi=120, bbox_inches="tight")
+        finally:
+            plt.close(figure)
+
+
+def list_figures(report: dict[str, Any], out: Path) -> None:
+    """Record in the report, per task, the figure files drawn and fetched for it, in the order the markdown shows them."""
+    for task, result in report["tasks"].items():
+        fetched = [name for m in result["models"].values() for name in m["champion"]["figures"]]
+        samples = [f"{task}_samples.png"] if (out / f"{task}_samples.png").exists() else []
+        result["figures"] = [f"{task}_{name}.png" for name in FIGURES] + fetched + samples
+
+
+def register_champions(client: MlflowClient, report: dict[str, Any], alias: str) -> None:
+    """Point `alias` of rnnlab-<task>-<model> at each champion's serving model (registered by rnnlab.serving if new)."""
+    report["champion_alias"] = alias
+    with _quiet_downloads():
+        for task, result in report["tasks"].items():
+            for model, entry in result["models"].items():
+                best, name = entry["champion"], f"rnnlab-{task}-{model}"
+                version = serving.register_champion(client, best["run_id"], name, alias)
+                best |= {"registered_model": name, "version": int(version.version), "alias": alias}
+
+
+def metrics_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's numbers alone, task -> model (or <first>_vs_<second>) -> value, for `dvc metrics show/diff`:
+    no strings, lists or nulls, which DVC would show as columns or drop."""
+    summary_ = {}
+    for task, result in report["tasks"].items():
+        metric, entries = result["metric"], {}
+        for model, m in result["models"].items():
+            ci = dict(zip(("ci_low", "ci_high"), m["ci"], strict=True)) if m["ci"] else {}
+            values = {f"{metric}_mean": m["mean"], f"{metric}_std": m["std"], **ci, "seeds": len(m["seeds"])}
+            values |= {key: m[key] for key in EXTRAS} | {f"champion_{m['champion']['monitor']}": m["champion"]["best_value"]}
+            entries[model] = {key: value for key, value in values.items() if value is not None}
+        for p in result["pairs"]:
+            values = {"mean_difference": p["mean_difference"], "p_value": p["p_value"], "shared_seeds": len(p["shared_seeds"])}
+            entries[f"{p['first']}_vs_{p['second']}"] = {key: value for key, value in values.items() if value is not None}
+        summary_[task] = entries
+    return summary_
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -214,16 +476,34 @@ def _interval(ci: list[float] | None, spec: str, undefined: str) -> str:
     return f"[{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else undefined
 
 
+def _seeds_text(seeds: list[int] | None) -> str:
+    return "every seed" if seeds is None else f"seeds {', '.join(map(str, seeds))}"
+
+
+def _fenced(text: str) -> list[str]:
+    """`text` as a fenced block whose fence is longer than any run of backticks in it."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return [fence + "text", *text.rstrip("\n").splitlines(), fence]
+
+
+def _registered(best: dict[str, Any]) -> str:
+    return (
+        f"{best['registered_model']} v{best['version']} @{best['alias']}" if best.get("alias") else "not registered (champion_alias: null)"
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     level = f"{report['confidence']:.0%}"
     lines = [
-        f"# GRU vs LSTM vs RNN over seeds (profile `{report['profile']}`)",
+        f"# GRU vs LSTM vs RNN over seeds (profile `{report['profile']}`, {_seeds_text(report['seeds'])})",
         "",
         f"Per model: the task's primary test metric over seeds as mean ± sample standard deviation, and a {level} confidence "
         "interval for the mean, a Student t-interval over seeds (mean ± t·s/√n); with one seed both are undefined. "
         "Pairs: paired t-test (scipy.stats.ttest_rel) of first - second over the seeds both models share, with the "
-        f"{level} interval of the mean difference; a winner is named only where p < {report['alpha']}. "
-        "Parameters, seconds per epoch, latency and memory are means over seeds; — means the runs did not log it.",
+        f"{level} interval of the mean difference; a winner is named only where p < {report['alpha']}, otherwise the verdict "
+        "is no significant difference. Parameters, seconds per epoch, latency and memory are means over seeds; — means the "
+        "runs did not log it. A model's champion is its run with the best validation value of the task's monitor metric "
+        "over its epochs: the checkpoint that run was tested with, chosen without looking at the test set.",
     ]
     for task, result in report["tasks"].items():
         metric, better = result["metric"], "higher" if result["mode"] == "max" else "lower"
@@ -248,19 +528,40 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {p['first']} vs {p['second']} | {len(p['shared_seeds'])} | {_fmt(p['mean_difference'], '+.4f')} "
                 f"| {_interval(p['ci'], '+.4f', '—')} | {_fmt(p['p_value'], '.3g')} | {verdict} |"
             )
-        lines += [""] + [f"![{task} {name}](figures/{task}_{name}.png)" for name in FIGURES]
+        monitor = result["monitor"]
+        lines += ["", f"Champions (best validation {monitor}):", ""]
+        lines += [f"| model | run | seed | best {monitor} (epoch) | {metric} | registered |", "|---" * 6 + "|"]
+        for model, m in result["models"].items():
+            best = m["champion"]
+            lines.append(
+                f"| {model} | {best['run_name']} (`{best['run_id']}`) | {best['seed']} | {best['best_value']:.4f} ({best['epoch']}) "
+                f"| {best['test_value']:.4f} | {_registered(best)} |"
+            )
+        for model, m in result["models"].items():
+            sample = m["champion"]["sample"]
+            if sample:
+                lines += [
+                    "",
+                    f"{model} champion's sample (seed {m['champion']['seed']}, epoch {sample['epoch']}):",
+                    "",
+                    *_fenced(sample["text"]),
+                ]
+        lines += ["", f"Learning curves as data: [curves/{task}.csv](curves/{task}.csv).", ""]
+        lines += [f"![{task} {Path(name).stem.removeprefix(task + '_')}](figures/{name})" for name in result["figures"]]
     return "\n".join(lines) + "\n"
 
 
-def log_report(cfg: DictConfig, client: MlflowClient, files: list[Path], figures: Path) -> str:
-    """Log the report files and figures to a new run of the comparison experiment."""
+def log_report(cfg: DictConfig, client: MlflowClient, files: list[Path], folders: list[Path], seeds: list[int] | None) -> str:
+    """Log the report files and the figure and curve folders to a new run of the comparison experiment."""
     experiment_id = tracking.ensure_experiment(cfg.tracking)
-    tags = {"profile": cfg.profile, "git_commit": tracking.git_commit(cfg.paths.root)}
+    tags = {"profile": cfg.profile, "seeds": "all" if seeds is None else ",".join(map(str, seeds))}
+    tags["git_commit"] = tracking.git_commit(cfg.paths.root)
     run_id = client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=tags).info.run_id
     try:
         for path in files:
             client.log_artifact(run_id, str(path))
-        client.log_artifacts(run_id, str(figures), "figures")
+        for folder in folders:
+            client.log_artifacts(run_id, str(folder), folder.name)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -273,36 +574,68 @@ def _verdict(pair: dict[str, Any]) -> str:
     return f"{pair['first']} vs {pair['second']}: {pair['verdict']}{p_value}"
 
 
+def _champions(result: dict[str, Any]) -> str:
+    def one(model: str, best: dict[str, Any]) -> str:
+        return f"{model} seed {best['seed']}" + (f" (v{best['version']})" if best.get("version") else "")
+
+    return ", ".join(one(model, m["champion"]) for model, m in result["models"].items())
+
+
 def compare(cfg: DictConfig) -> dict[str, Any]:
-    """Read the runs, write the report, its JSON and figures (each atomically), log them to MLflow; return the report."""
+    """Read the runs, write the reports, figures and curves (each atomically), set the champion aliases and log the
+    reports to MLflow; return the report. Every setting is checked before anything is read or written."""
     if not (0 < cfg.alpha < 1 and 0 < cfg.confidence < 1):
         raise ConfigError(f"alpha and confidence must be in (0, 1), got alpha={cfg.alpha}, confidence={cfg.confidence}.")
     pairs = OmegaConf.to_container(cfg.pairs, resolve=True)
     if not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
         raise ConfigError(f"pairs must be a list of [model, model], e.g. [[gru, lstm], [gru, rnn]], got {pairs}.")
-    tasks, models = choices("task", cfg.tasks), choices("model", cfg.models)
+    seeds, alias, tasks = requested_seeds(cfg), check_alias(cfg.champion_alias), choices("task", cfg.tasks)
     client = tracking.open_store(cfg.tracking.uri)
-    runs = load_runs(client, tasks, models, cfg.profile, cfg.tracking.uri)
-    report = build_report(runs, pairs, cfg.confidence, cfg.alpha, cfg.profile)
+    where = f"of profile {cfg.profile!r} in experiments {', '.join(f'rnnlab-{task}' for task in tasks)} at {cfg.tracking.uri}"
+    runs = select_runs(load_runs(client, tasks, cfg.profile), cfg.models, seeds, where)
+    best = [best_validation(client, run) for _, run in runs.iterrows()]
+    runs = runs.assign(best_val=[value for value, _ in best], best_epoch=[epoch for _, epoch in best])
+    report = build_report(runs, pairs, cfg.confidence, cfg.alpha, cfg.profile, seeds)
     curves = {
         task: {model: learning_curve(client, m["run_ids"]) for model, m in result["models"].items()}
         for task, result in report["tasks"].items()
     }
     out = Path(cfg.output_dir)
-    with io.atomic_dir(out / "figures") as tmp:  # all figures or none: drawn before any report file is written
-        draw_figures(report, curves, tmp)
-        n_figures = len(list(tmp.glob("*.png")))
-    io.write_json(out / "comparison.json", report)
-    io.write_text(out / "comparison.md", markdown(report))
-    run_id = log_report(cfg, client, [out / "comparison.md", out / "comparison.json"], out / "figures")
-    verdicts = {task: "; ".join(map(_verdict, result["pairs"])) or "no pairs to test" for task, result in report["tasks"].items()}
+    new_out = not out.exists()
+    try:
+        # All figures and curves or none, and the aliases set, before any report file is written: a failure leaves the old outputs.
+        with io.atomic_dir(out / "figures") as figures, io.atomic_dir(out / "curves") as curve_dir:
+            draw_figures(report, curves, figures)
+            fetch_champion_artifacts(client, report, figures)
+            draw_samples(report, figures)
+            list_figures(report, figures)
+            for task, task_curves in curves.items():
+                curves_table(task_curves).to_csv(curve_dir / f"{task}.csv", index=False, float_format="%.6g")
+            if alias is not None:
+                register_champions(client, report, alias)
+            n_figures = len(list(figures.glob("*.png")))
+    except BaseException:
+        if new_out:  # atomic_dir made it for its temporary folders, now gone
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    files = [out / "comparison.md", out / "comparison.json", out / "comparison_metrics.json"]
+    io.write_json(files[1], report)
+    io.write_json(files[2], metrics_summary(report))
+    io.write_text(files[0], markdown(report))
+    run_id = log_report(cfg, client, files, [out / "figures", out / "curves"], seeds)
+    rows = {}
+    for task, result in report["tasks"].items():
+        rows[task] = "; ".join(map(_verdict, result["pairs"])) or "no pairs to test"
+        rows[f"{task} champions"] = _champions(result)
     summary(
-        f"Comparison of {len(runs)} runs (profile {cfg.profile})",
+        f"Comparison of {len(runs)} runs (profile {cfg.profile}, {_seeds_text(seeds)})",
         {
-            **verdicts,
-            "report": out / "comparison.md",
-            "JSON": out / "comparison.json",
+            **rows,
+            "champion alias": f"@{alias} on rnnlab-<task>-<model>" if alias else "none set (champion_alias: null)",
+            "report": files[0],
+            "JSON": f"{files[1]}, {files[2].name} (DVC metrics)",
             "figures": f"{out / 'figures'} ({n_figures} PNG)",
+            "curves": f"{out / 'curves'} ({len(curves)} CSV)",
             "MLflow run": f"{cfg.tracking.experiment} / {cfg.tracking.run_name} ({run_id})",
         },
     )

@@ -1,8 +1,9 @@
 """Sample text from a trained character-level language model.
 
 `python -m rnnlab.generate model=gru prompt="Once upon a time" length=500 temperature=0.8 seed=1`
-loads the model registered in MLflow as rnnlab-textgen-<model> (or `checkpoint=path/to/model.ckpt`)
-and prints the prompt followed by the sampled continuation.
+loads the model registered in MLflow as rnnlab-textgen-<model> (`model_uri`, by default its newest version;
+`model_uri='models:/rnnlab-textgen-gru@champion'` for the champion that rnnlab-predict uses), or
+`checkpoint=path/to/model.ckpt`, and prints the prompt followed by the sampled continuation.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import mlflow.models
 import mlflow.pytorch
 import torch
 from mlflow.exceptions import MlflowException
@@ -18,6 +20,7 @@ from omegaconf import DictConfig
 from rnnlab.config import hydra_entry
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.models.language_model import CharLanguageNet, LanguageModel, check_prompt, check_sampling, generate
+from rnnlab.serving import load_served
 
 
 def resolve_checkpoint(path: str | Path, root: str | Path) -> Path:
@@ -47,15 +50,20 @@ def load_from_checkpoint(path: str | Path) -> CharLanguageNet:
 
 
 def load_registered(tracking_uri: str, model_uri: str) -> CharLanguageNet:
-    """The network registered in MLflow at `model_uri` (e.g. models:/rnnlab-textgen-gru/latest)."""
+    """The network registered in MLflow at `model_uri` (e.g. models:/rnnlab-textgen-gru/latest): a training run's
+    PyTorch model, or the serving pyfunc that `python -m rnnlab.compare` registers as the champion (and which is
+    then the newest version), the same model `rnnlab-predict textgen` loads."""
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        net = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        flavors = mlflow.models.get_model_info(model_uri).flavors
     except MlflowException as err:
         raise DataError(
             f"No model at {model_uri} in {tracking_uri} ({err.message.splitlines()[0]}); "
             "train one first (`python -m rnnlab.train task=textgen model=...`) or pass checkpoint=<path>."
         ) from err
+    # A serving pyfunc has no pytorch flavor of its own: its network is inside the RnnlabModel.
+    pytorch = "pytorch" in flavors
+    net = mlflow.pytorch.load_model(model_uri, map_location="cpu") if pytorch else load_served(model_uri, tracking_uri)[1].net
     if not isinstance(net, CharLanguageNet):
         raise ConfigError(f"{model_uri} is a {type(net).__name__}, not a textgen language model.")
     return net
