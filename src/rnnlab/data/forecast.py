@@ -29,7 +29,7 @@ from rnnlab import io
 from rnnlab.console import summary
 from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, read_csv, save_split
 from rnnlab.errors import ConfigError, DataError
-from rnnlab.serving import TaskPredictor, missing_preprocessed, require_columns
+from rnnlab.serving import TaskPredictor, read_processed_json, require_columns
 
 RAW_FILE = "series.csv"
 BASELINES = ("persistence", "seasonal_naive", "arima")
@@ -465,18 +465,6 @@ class ForecastDataModule(SplitTensorDataModule):
 
 
 # --- serving -------------------------------------------------------------------------------
-
-
-def read_processed_json(processed_dir: Path, name: str, task: str, keys: Sequence[str] = ()) -> dict[str, Any]:
-    """A JSON file preprocess wrote, with `keys` present (older preprocess outputs lack some)."""
-    path = processed_dir / name
-    if not path.is_file():
-        raise missing_preprocessed(path, task)
-    content = json.loads(path.read_text())
-    missing = [key for key in keys if key not in content]
-    if missing:
-        raise DataError(f"{path} has no {missing}: it was written by an older preprocess; run `dvc repro preprocess@{task}` and retrain.")
-    return content
 
 
 def periods_between(start: pd.Timestamp, end: pd.Timestamp, frequency: str) -> int | None:

@@ -22,7 +22,7 @@ from rnnlab import io
 from rnnlab.console import progress, summary
 from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_csv, read_text, save_split
 from rnnlab.errors import DataError
-from rnnlab.serving import TaskPredictor, missing_preprocessed, require_columns, text_rows
+from rnnlab.serving import TaskPredictor, read_processed_json, require_columns, text_rows
 
 PAD, UNK = "<pad>", "<unk>"
 RAW_FILE = "reviews.csv"
@@ -230,14 +230,11 @@ class ReviewPredictor(TaskPredictor):
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ReviewPredictor:
         processed = Path(cfg.paths.processed)
-        files = {name: processed / name for name in ("vocab.json", "metadata.json")}
-        for path in files.values():
-            if not path.is_file():
-                raise missing_preprocessed(path, cfg.task.name)
-        max_len = json.loads(files["metadata.json"].read_text())["max_len"]
+        vocabulary = read_processed_json(processed, "vocab.json", cfg.task.name)
+        max_len = read_processed_json(processed, "metadata.json", cfg.task.name, ["max_len"])["max_len"]
         if cfg.task.data.get("max_len") is not None:  # the DataModule kept only the last task.data.max_len tokens
             max_len = min(max_len, int(cfg.task.data.max_len))
-        return cls(vocabulary=json.loads(files["vocab.json"].read_text()), max_len=max_len, labels=["negative", "positive"])
+        return cls(vocabulary=vocabulary, max_len=max_len, labels=["negative", "positive"])
 
     @classmethod
     def read_input(cls, source: str) -> pd.DataFrame:

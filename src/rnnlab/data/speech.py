@@ -35,7 +35,7 @@ from rnnlab import io
 from rnnlab.console import progress, summary
 from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_csv, save_split
 from rnnlab.errors import DataError
-from rnnlab.serving import TaskPredictor, missing_preprocessed, require_columns, text_rows
+from rnnlab.serving import TaskPredictor, read_processed_json, require_columns, text_rows
 
 SAMPLE_RATE = 16000  # every clip is one second at this rate
 COMMANDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -562,10 +562,7 @@ class ClipPredictor(TaskPredictor):
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ClipPredictor:
-        path = Path(cfg.paths.processed) / "metadata.json"
-        if not path.is_file():
-            raise missing_preprocessed(path, cfg.task.name)
-        metadata = json.loads(path.read_text())
+        metadata = read_processed_json(Path(cfg.paths.processed), "metadata.json", cfg.task.name)
         features = metadata["features"]
         return cls(
             class_names=metadata["class_names"],

@@ -28,7 +28,7 @@ from rnnlab import io
 from rnnlab.console import summary
 from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, read_text, save_split
 from rnnlab.errors import ConfigError, DataError
-from rnnlab.serving import TaskPredictor, missing_preprocessed, require_columns, text_rows
+from rnnlab.serving import TaskPredictor, read_processed_json, require_columns, text_rows
 
 PAD, UNK = "<pad>", "<unk>"
 UNK_ID = 1
@@ -290,10 +290,7 @@ class PromptPredictor(TaskPredictor):
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> PromptPredictor:
-        path = Path(cfg.paths.processed) / "vocab.json"
-        if not path.is_file():
-            raise missing_preprocessed(path, cfg.task.name)
-        vocabulary = json.loads(path.read_text())
+        vocabulary = read_processed_json(Path(cfg.paths.processed), "vocab.json", cfg.task.name)
         characters = [char for char in vocabulary if char not in (PAD, UNK)]
         prompt = cfg.task.module.get("sample_prompt")
         if not (isinstance(prompt, str) and prompt and set(prompt) <= set(characters)):
