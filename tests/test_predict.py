@@ -16,8 +16,9 @@ import pytest
 from test_serving import Champion, sentiment_champion, textgen_champion  # noqa: F401
 
 from rnnlab.config import project_root
+from rnnlab.errors import DataError
 from rnnlab.models.language_model import generate
-from rnnlab.predict import main, project_tracking_uri
+from rnnlab.predict import conform_to_signature, main, project_tracking_uri
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -85,6 +86,19 @@ def test_unknown_prompt_characters_are_named(textgen_champion: Champion, capsys)
     code, out, err = run_main(capsys, "textgen", "ROMEO§", "--tracking-uri", textgen_champion.uri)
     assert code == 2 and out == ""
     assert "prompt has character(s) outside the model's vocabulary: '§'" in err
+
+
+def test_inputs_are_checked_against_the_signature_before_mlflow_sees_them(sentiment_champion: Champion, caplog) -> None:  # noqa: F811
+    mlflow.set_tracking_uri(sentiment_champion.uri)
+    model = mlflow.pyfunc.load_model(sentiment_champion.model_uri)
+    with pytest.raises(DataError, match=r"lacks the column\(s\) \['text'\] .* \(it has \['review'\]\); give the columns \['text'\]"):
+        conform_to_signature(pd.DataFrame({"review": ["fine"]}), model, sentiment_champion.model_uri)
+    extra = pd.DataFrame({"id": [7], "text": ["fine"]})
+    conformed = conform_to_signature(extra, model, sentiment_champion.model_uri)
+    assert list(conformed.columns) == ["text"] and conformed["text"].tolist() == ["fine"]
+    with caplog.at_level("WARNING"):
+        model.predict(conformed)
+    assert "extra inputs" not in caplog.text
 
 
 def test_by_default_predict_reads_the_projects_store() -> None:

@@ -18,14 +18,16 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import pandas as pd
 from hydra import compose, initialize_config_dir
 from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PyFuncModel
 from mlflow.tracking import MlflowClient
 
 from rnnlab.config import config_dir, exit_on_user_error
 from rnnlab.console import summary
-from rnnlab.errors import ConfigError
-from rnnlab.serving import PROGRESS_BAR, load_served
+from rnnlab.errors import ConfigError, DataError
+from rnnlab.serving import PROGRESS_BAR, InvalidRequest, load_served
 
 # Sampling options of text generation; they reach the model as pyfunc params, so any model whose
 # predictor declares them (TaskPredictor.default_params) takes them.
@@ -71,6 +73,22 @@ def registered_version(tracking_uri: str, model_uri: str) -> str:
         return model_uri
 
 
+def conform_to_signature(frame: pd.DataFrame, model: PyFuncModel, model_uri: str) -> pd.DataFrame:
+    """`frame` with only the columns the model's signature declares. MLflow would drop the others with a
+    warning, and refuse a frame that lacks one with a schema dump; name the missing columns instead."""
+    schema = model.metadata.get_input_schema()
+    if schema is None or not schema.has_input_names():
+        return frame
+    names = schema.input_names()
+    missing = [name for name in schema.required_input_names() if name not in frame.columns]
+    if missing:
+        raise DataError(
+            f"the input lacks the column(s) {missing} that {model_uri} takes (it has {list(map(str, frame.columns))}); "
+            f"give the columns {names}."
+        )
+    return frame[[column for column in frame.columns if column in names]]
+
+
 def predict(args: argparse.Namespace) -> None:
     tracking_uri = args.tracking_uri or project_tracking_uri(args.task)
     model_uri = args.model_uri or f"models:/rnnlab-{args.task}-{args.model}@{args.alias}"
@@ -87,8 +105,13 @@ def predict(args: argparse.Namespace) -> None:
         takes = ", ".join(f"--{name}" for name in predictor.default_params if name in PARAM_OPTIONS)
         held = f"they take only {takes}" if takes else f"they take none of {', '.join(f'--{name}' for name in PARAM_OPTIONS)}"
         raise ConfigError(f"{args.task} models do not take {unknown} ({held}); leave it out.")
-    frame = type(predictor).read_input(args.input)
-    outputs = model.predict(frame, params=params or None)
+    frame = conform_to_signature(type(predictor).read_input(args.input), model, model_uri)
+    try:
+        outputs = model.predict(frame, params=params or None)
+    except InvalidRequest:
+        raise
+    except MlflowException as err:  # the signature's types: e.g. text where the model takes numbers
+        raise DataError(f"{model_uri} refuses the input: {err.message.splitlines()[-1]}") from err
     print(predictor.describe(frame, outputs))
     used = {**predictor.default_params, **params}
     summary(
