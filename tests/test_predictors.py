@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -360,7 +361,11 @@ def test_forecast_champion_answers_recent_rows(compose_cfg: Callable[..., DictCo
     processed = fetch_and_preprocess(tmp_path / "data", make_series(), covariates=["lead"])
     cfg = tiny_run(compose_cfg, processed, tmp_path / "run")
     train(cfg)
-    served, net = champion(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served, net = champion(cfg)
+    # The forecast's integer `step` column would make MLflow hint about missing values once per column and call.
+    assert not [w for w in caught if "integer column" in str(w.message)]
     series = read_series_csv(processed.parent / "raw" / "series.csv")
     recent = series.iloc[120:150]
     expected = series_predictor(compose_cfg, processed).predict(net, recent, {})
