@@ -137,6 +137,8 @@ def test_the_serving_model_bundles_tokenizer_state_and_rnnlabs_code(sentiment_ch
     assert logged.name == "serving_model" and logged.source_run_id == sentiment_champion.run_id
     local = Path(mlflow.artifacts.download_artifacts(logged.artifact_location))
     assert (local / "code" / "rnnlab" / "serving.py").is_file()  # loads where rnnlab is not installed
+    # Its definition is code (rnnlab/serving_code.py, "models from code"), not a pickled RnnlabModel.
+    assert (local / "serving_code.py").is_file() and not (local / "python_model.pkl").exists()
     info = json.loads(next(local.glob("artifacts/**/predictor.json")).read_text())
     assert info["class"] == "rnnlab.data.sentiment.ReviewPredictor" and info["task"] == "sentiment"
     assert info["state"]["vocabulary"] == json.loads((sentiment_champion.processed / "vocab.json").read_text())

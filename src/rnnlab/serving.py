@@ -285,7 +285,7 @@ def log_serving_model(client: MlflowClient, run_id: str) -> str:
         try:
             mlflow.pyfunc.save_model(
                 tmp / "pyfunc",
-                python_model=RnnlabModel(),
+                python_model=str(Path(__file__).with_name("serving_code.py")),
                 artifacts={"network": network, "predictor": str(tmp / PREDICTOR_FILE)},
                 code_paths=[str(Path(rnnlab.__file__).parent)],  # the model loads where rnnlab is not installed
                 signature=signature,
