@@ -16,6 +16,7 @@ import pytest
 from test_serving import Champion, sentiment_champion, textgen_champion  # noqa: F401
 
 from rnnlab.config import project_root
+from rnnlab.data.sentiment import ReviewPredictor
 from rnnlab.errors import DataError
 from rnnlab.models.language_model import generate
 from rnnlab.predict import conform_to_signature, main, project_tracking_uri
@@ -99,6 +100,15 @@ def test_inputs_are_checked_against_the_signature_before_mlflow_sees_them(sentim
     with caplog.at_level("WARNING"):
         model.predict(conformed)
     assert "extra inputs" not in caplog.text
+
+
+def test_an_input_of_the_wrong_type_is_a_one_line_error(sentiment_champion: Champion, capsys, monkeypatch) -> None:  # noqa: F811
+    # A reader that yields numbers where the signature takes text: MLflow's schema check refuses it before the predictor.
+    monkeypatch.setattr(ReviewPredictor, "read_input", classmethod(lambda cls, source: pd.DataFrame({"text": [3]})))
+    code, out, err = run_main(capsys, "sentiment", "fine", "--tracking-uri", sentiment_champion.uri)
+    assert code == 2 and out == ""
+    assert err.startswith("rnnlab: error: models:/rnnlab-sentiment-gru@champion refuses the input: "), err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_by_default_predict_reads_the_projects_store() -> None:
