@@ -1,0 +1,172 @@
+"""Write what each pipeline stage runs as DVC params: `python -m rnnlab.resolve` (the `resolve` stage).
+
+For the profile and the tasks and models of params.yaml, it composes every stage's Hydra config
+as the stage's command would and writes, under resolved/:
+
+- <task>/data.yaml: the fetch and preprocess settings and the code each of them runs;
+- <task>/<model>.yaml: the training's main hyperparameters (`hparams`, shown by `dvc exp show`),
+  its whole composed config, and the code it runs;
+- compare.yaml: the comparison's settings, its code and every task's serving code.
+
+The stages list these files under `params:`, so DVC compares values, not file bytes: a comment
+in a config stales nothing, a changed learning rate stales that model's runs only, and an edit
+to a source file stales exactly the stages whose code (`code_deps.closure`) holds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from rnnlab import code_deps, io
+from rnnlab.config import config_dir, exit_on_user_error, project_root
+from rnnlab.errors import ConfigError
+
+OUT_DIR = "resolved"
+# Hydra imports every plugin module on start, so each Hydra command runs the sweeper's module body;
+# what the sweeper imports inside its methods runs only in a search, which no stage is.
+HYDRA_PLUGINS = ("hydra_plugins.rnnlab_optuna_sweeper",)
+# Where a run writes and logs (machine-specific paths), not what it computes.
+NOT_RESULTS = ("paths", "tracking", "search", "seed", "resume")
+# The main hyperparameters of a training, as `dvc exp show` columns: name -> config key.
+HPARAMS = {
+    "lr": "optimizer.lr",
+    "weight_decay": "optimizer.weight_decay",
+    "hidden_size": "model.encoder.hidden_size",
+    "num_layers": "model.encoder.num_layers",
+    "dropout": "model.encoder.dropout",
+    "batch_size": "task.data.batch_size",
+    "max_epochs": "trainer.max_epochs",
+}
+
+
+def compose_run(overrides: Sequence[str], config_name: str = "config") -> DictConfig:
+    """The config a command with these overrides runs, with paths relative to the project root
+    so that the same checkout gives the same values on any machine."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name=config_name, overrides=[*overrides, "paths.root=."])
+
+
+def code_of(entry: str, cfg: Any) -> dict[str, str]:
+    """Source file -> hash of everything a command runs: its entry module, Hydra's plugins and every
+    rnnlab class or function the config names (`_target_`, `cell`), with all they import."""
+    return code_deps.file_hashes({*code_deps.closure([entry, *_named_modules(cfg)]), *HYDRA_PLUGINS})
+
+
+def training_params(cfg: DictConfig) -> dict[str, Any]:
+    """A training's DVC params: its main hyperparameters, the config that decides its result, its code."""
+    config = _without_paths(cfg)
+    for key in NOT_RESULTS:
+        config.pop(key, None)
+    for key in ("fetch", "preprocess", "predictor"):  # other stages' settings: training reads their outputs
+        config["task"].pop(key, None)
+    hparams = {name: OmegaConf.select(cfg, key) for name, key in HPARAMS.items()}
+    return {"hparams": hparams, "config": config, "code": code_of("rnnlab.train", config)}
+
+
+def data_params(cfg: DictConfig) -> dict[str, Any]:
+    """Fetch's and preprocess's DVC params: each one's settings and code."""
+    fetch = OmegaConf.to_container(cfg.task.fetch, resolve=True)
+    preprocess = OmegaConf.to_container(cfg.task.preprocess, resolve=True)
+    return {
+        "fetch": fetch,
+        "fetch_code": code_of("rnnlab.fetch", fetch),
+        "preprocess": preprocess,
+        "preprocess_code": code_of("rnnlab.preprocess", preprocess),
+    }
+
+
+def compare_params(profile: str, tasks: Iterable[str]) -> dict[str, Any]:
+    """The comparison's settings and code, with each task's serving code (the champions' predictors)."""
+    cfg = compose_run([f"profile={profile}"], config_name="compare")
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.pop("paths", None)
+    predictors = [OmegaConf.to_container(compose_run([f"task={task}"]).task.predictor, resolve=True) for task in tasks]
+    return {"compare": settings, "code": code_of("rnnlab.compare", [settings, predictors])}
+
+
+def stage_models(params: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
+    """(task, model name, overrides) of every training the pipeline runs, as dvc.yaml lists them."""
+    runs = [(task, model, [f"task={task}", f"model={model}"]) for task in params["tasks"] for model in params["models"]]
+    runs += [(task, model, [f"task={task}", f"model={model}"]) for task in params["tasks"] for model in params["single_seed_models"]]
+    runs += [(t["task"], f"{t['model']}_tuned", [f"experiment={t['task']}_{t['model']}_tuned"]) for t in params["tuned"].values()]
+    return runs
+
+
+def write_all(root: Path) -> list[Path]:
+    """Resolve every stage of params.yaml into root/resolved (replaced as a whole)."""
+    params = _pipeline_params(root / "params.yaml")
+    profile = params["profile"]
+    files: dict[str, dict[str, Any]] = {}
+    for task in params["tasks"]:
+        files[f"{task}/data.yaml"] = data_params(compose_run([f"task={task}", f"profile={profile}"]))
+    for task, model, overrides in stage_models(params):
+        files[f"{task}/{model}.yaml"] = training_params(compose_run([*overrides, f"profile={profile}"]))
+    files["compare.yaml"] = compare_params(profile, params["tasks"])
+    with io.atomic_dir(root / OUT_DIR) as tmp:
+        for name, values in files.items():
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            header = (
+                f"# python -m rnnlab.resolve (profile {profile}): what this stage runs. Edit conf/ and params.yaml, not this file.\n"
+            )
+            path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(values)))
+    return [root / OUT_DIR / name for name in files]
+
+
+def _pipeline_params(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: run from the rnnlab checkout, which holds params.yaml.")
+    params = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    missing = [key for key in ("profile", "tasks", "models", "single_seed_models", "tuned") if key not in params]
+    if missing:
+        raise ConfigError(f"{path} lacks {', '.join(missing)}: restore them from git (git checkout -- params.yaml).")
+    params["tuned"] = params["tuned"] or {}
+    return params
+
+
+def _without_paths(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the values taken from `paths` (where a run reads and writes, such as
+    its checkpoint folder, which names the seed): DVC tracks the data itself, and outputs are not inputs."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    _drop_path_values(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _drop_path_values(node: DictConfig) -> None:
+    for key in list(node.keys()):
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _drop_path_values(child)
+        elif child._is_interpolation() and "${paths." in str(child._value()):
+            del node[key]
+
+
+def _named_modules(values: Any) -> set[str]:
+    """The rnnlab modules that dotted strings in a config name (`rnnlab.models.cells.GRU` -> rnnlab.models.cells)."""
+    if isinstance(values, dict):
+        return set().union(*(_named_modules(v) for v in values.values()))
+    if isinstance(values, list):
+        return set().union(*(_named_modules(v) for v in values))
+    if isinstance(values, str) and values.startswith(("rnnlab.", "hydra_plugins.")):
+        module = code_deps.module_of(values)
+        return {module} if module else set()
+    return set()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    with exit_on_user_error():
+        written = write_all(project_root())
+    print(f"resolved {len(written)} stage configs into {OUT_DIR}/")
+
+
+if __name__ == "__main__":
+    main()

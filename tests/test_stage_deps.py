@@ -1,0 +1,203 @@
+"""Each pipeline stage depends on exactly the code and settings it runs (rnnlab.resolve, rnnlab.code_deps)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from helpers import isolated_outputs
+from omegaconf import OmegaConf
+from test_forecast import fetch_and_preprocess, make_series
+from test_textgen import archive, textgen_overrides, textgen_root  # noqa: F401 (the textgen fixtures)
+
+from rnnlab import code_deps, resolve
+from rnnlab.config import project_root
+
+PROJECT = project_root()
+
+
+# --- the import graph ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def toy_src(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A src/ folder with a package `toy` whose modules import each other in every way Python allows."""
+    files = {
+        "toy/__init__.py": "",
+        "toy/a.py": "import os\nfrom toy import b\nfrom . import c\n",
+        "toy/b.py": "def f():\n    from toy.sub.d import thing  # imported only when f runs\n",
+        "toy/c.py": "import toy.sub\n",
+        "toy/sub/__init__.py": "",
+        "toy/sub/d.py": "from ..b import f\nthing = 1\n",
+        "toy/e.py": "from toy.sub.d import thing\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(code_deps, "SRC", tmp_path)
+    code_deps.imports_of.cache_clear()
+    yield tmp_path
+    code_deps.imports_of.cache_clear()
+
+
+def test_imports_are_read_from_every_kind_of_import_statement(toy_src: Path) -> None:
+    assert code_deps.imports_of("toy.a") == {"toy", "toy.b", "toy.c"}  # os is not under src/
+    assert code_deps.imports_of("toy.b") == {"toy", "toy.sub", "toy.sub.d"}  # inside a function counts
+    assert code_deps.imports_of("toy.sub.d") == {"toy", "toy.b"}  # relative, two levels
+    assert code_deps.imports_of("toy.e") == {"toy", "toy.sub", "toy.sub.d"}  # `thing` is an object, d the module
+
+
+def test_closure_follows_imports_transitively_and_hashes_the_files(toy_src: Path) -> None:
+    assert code_deps.closure(["toy.c"]) == {"toy", "toy.c", "toy.sub"}
+    assert code_deps.closure(["toy.e"]) == {"toy", "toy.e", "toy.sub", "toy.sub.d", "toy.b"}
+    hashes = code_deps.file_hashes(["toy.e", "toy.sub"])
+    assert set(hashes) == {"toy/e.py", "toy/sub/__init__.py"}
+    (toy_src / "toy/e.py").write_text("# changed\n")
+    assert code_deps.file_hashes(["toy.e"])["toy/e.py"] != hashes["toy/e.py"]
+
+
+def test_module_of_finds_the_module_behind_a_class_path() -> None:
+    assert code_deps.module_of("rnnlab.models.cells.GRU") == "rnnlab.models.cells"
+    assert code_deps.module_of("torch.nn.GRU") is None
+
+
+# --- what each stage is declared to run ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, dict]]:
+    """Resolve the pipeline of a copy of this project (conf/, params.yaml; src/ is the installed one)."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(PROJECT / "conf", root / "conf")
+    shutil.copy(PROJECT / "params.yaml", root / "params.yaml")
+
+    def _resolve() -> dict[str, dict]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("RNNLAB_ROOT", str(root))
+            files = resolve.write_all(root)
+        return {str(path.relative_to(root / resolve.OUT_DIR)): OmegaConf.to_container(OmegaConf.load(path)) for path in files}
+
+    _resolve.root = root  # type: ignore[attr-defined]
+    return _resolve
+
+
+def holding(files: dict[str, dict], source: str) -> set[str]:
+    """The resolved files whose code (any *code section) names `source`."""
+    return {name for name, values in files.items() if any(source in section for key, section in values.items() if key.endswith("code"))}
+
+
+def test_a_task_s_data_code_is_a_dependency_of_that_task_s_stages_only(resolved: Callable[..., dict[str, dict]]) -> None:
+    files = resolved()
+    assert holding(files, "rnnlab/data/speech.py") == {name for name in files if name.startswith("speech/")} | {"compare.yaml"}
+    forecast_tasks = ("forecast/", "forecast_stock/", "forecast_electricity/")
+    assert holding(files, "rnnlab/data/forecast.py") == {name for name in files if name.startswith(forecast_tasks)} | {"compare.yaml"}
+
+
+def test_rnnlab_s_own_cells_are_a_dependency_of_the_runs_that_use_them_only(resolved: Callable[..., dict[str, dict]]) -> None:
+    files = resolved()
+    scratch = {name for name in files if name.endswith("_scratch.yaml")}
+    assert scratch, "params.yaml trains no rnnlab cell"
+    assert holding(files, "rnnlab/models/cells.py") == scratch
+
+
+def test_every_training_declares_the_shared_training_code(resolved: Callable[..., dict[str, dict]]) -> None:
+    trainings = {name: values for name, values in resolved().items() if "hparams" in values}
+    for name, values in trainings.items():
+        assert {"rnnlab/train.py", "rnnlab/models/encoder.py", "rnnlab/data/base.py"} <= set(values["code"]), name
+        assert set(values["hparams"]) == set(resolve.HPARAMS), name
+        assert "paths" not in values["config"] and "fetch" not in values["config"]["task"], name
+
+
+def test_a_comment_changes_nothing_and_a_learning_rate_one_model(resolved: Callable[..., dict[str, dict]]) -> None:
+    root: Path = resolved.root  # type: ignore[attr-defined]
+    before = resolved()
+    with (root / "conf/task/speech.yaml").open("a") as f:
+        f.write("# a comment changes no value\n")
+    assert resolved() == before
+
+    experiment = root / "conf/experiment/sentiment_gru_tuned.yaml"
+    experiment.write_text(experiment.read_text().replace("lr: 0.002", "lr: 0.003"))
+    after = resolved()
+    changed = {name for name in after if after[name] != before[name]}
+    assert changed == {"sentiment/gru_tuned.yaml"}
+    assert after["sentiment/gru_tuned.yaml"]["hparams"]["lr"] == 0.003
+
+
+def test_no_resolved_value_depends_on_the_machine(resolved: Callable[..., dict[str, dict]]) -> None:
+    text = json.dumps(resolved())
+    assert str(resolved.root) not in text and str(PROJECT) not in text  # type: ignore[attr-defined]
+
+
+# --- what a training really imports ----------------------------------------------------------------------------
+
+RECORD_IMPORTS = textwrap.dedent(
+    """
+    import atexit, json, runpy, sys
+    out = sys.argv.pop(1)
+    def record():
+        names = [m for m in sys.modules if m.split(".")[0] in ("rnnlab", "hydra_plugins")]
+        names.append("rnnlab.train")  # runpy runs it as __main__
+        with open(out, "w") as f:
+            json.dump(sorted(names), f)
+    atexit.register(record)
+    sys.argv[0] = "rnnlab.train"
+    runpy.run_module("rnnlab.train", run_name="__main__", alter_sys=True)
+    """
+)
+
+
+def imported_by_training(overrides: list[str], out: Path) -> set[str]:
+    """The source files (relative to src/) of the rnnlab modules a real `python -m rnnlab.train` loaded."""
+    record = out / "imports.json"
+    result = subprocess.run(
+        [sys.executable, "-c", RECORD_IMPORTS, str(record), *overrides], capture_output=True, text=True, timeout=600, cwd=PROJECT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = {code_deps.source_file(m) for m in json.loads(record.read_text())}
+    return {f.relative_to(code_deps.SRC).as_posix() for f in files if f is not None}
+
+
+@pytest.fixture
+def task_data(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], list[str]]:
+    """Overrides that point a training of `task` at tiny data that went through the real fetch and preprocess."""
+
+    def _overrides(task: str) -> list[str]:
+        if task == "sentiment":
+            return [f"paths.root={request.getfixturevalue('sentiment_root')}"]
+        if task == "speech":
+            return [f"paths.processed={request.getfixturevalue('speech_dirs')[1]}"]
+        if task == "textgen":
+            root, archive = request.getfixturevalue("textgen_root"), request.getfixturevalue("archive")
+            return [*textgen_overrides(root, archive), "task.module.sample_prompt='thou art'"]
+        return [f"paths.processed={fetch_and_preprocess(tmp_path / 'forecast', make_series())}"]
+
+    return _overrides
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("task", "model"),
+    [("sentiment", "gru"), ("sentiment", "gru_scratch"), ("textgen", "lstm"), ("forecast", "rnn"), ("speech", "gru")],
+)
+def test_a_training_imports_only_code_its_stage_declares(
+    task: str, model: str, task_data: Callable[[str], list[str]], tmp_path: Path
+) -> None:
+    overrides = [
+        f"task={task}",
+        f"model={model}",
+        "profile=smoke",
+        "callbacks.progress_bar=null",
+        *task_data(task),
+        *isolated_outputs(tmp_path),
+    ]
+    imported = imported_by_training(overrides, tmp_path)
+    declared = set(resolve.training_params(resolve.compose_run(overrides))["code"])
+    assert "rnnlab/train.py" in imported
+    assert imported <= declared, f"imported but not declared: {sorted(imported - declared)}"
+    assert ("rnnlab/models/cells.py" in imported) == (model == "gru_scratch")
