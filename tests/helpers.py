@@ -30,12 +30,12 @@ def isolated_outputs(out: Path) -> list[str]:
     ]
 
 
-# The metrics that differ between identical runs: measurements of the machine, not of the model.
-TIMING = {"train_seconds", "seconds_per_epoch", "latency_ms_per_sequence", "peak_memory_mb"}
+# What differs between identical runs: measurements of the machine, not of the model, and the run's own MLflow id.
+NOT_RESULTS = {"train_seconds", "seconds_per_epoch", "latency_ms_per_sequence", "peak_memory_mb", "mlflow_run_id"}
 
 
-def without_timing(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if k not in TIMING}
+def only_results(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k not in NOT_RESULTS}
 
 
 def quiet_trainer(tmp_path: Path | None = None, **kwargs: object) -> L.Trainer:

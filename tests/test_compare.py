@@ -334,6 +334,60 @@ def test_bad_settings_are_clear_errors_and_write_nothing(
     assert not (tmp_path / "reports").exists()
 
 
+def sentiment_gru_runs(store: Path) -> dict[tuple[int, float], str]:
+    """(seed, test_acc) -> run id of every FINISHED sentiment GRU run of the default profile outside a search."""
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    experiment = client.get_experiment_by_name("rnnlab-sentiment")
+    query = "tags.model = 'gru' AND tags.profile = 'default' AND attributes.status = 'FINISHED'"
+    runs = [r for r in client.search_runs([experiment.experiment_id], query) if "optuna.trial" not in r.data.tags]
+    return {(int(r.data.tags["seed"]), r.data.metrics["test_acc"]): r.info.run_id for r in runs}
+
+
+def test_pipeline_runs_are_those_the_metrics_files_name(store: Path, tmp_path: Path) -> None:
+    named = sentiment_gru_runs(store)
+    metrics = tmp_path / "metrics" / "sentiment" / "gru"
+    metrics.mkdir(parents=True)
+    for (seed, value), run_id in named.items():
+        if seed in (1, 2) or value == 0.2:  # seed 3: its older run, not the newest
+            (metrics / f"seed{seed}.json").write_text(json.dumps({"test_acc": value, "mlflow_run_id": run_id}))
+    overrides = [*store_overrides(store, tmp_path), NO_ALIAS, "runs=pipeline", f"metrics_dir={tmp_path}/metrics", "tasks=[sentiment]"]
+    gru = compare(compose_compare(*overrides))["tasks"]["sentiment"]["models"]["gru"]
+    assert gru["seeds"] == [1, 2, 3]
+    assert gru["mean"] == pytest.approx(np.mean([*GRU_SENTIMENT[:2], 0.2]))
+    newest = compare(compose_compare(*store_overrides(store, tmp_path / "newest"), NO_ALIAS, "tasks=[sentiment]", "seeds=[1,2,3]"))
+    assert newest["tasks"]["sentiment"]["models"]["gru"]["mean"] == pytest.approx(np.mean(GRU_SENTIMENT[:3]))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"test_acc": 0.9}, r"seed1\.json names no MLflow run \(mlflow_run_id\).*dvc repro"),
+        ({"mlflow_run_id": "0" * 32}, r"seed1\.json names MLflow run 0{32}, which is not in this store"),
+        ("not json", r"seed1\.json is not a metrics file"),
+    ],
+)
+def test_a_metrics_file_without_a_usable_run_is_a_clear_error(store: Path, tmp_path: Path, content: Any, message: str) -> None:
+    metrics = tmp_path / "metrics" / "sentiment" / "gru"
+    metrics.mkdir(parents=True)
+    (metrics / "seed1.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    overrides = [*store_overrides(store, tmp_path), NO_ALIAS, "runs=pipeline", f"metrics_dir={tmp_path}/metrics", "tasks=[sentiment]"]
+    with pytest.raises(DataError, match=message):
+        compare(compose_compare(*overrides))
+    assert not (tmp_path / "reports").exists()
+
+
+def test_a_metrics_file_naming_a_run_of_another_profile_is_a_clear_error(store: Path, tmp_path: Path) -> None:
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    experiment = client.get_experiment_by_name("rnnlab-sentiment")
+    smoke = client.search_runs([experiment.experiment_id], "tags.profile = 'smoke'")[0].info.run_id
+    metrics = tmp_path / "metrics" / "sentiment" / "gru"
+    metrics.mkdir(parents=True)
+    (metrics / "seed6.json").write_text(json.dumps({"mlflow_run_id": smoke}))
+    overrides = [*store_overrides(store, tmp_path), NO_ALIAS, "runs=pipeline", f"metrics_dir={tmp_path}/metrics", "tasks=[sentiment]"]
+    with pytest.raises(DataError, match=rf"names MLflow run {smoke} \(FINISHED, profile smoke\).*compare that profile"):
+        compare(compose_compare(*overrides))
+
+
 def test_run_without_monitor_history_is_a_clear_error(tmp_path: Path) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     add_run(client, "sentiment", "gru", 1, 0.9, 1000)

@@ -16,10 +16,10 @@ import pytest
 from test_serving import Champion, sentiment_champion, textgen_champion  # noqa: F401
 
 from rnnlab.config import project_root
-from rnnlab.data.sentiment import ReviewPredictor
 from rnnlab.errors import DataError
 from rnnlab.models.language_model import generate
 from rnnlab.predict import conform_to_signature, main, project_tracking_uri
+from rnnlab.predictors.sentiment import ReviewPredictor
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

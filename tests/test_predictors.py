@@ -26,9 +26,10 @@ from test_forecast import TINY as TINY_FORECAST
 from test_forecast import fetch_and_preprocess, make_forecaster, make_series, tiny_run, write_csv
 from test_speech import make_speech_classifier
 
-from rnnlab.data.forecast import SeriesPredictor, periods_between, read_series_csv, series_frequency
-from rnnlab.data.speech import ClipPredictor
+from rnnlab.data.forecast import read_series_csv, series_frequency
 from rnnlab.errors import DataError
+from rnnlab.predictors.forecast import SeriesPredictor, periods_between
+from rnnlab.predictors.speech import ClipPredictor
 from rnnlab.serving import predictor_for, register_champion
 from rnnlab.train import train
 

@@ -31,11 +31,12 @@ from test_textgen import textgen_overrides
 
 from rnnlab import serving
 from rnnlab.config import config_dir
-from rnnlab.data.sentiment import ReviewPredictor, encode, tokenize
-from rnnlab.data.textgen import PromptPredictor
+from rnnlab.data.sentiment import encode, tokenize
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.generate import sample
 from rnnlab.models.language_model import generate
+from rnnlab.predictors.sentiment import ReviewPredictor
+from rnnlab.predictors.textgen import PromptPredictor
 from rnnlab.serving import InvalidRequest, load_served, register_champion
 from rnnlab.train import train
 
@@ -140,7 +141,7 @@ def test_the_serving_model_bundles_tokenizer_state_and_rnnlabs_code(sentiment_ch
     # Its definition is code (rnnlab/serving_code.py, "models from code"), not a pickled RnnlabModel.
     assert (local / "serving_code.py").is_file() and not (local / "python_model.pkl").exists()
     info = json.loads(next(local.glob("artifacts/**/predictor.json")).read_text())
-    assert info["class"] == "rnnlab.data.sentiment.ReviewPredictor" and info["task"] == "sentiment"
+    assert info["class"] == "rnnlab.predictors.sentiment.ReviewPredictor" and info["task"] == "sentiment"
     assert info["state"]["vocabulary"] == json.loads((sentiment_champion.processed / "vocab.json").read_text())
     assert info["state"]["max_len"] == 40
     assert (local / "serving_input_example.json").is_file()  # what `mlflow models serve` is checked against
@@ -239,7 +240,7 @@ def test_a_run_logged_before_task_configs_named_a_predictor_gets_the_tasks_curre
     [
         ("rnnlab.data.sentiment.NoSuchPredictor", "cannot be imported"),
         ("nosuchpackage.Predictor", "cannot be imported"),
-        ("rnnlab.data.sentiment.SentimentDataModule", "is not a subclass of rnnlab.serving.TaskPredictor"),
+        ("rnnlab.data.sentiment.SentimentDataModule", "is not a subclass of rnnlab.predictors.base.TaskPredictor"),
     ],
 )
 def test_a_predictor_target_must_name_a_task_predictor(target: str, message: str) -> None:

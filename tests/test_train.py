@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from helpers import isolated_outputs, without_timing
+from helpers import isolated_outputs, only_results
 from mlflow import MlflowClient
 
 from rnnlab.train import train
@@ -21,6 +21,7 @@ def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: 
     metrics = train(cfg)
 
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    run_id = on_disk.pop("mlflow_run_id")  # the run the comparison reads: DVC's metrics and MLflow agree
     assert on_disk == metrics
     assert {"test_acc", "test_f1", "test_auroc", "test_loss", "n_params", "train_seconds"} <= on_disk.keys()
     assert 0 <= on_disk["test_acc"] <= 1 and on_disk["epochs"] == 2
@@ -33,7 +34,7 @@ def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: 
     runs = mlflow.search_runs(experiment_names=["rnnlab-sentiment"], output_format="list")
     assert len(runs) == 1
     run = runs[0]
-    assert run.info.status == "FINISHED"
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert run.info.run_name == "sentiment-lstm-seed42"
     assert run.data.tags["profile"] == "smoke" and run.data.tags["model"] == "lstm"
     assert run.data.metrics["test_acc"] == pytest.approx(metrics["test_acc"])
@@ -55,7 +56,7 @@ def test_same_seed_gives_same_metrics(compose_cfg, tiny_overrides: list[str], tm
     first = train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / "first"), "model=gru", "seed=3"))
     second = train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / "second"), "model=gru", "seed=3"))
     other = train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / "other"), "model=gru", "seed=4"))
-    assert without_timing(first) == without_timing(second)
+    assert only_results(first) == only_results(second)
     histories = [pd.read_csv(tmp_path / run / "history.csv").drop(columns="seconds") for run in ("first", "second")]
     pd.testing.assert_frame_equal(*histories)
     assert first["test_loss"] != other["test_loss"]
@@ -86,7 +87,7 @@ def test_console_script_accepts_hydra_overrides(compose_cfg, tiny_overrides: lis
     assert metrics["n_params"] == (8 * 8 + 8 * 8 + 2 * 8) + 52 * 8 + (2 * 8 * 2 + 2)
     # The command and train() in this process (another hash seed, fresh state) give the same run.
     in_process = train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / "in_process"), "model=rnn", "trainer.max_epochs=1"))
-    assert without_timing(in_process) == without_timing(metrics)
+    assert only_results(in_process) == only_results(metrics)
 
 
 def test_console_script_reports_bad_values_without_traceback(tiny_overrides: list[str], tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ report's files are logged to one run of the experiment rnnlab-compare.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -138,29 +139,71 @@ def _runs(client: MlflowClient, experiment_id: str, profile: str) -> Iterator[Ru
             return
 
 
+def _run_row(task: str, run: Run) -> dict[str, Any] | None:
+    """The report's row of a training run; None for a run that is not a training (a search's trial or study)."""
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    if any(tag in tags for tag in SEARCH_TAGS) or "model" not in tags or "seed" not in tags:
+        return None
+    # The run's own config says which metrics it was judged by and which direction is better.
+    metric, monitor, mode = params.get("task/primary_metric"), params.get("task/monitor"), params.get("task/monitor_mode")
+    if metric not in metrics or not monitor or mode not in ("min", "max"):
+        raise DataError(
+            f"run {run.info.run_id} ({run.info.run_name}) has no task/primary_metric with a logged value, task/monitor "
+            "and task/monitor_mode parameters; only runs of `python -m rnnlab.train` can be compared."
+        )
+    run_info = {"model": tags["model"], "seed": int(tags["seed"]), "run_id": run.info.run_id, "run_name": run.info.run_name}
+    logged = {"metric": metric, "monitor": monitor, "mode": mode, "value": metrics[metric]}
+    extras = {key: metrics.get(key, math.nan) for key in EXTRAS}
+    return {"task": task, **run_info, "start_time": run.info.start_time, **logged, **extras}
+
+
+RUN_COLUMNS = ["task", "model", "seed", "run_id", "run_name", "start_time", "metric", "monitor", "mode", "value", *EXTRAS]
+
+
 def load_runs(client: MlflowClient, tasks: list[str], profile: str) -> pd.DataFrame:
     """One row per (task, model, seed): its newest FINISHED training run of `profile`, search runs left out."""
     rows = []
     for task in tasks:
         experiment = client.get_experiment_by_name(f"rnnlab-{task}")
         for run in _runs(client, experiment.experiment_id, profile) if experiment else ():
-            tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-            if any(tag in tags for tag in SEARCH_TAGS) or "model" not in tags or "seed" not in tags:  # not a training run
-                continue
-            # The run's own config says which metrics it was judged by and which direction is better.
-            metric, monitor, mode = params.get("task/primary_metric"), params.get("task/monitor"), params.get("task/monitor_mode")
-            if metric not in metrics or not monitor or mode not in ("min", "max"):
-                raise DataError(
-                    f"run {run.info.run_id} ({run.info.run_name}) has no task/primary_metric with a logged value, task/monitor "
-                    "and task/monitor_mode parameters; only runs of `python -m rnnlab.train` can be compared."
-                )
-            run_info = {"model": tags["model"], "seed": int(tags["seed"]), "run_id": run.info.run_id, "run_name": run.info.run_name}
-            logged = {"metric": metric, "monitor": monitor, "mode": mode, "value": metrics[metric]}
-            extras = {key: metrics.get(key, math.nan) for key in EXTRAS}
-            rows.append({"task": task, **run_info, "start_time": run.info.start_time, **logged, **extras})
-    columns = ["task", "model", "seed", "run_id", "run_name", "start_time", "metric", "monitor", "mode", "value", *EXTRAS]
-    newest_first = pd.DataFrame(rows, columns=columns).sort_values("start_time", ascending=False)
+            row = _run_row(task, run)
+            if row is not None:
+                rows.append(row)
+    newest_first = pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values("start_time", ascending=False)
     return newest_first.drop_duplicates(["task", "model", "seed"]).sort_values(["task", "model", "seed"]).reset_index(drop=True)
+
+
+def load_pipeline_runs(client: MlflowClient, tasks: list[str], profile: str, metrics_dir: Path) -> pd.DataFrame:
+    """One row per metrics file <metrics_dir>/<task>/<model>/seed<seed>.json: the MLflow run it names (`mlflow_run_id`),
+    which must be a FINISHED training run of `profile`. The files are what dvc.lock records, so the report and DVC agree."""
+    rows = []
+    for task in tasks:
+        for path in sorted(Path(metrics_dir, task).glob("*/seed*.json")):
+            rows.append(_named_run(client, task, path, profile))
+    return pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values(["task", "model", "seed"]).reset_index(drop=True)
+
+
+def _named_run(client: MlflowClient, task: str, path: Path, profile: str) -> dict[str, Any]:
+    rerun = "rerun its training (`dvc repro`), or compare the newest runs instead (runs=newest)"
+    try:
+        run_id = json.loads(path.read_text()).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError) as err:
+        raise DataError(f"{path} is not a metrics file ({err}); {rerun}.") from None
+    if not isinstance(run_id, str):
+        raise DataError(f"{path} names no MLflow run (mlflow_run_id): it was written by an older rnnlab; {rerun}.")
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise DataError(f"{path} names MLflow run {run_id}, which is not in this store; {rerun}.") from None
+    if run.info.status != "FINISHED" or run.data.tags.get("profile") != profile:
+        raise DataError(
+            f"{path} names MLflow run {run_id} ({run.info.status}, profile {run.data.tags.get('profile')}), not a FINISHED run "
+            f"of profile {profile!r}: compare that profile (profile=...) or {rerun}."
+        )
+    row = _run_row(task, run)
+    if row is None:
+        raise DataError(f"{path} names MLflow run {run_id}, a search trial, not a training run; {rerun}.")
+    return row
 
 
 def select_runs(runs: pd.DataFrame, models: Any, seeds: list[int] | None, where: str) -> pd.DataFrame:
@@ -592,7 +635,14 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     seeds, alias, tasks = requested_seeds(cfg), check_alias(cfg.champion_alias), choices("task", cfg.tasks)
     client = tracking.open_store(cfg.tracking.uri)
     where = f"of profile {cfg.profile!r} in experiments {', '.join(f'rnnlab-{task}' for task in tasks)} at {cfg.tracking.uri}"
-    runs = select_runs(load_runs(client, tasks, cfg.profile), cfg.models, seeds, where)
+    if cfg.runs not in ("pipeline", "newest"):
+        raise ConfigError(f"runs must be pipeline (the runs the metrics files name) or newest (the newest in MLflow), got {cfg.runs!r}.")
+    if cfg.runs == "pipeline":
+        found = load_pipeline_runs(client, tasks, cfg.profile, Path(cfg.metrics_dir))
+        where = f"named by {cfg.metrics_dir}/<task>/<model>/seed<seed>.json for tasks {', '.join(tasks)}"
+    else:
+        found = load_runs(client, tasks, cfg.profile)
+    runs = select_runs(found, cfg.models, seeds, where)
     best = [best_validation(client, run) for _, run in runs.iterrows()]
     runs = runs.assign(best_val=[value for value, _ in best], best_epoch=[epoch for _, epoch in best])
     report = build_report(runs, pairs, cfg.confidence, cfg.alpha, cfg.profile, seeds)

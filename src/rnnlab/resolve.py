@@ -112,9 +112,7 @@ def write_all(root: Path) -> list[Path]:
         for name, values in files.items():
             path = tmp / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            header = (
-                f"# python -m rnnlab.resolve (profile {profile}): what this stage runs. Edit conf/ and params.yaml, not this file.\n"
-            )
+            header = f"# python -m rnnlab.resolve (profile {profile}): what this stage runs. Edit conf/ and params.yaml, not this file.\n"
             path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(values)))
     return [root / OUT_DIR / name for name in files]
 

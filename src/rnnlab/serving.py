@@ -1,8 +1,8 @@
 """Serving a trained run: one MLflow pyfunc class for every task, and the registry alias that names the champion.
 
-A run's network is wrapped with what its task needs to answer raw inputs (a `TaskPredictor`: the
-tokenizer and vocabulary for sentiment, the character vocabulary for textgen, the feature settings
-for speech, the scaler and lookback for forecasting) into an `RnnlabModel` pyfunc. `register_champion`
+A run's network is wrapped with what its task needs to answer raw inputs (a `TaskPredictor` of
+rnnlab.predictors: the tokenizer and vocabulary for sentiment, the character vocabulary for textgen,
+the feature settings for speech, the scaler and lookback for forecasting) into an `RnnlabModel` pyfunc. `register_champion`
 logs that pyfunc beside the run's network, registers it as a version of `rnnlab-<task>-<model>` and
 points an alias (`champion`) at it, so that `rnnlab-predict`, `python -m rnnlab.generate` and
 `mlflow models serve -m models:/rnnlab-<task>-<model>@champion` all load the same thing.
@@ -16,11 +16,10 @@ import json
 import os
 import tempfile
 import warnings
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import mlflow
 import mlflow.pytorch
@@ -38,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 import rnnlab
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError, DataError, RnnlabError
+from rnnlab.predictors.base import TaskPredictor
 
 SERVING_ARTIFACT = "serving_model"  # the pyfunc's name in the run (MLflow 3: a LoggedModel of the run)
 NETWORK_ARTIFACT = "model"  # the network every training run logs (tracking.log_model)
@@ -45,91 +45,14 @@ PREDICTOR_FILE = "predictor.json"
 SERVING_TAG = "rnnlab.serving"  # on the registered version: which of the run's models it is
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 MAKE_CHAMPION = "`dvc repro compare` or `python -m rnnlab.compare`"
-
-
-class TaskPredictor(ABC):
-    """What a task needs besides the network to answer raw inputs. Holds only JSON-serialisable state.
-
-    Subclasses implement from_config, read_input and predict; the class attributes and the other
-    methods have defaults that fit most tasks.
-    """
-
-    # Pyfunc predict params and their defaults (textgen: length, temperature, seed). They become the
-    # model signature's params, which `mlflow models serve` and `rnnlab-predict --<param>` accept.
-    default_params: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, **state: Any) -> None:
-        self.state = state
-
-    @classmethod
-    @abstractmethod
-    def from_config(cls, cfg: DictConfig) -> TaskPredictor:
-        """Built from a training run's resolved config (the run's config.yaml artifact): reads what
-        preprocess saved under cfg.paths.processed. Raises DataError naming the missing file and
-        `dvc repro preprocess@<task>`."""
-
-    @classmethod
-    @abstractmethod
-    def read_input(cls, source: str) -> pd.DataFrame:
-        """The rnnlab-predict argument as the model's input DataFrame. Raises DataError on bad input."""
-
-    @abstractmethod
-    def predict(self, net: torch.nn.Module, frame: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
-        """Predictions for the rows of `frame` (the network is in eval mode, gradients off); `params` are
-        default_params updated with the request's. Bad rows raise a DataError naming the row and the fix."""
-
-    def input_example(self) -> pd.DataFrame | None:
-        """A valid input for the model signature and MLflow's serving example; None logs neither
-        (e.g. when a valid input is a file that will not exist where the model is served)."""
-        return None
-
-    def describe(self, inputs: pd.DataFrame, outputs: pd.DataFrame) -> str:
-        """The predictions as rnnlab-predict prints them."""
-        return outputs.to_string(index=False)
-
-    def to_json(self) -> dict[str, Any]:
-        return self.state
-
-
-def require_columns(frame: pd.DataFrame, columns: list[str], example: str) -> None:
-    """Refuse an input frame that lacks one of `columns`, showing a valid request."""
-    if not isinstance(frame, pd.DataFrame):
-        raise DataError(f"the input must be a table (a pandas DataFrame), got a {type(frame).__name__}; e.g. {example}.")
-    missing = [column for column in columns if column not in frame.columns]
-    if missing:
-        raise DataError(f"the input lacks the column(s) {missing} (it has {list(map(str, frame.columns))}); e.g. {example}.")
-
-
-def missing_preprocessed(path: Path, task: str) -> DataError:
-    """The error for a file preprocess should have written."""
-    return DataError(f"{path} is missing: run `dvc repro preprocess@{task}` (or `python -m rnnlab.preprocess task={task}`).")
-
-
-def read_processed_json(processed_dir: Path, name: str, task: str, keys: Sequence[str] = ()) -> Any:
-    """A JSON file preprocess wrote, with `keys` present (older preprocess outputs lack some)."""
-    path = processed_dir / name
-    if not path.is_file():
-        raise missing_preprocessed(path, task)
-    content = json.loads(path.read_text())
-    missing = [key for key in keys if key not in content]
-    if missing:
-        raise DataError(f"{path} has no {missing}: it was written by an older preprocess; run `dvc repro preprocess@{task}` and retrain.")
-    return content
-
-
-def text_rows(frame: pd.DataFrame, column: str, what: str, blank: bool = False) -> list[str]:
-    """The non-empty strings of `column`; an empty or non-text row is refused by its number, and so is
-    one of only whitespace unless `blank` (a language model can continue a newline)."""
-    texts = []
-    for row, value in enumerate(frame[column].tolist()):
-        if not isinstance(value, str):
-            raise DataError(f"row {row} of column {column!r} is {value!r} ({type(value).__name__}), not text; give a {what}.")
-        if not value or not (blank or value.strip()):
-            raise DataError(f"row {row} of column {column!r} is {'empty' if not value else 'only whitespace'}; give a {what}.")
-        texts.append(value)
-    if not texts:
-        raise DataError(f"the input has no rows; give at least one {what}.")
-    return texts
+# Where the predictors lived before rnnlab.predictors: the class that models registered then (predictor.json)
+# and the configs their runs logged (task.predictor._target_) still name.
+MOVED_PREDICTORS = {
+    "rnnlab.data.sentiment.ReviewPredictor": "rnnlab.predictors.sentiment.ReviewPredictor",
+    "rnnlab.data.textgen.PromptPredictor": "rnnlab.predictors.textgen.PromptPredictor",
+    "rnnlab.data.speech.ClipPredictor": "rnnlab.predictors.speech.ClipPredictor",
+    "rnnlab.data.forecast.SeriesPredictor": "rnnlab.predictors.forecast.SeriesPredictor",
+}
 
 
 class InvalidRequest(MlflowException, DataError):
@@ -171,14 +94,16 @@ class RnnlabModel(mlflow.pyfunc.PythonModel):
 
 
 def predictor_class(path: str) -> type[TaskPredictor]:
-    """The TaskPredictor subclass at the dotted `path` (imported, never evaluated)."""
-    module_name, _, name = str(path).rpartition(".")
+    """The TaskPredictor subclass at the dotted `path` (imported, never evaluated); a predictor's old path
+    (MOVED_PREDICTORS) names its new home."""
+    path = MOVED_PREDICTORS.get(str(path), str(path))
+    module_name, _, name = path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as err:
         raise ConfigError(f"task.predictor._target_={path!r} cannot be imported ({err}); name a TaskPredictor subclass.") from err
     if not (isinstance(cls, type) and issubclass(cls, TaskPredictor)):
-        raise ConfigError(f"task.predictor._target_={path!r} is not a subclass of rnnlab.serving.TaskPredictor.")
+        raise ConfigError(f"task.predictor._target_={path!r} is not a subclass of rnnlab.predictors.base.TaskPredictor.")
     return cls
 
 

@@ -139,7 +139,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
         logger.log_metrics({key: metrics[key] for key in ("train_seconds", "seconds_per_epoch", *cost.metrics)})
         tracking.log_model(logger, module.net, cfg.tracking.registered_model)
         stop.check()  # the last point where a signal keeps the outputs unwritten
-        _write_outputs(cfg, metrics, history, best)
+        _write_outputs(cfg, {**metrics, "mlflow_run_id": logger.run_id}, history, best)
     except BaseException:
         logger.finalize("KILLED" if stop.received else "failed")
         raise
@@ -228,8 +228,8 @@ def _interrupted_message(cfg: DictConfig, signum: int) -> str:
     return f"interrupted by {name}; MLflow run marked KILLED, no outputs written. Resume from {checkpoint} with: {command}"
 
 
-def _write_outputs(cfg: DictConfig, metrics: dict[str, float], history: EpochHistory, best_checkpoint: str) -> None:
-    """Write the DVC outputs, each atomically, the metrics file last."""
+def _write_outputs(cfg: DictConfig, metrics: dict[str, float | str], history: EpochHistory, best_checkpoint: str) -> None:
+    """Write the DVC outputs, each atomically, the metrics file last; it names the MLflow run, which the comparison reads."""
     with io.atomic_dir(cfg.paths.model_dir) as tmp:
         if best_checkpoint:
             shutil.copy2(best_checkpoint, tmp / "model.ckpt")

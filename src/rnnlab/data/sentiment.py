@@ -11,20 +11,17 @@ import re
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig
 from sklearn.model_selection import train_test_split
 
 from rnnlab import io
 from rnnlab.console import progress, summary
 from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_csv, read_text, save_split
 from rnnlab.errors import DataError
-from rnnlab.serving import TaskPredictor, read_processed_json, require_columns, text_rows
+from rnnlab.vocab import PAD, PAD_ID, UNK, UNK_ID
 
-PAD, UNK = "<pad>", "<unk>"
 RAW_FILE = "reviews.csv"
 _MARKUP = re.compile(r"<[^>]+>")  # IMDB reviews carry HTML, mostly "<br />"
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[!?]")
@@ -136,8 +133,8 @@ def build_vocab(token_lists: list[list[str]], size: int) -> list[str]:
 
 def encode(tokens: list[str], index: dict[str, int], max_len: int) -> list[int]:
     """Token ids of the last `max_len` tokens, left-padded with <pad>=0 so the review ends the sequence."""
-    ids = [index.get(token, 1) for token in tokens[-max_len:]]
-    return [0] * (max_len - len(ids)) + ids
+    ids = [index.get(token, UNK_ID) for token in tokens[-max_len:]]
+    return [PAD_ID] * (max_len - len(ids)) + ids
 
 
 def preprocess(
@@ -216,52 +213,3 @@ class SentimentDataModule(SplitTensorDataModule):
     @property
     def head_dims(self) -> dict[str, int]:
         return {"num_classes": self.metadata["num_classes"]}
-
-
-class ReviewPredictor(TaskPredictor):
-    """Raw review texts (column `text`) to the positive-class probability, with the run's tokenizer and vocabulary.
-
-    State: the vocabulary and the number of tokens the network read in training (the last `max_len`,
-    left-padded, as preprocess and the DataModule encoded them).
-    """
-
-    EXAMPLE = '{"dataframe_split": {"columns": ["text"], "data": [["A wonderful, moving film."]]}}'
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> ReviewPredictor:
-        processed = Path(cfg.paths.processed)
-        vocabulary = read_processed_json(processed, "vocab.json", cfg.task.name)
-        max_len = read_processed_json(processed, "metadata.json", cfg.task.name, ["max_len"])["max_len"]
-        if cfg.task.data.get("max_len") is not None:  # the DataModule kept only the last task.data.max_len tokens
-            max_len = min(max_len, int(cfg.task.data.max_len))
-        return cls(vocabulary=vocabulary, max_len=max_len, labels=["negative", "positive"])
-
-    @classmethod
-    def read_input(cls, source: str) -> pd.DataFrame:
-        frame = pd.DataFrame({"text": [source]})
-        text_rows(frame, "text", 'review text, e.g. "A wonderful, moving film"')
-        return frame
-
-    def predict(self, net: torch.nn.Module, frame: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
-        require_columns(frame, ["text"], self.EXAMPLE)
-        texts = text_rows(frame, "text", "review text")
-        index = {token: i for i, token in enumerate(self.state["vocabulary"])}
-        ids = []
-        for row, text in enumerate(texts):
-            tokens = tokenize(text)
-            if not tokens:  # nothing for the network to read: an all-padding sequence would get an arbitrary score
-                raise DataError(f"row {row} of column 'text' ({text[:60]!r}) has no words; give a review in words.")
-            ids.append(encode(tokens, index, self.state["max_len"]))
-        probability = net(torch.tensor(ids)).softmax(dim=-1)[:, 1]
-        labels = [self.state["labels"][int(p >= 0.5)] for p in probability.tolist()]
-        return pd.DataFrame({"probability": probability.double().numpy(), "label": labels})
-
-    def input_example(self) -> pd.DataFrame:
-        return pd.DataFrame({"text": ["A wonderful, moving film.", "Dull, and far too long."]})
-
-    def describe(self, inputs: pd.DataFrame, outputs: pd.DataFrame) -> str:
-        lines = []
-        for text, probability, label in zip(inputs["text"], outputs["probability"], outputs["label"], strict=True):
-            shown = text if len(text) <= 70 else text[:67] + "..."
-            lines.append(f"{label:<8}  P(positive) = {probability:.3f}  {shown!r}")
-        return "\n".join(lines)

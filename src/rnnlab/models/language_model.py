@@ -11,11 +11,11 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch import nn
 from torchmetrics import MeanMetric
 
-from rnnlab.data.textgen import PAD, UNK
 from rnnlab.errors import ConfigError
 from rnnlab.models.encoder import RecurrentEncoder, RecurrentState
 from rnnlab.models.lit import RecurrentModule
 from rnnlab.validation import is_int, is_number
+from rnnlab.vocab import PAD, UNK
 
 LN2 = math.log(2)
 
