@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from test_textgen import textgen_overrides
 
-from rnnlab import serving
+from rnnlab import code_deps, serving
 from rnnlab.config import config_dir
 from rnnlab.data.sentiment import encode, tokenize
 from rnnlab.errors import ConfigError, DataError
@@ -145,6 +145,33 @@ def test_the_serving_model_bundles_tokenizer_state_and_rnnlabs_code(sentiment_ch
     assert info["state"]["vocabulary"] == json.loads((sentiment_champion.processed / "vocab.json").read_text())
     assert info["state"]["max_len"] == 40
     assert (local / "serving_input_example.json").is_file()  # what `mlflow models serve` is checked against
+    requirements = (local / "requirements.txt").read_text().split()
+    assert requirements == serving.serving_requirements(serving.run_config(client, sentiment_champion.run_id))
+    assert {"torch", "mlflow", "lightning", "torchmetrics", "rich", "hydra-core", "pandas"} <= {r.split("==")[0] for r in requirements}
+
+
+LOADED_RNNLAB = (
+    "import importlib, json, sys\n"
+    "for name in sys.argv[1:]: importlib.import_module(name)\n"
+    "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'rnnlab')))"
+)
+
+
+@pytest.mark.parametrize(
+    "task", ["sentiment", pytest.param("textgen", marks=pytest.mark.slow), pytest.param("speech", marks=pytest.mark.slow), "forecast"]
+)
+def test_serving_requirements_cover_every_package_the_serving_code_imports(compose_cfg: Callable[..., DictConfig], task: str) -> None:
+    """What a fresh interpreter loads to serve the task (the pyfunc's code, the predictor, the network's classes,
+    rnnlab's own cell) needs only packages the logged requirements name: `mlflow models serve` can build its env."""
+    cfg = compose_cfg(f"task={task}", "model=gru_scratch")
+    entry = [serving.SERVING_CODE, cfg.task.predictor._target_.rpartition(".")[0], cfg.task.module._target_.rpartition(".")[0]]
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOADED_RNNLAB, *entry, "rnnlab.models.cells"], capture_output=True, text=True, timeout=300
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    needed = {r.split("==")[0].lower() for r in code_deps.requirements(json.loads(loaded.stdout))}
+    logged = {r.split("==")[0].lower() for r in serving.serving_requirements(cfg)}
+    assert "torch" in needed and needed <= logged, f"imported but not required: {sorted(needed - logged)}"
 
 
 @pytest.mark.parametrize(

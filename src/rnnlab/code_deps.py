@@ -13,8 +13,9 @@ import ast
 import functools
 import hashlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 PACKAGE = "rnnlab"
 SRC = Path(__file__).resolve().parent.parent  # src/: rnnlab/ and hydra_plugins/ live here
@@ -105,6 +106,29 @@ def import_graph(package: str = PACKAGE) -> dict[str, frozenset[str]]:
     root = SRC / package
     modules = [".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__") for p in sorted(root.rglob("*.py"))]
     return {module: frozenset(m for m in imports_of(module) if m == package or m.startswith(package + ".")) for module in modules}
+
+
+def named_modules(values: Any) -> set[str]:
+    """The modules under src/ that dotted strings in a config name, at any depth (`rnnlab.models.cells.GRU` ->
+    rnnlab.models.cells): what Hydra's instantiate and get_class import at run time, out of sight of `ast`."""
+    if isinstance(values, Mapping):
+        return set().union(*(named_modules(v) for v in values.values()))
+    if isinstance(values, list | tuple):
+        return set().union(*(named_modules(v) for v in values))
+    if isinstance(values, str) and values.startswith((f"{PACKAGE}.", "hydra_plugins.")):
+        module = module_of(values)
+        return {module} if module else set()
+    return set()
+
+
+def requirements(modules: Iterable[str]) -> list[str]:
+    """`name==version` of every installed distribution that provides a third-party package these modules import."""
+    from importlib.metadata import packages_distributions, version
+
+    providers = packages_distributions()
+    imported = set().union(*(external_imports(module) for module in modules))
+    names = sorted({name for top in imported for name in providers.get(top, [])}, key=str.lower)
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]  # torch's local tag (+cpu, +cu128) is no PyPI version
 
 
 def file_hashes(modules: Iterable[str]) -> dict[str, str]:

@@ -1,12 +1,19 @@
-"""Measure what Lightning, its callbacks and MLflow logging add to a plain PyTorch training loop.
+"""Measure what rnnlab costs besides the training itself: start-up, and per step.
 
-`python -m rnnlab.overhead model=gru steps=100` times the same training steps (same
-network, data, optimiser and gradient clipping) both ways and prints ms per step.
+`python -m rnnlab.overhead` prints both:
+- start-up: a fresh interpreter, `import rnnlab.train`, and a whole smoke-profile forecast training from
+  process start to exit (fetch and preprocess into a temporary project root first), each the median
+  of `startup_repeats` processes, after one warm-up run that creates the MLflow store;
+- per step: the same training steps (same network, data, optimiser and gradient clipping) in a plain
+  PyTorch loop and through Lightning, its callbacks and MLflow logging, in ms per step.
 """
 
 from __future__ import annotations
 
 import itertools
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +26,7 @@ from omegaconf import DictConfig, open_dict
 
 from rnnlab.config import hydra_entry
 from rnnlab.console import summary
+from rnnlab.errors import RnnlabError
 from rnnlab.tracking import make_logger
 from rnnlab.train import build
 
@@ -79,8 +87,36 @@ def lightning_loop(cfg: DictConfig) -> float:
     return (timer.finished - timer.started) / cfg.steps
 
 
+def _seconds(*args: str) -> float:
+    """Wall time of `python <args>` from process start to exit."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RnnlabError(f"`python {' '.join(args)}` failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
+    return elapsed
+
+
+def startup_times(repeats: int) -> dict[str, float]:
+    """Median seconds, over `repeats` processes, of each start-up figure (see the module's docstring)."""
+    with tempfile.TemporaryDirectory() as root:
+        smoke = ["task=forecast", "profile=smoke", f"paths.root={root}"]
+        times = {"fetch (forecast, smoke)": _seconds("-m", "rnnlab.fetch", *smoke)}
+        times["preprocess (forecast, smoke)"] = _seconds("-m", "rnnlab.preprocess", *smoke)
+        train = ["-m", "rnnlab.train", *smoke, "callbacks.progress_bar=null"]
+        _seconds(*train, "seed=0")  # warm-up: creates the MLflow store, as the pipeline's first run does
+        measured = {
+            "python -c pass": [_seconds("-c", "pass") for _ in range(repeats)],
+            "import rnnlab.train": [_seconds("-c", "import rnnlab.train") for _ in range(repeats)],
+            "smoke forecast training, start to exit": [_seconds(*train, f"seed={seed}") for seed in range(1, repeats + 1)],
+        }
+    return {**times, **{name: statistics.median(values) for name, values in measured.items()}}
+
+
 @hydra_entry(config_name="overhead")
 def main(cfg: DictConfig) -> None:
+    startup = startup_times(cfg.startup_repeats)
+    summary(f"Start-up, median of {cfg.startup_repeats} processes", {name: f"{seconds:.2f} s" for name, seconds in startup.items()})
     with tempfile.TemporaryDirectory() as tmp, open_dict(cfg):
         # Keep the benchmark's runs and checkpoints out of the project's store.
         cfg.tracking.uri = f"sqlite:///{Path(tmp, 'mlflow.db')}"

@@ -55,7 +55,7 @@ def compose_run(overrides: Sequence[str], config_name: str = "config") -> DictCo
 def code_of(entry: str, cfg: Any) -> dict[str, str]:
     """Source file -> hash of everything a command runs: its entry module, Hydra's plugins and every
     rnnlab class or function the config names (`_target_`, `cell`), with all they import."""
-    return code_deps.file_hashes({*code_deps.closure([entry, *_named_modules(cfg)]), *HYDRA_PLUGINS})
+    return code_deps.file_hashes({*code_deps.closure([entry, *code_deps.named_modules(cfg)]), *HYDRA_PLUGINS})
 
 
 def training_params(cfg: DictConfig) -> dict[str, Any]:
@@ -144,18 +144,6 @@ def _drop_path_values(node: DictConfig) -> None:
             _drop_path_values(child)
         elif child._is_interpolation() and "${paths." in str(child._value()):
             del node[key]
-
-
-def _named_modules(values: Any) -> set[str]:
-    """The rnnlab modules that dotted strings in a config name (`rnnlab.models.cells.GRU` -> rnnlab.models.cells)."""
-    if isinstance(values, dict):
-        return set().union(*(_named_modules(v) for v in values.values()))
-    if isinstance(values, list):
-        return set().union(*(_named_modules(v) for v in values))
-    if isinstance(values, str) and values.startswith(("rnnlab.", "hydra_plugins.")):
-        module = code_deps.module_of(values)
-        return {module} if module else set()
-    return set()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

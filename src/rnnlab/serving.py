@@ -17,7 +17,6 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 import rnnlab
+from rnnlab import code_deps
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError, DataError, RnnlabError
 from rnnlab.predictors.base import TaskPredictor
@@ -42,6 +42,7 @@ from rnnlab.predictors.base import TaskPredictor
 SERVING_ARTIFACT = "serving_model"  # the pyfunc's name in the run (MLflow 3: a LoggedModel of the run)
 NETWORK_ARTIFACT = "model"  # the network every training run logs (tracking.log_model)
 PREDICTOR_FILE = "predictor.json"
+SERVING_CODE = "rnnlab.serving_code"  # the pyfunc's code (MLflow's models from code)
 SERVING_TAG = "rnnlab.serving"  # on the registered version: which of the run's models it is
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 MAKE_CHAMPION = "`dvc repro compare` or `python -m rnnlab.compare`"
@@ -142,10 +143,12 @@ def run_config(client: MlflowClient, run_id: str) -> DictConfig:
         return OmegaConf.load(path)
 
 
-def _requirements() -> list[str]:
-    # What serving imports beyond the Python standard library; rnnlab itself travels as code.
-    packages = ("torch", "mlflow", "hydra-core", "pandas", "scikit-learn", "torchaudio")
-    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+def serving_requirements(cfg: DictConfig) -> list[str]:
+    """The pinned packages a run's serving model needs: every third-party package imported by the code it runs
+    (serving_code, the task's predictor, the classes of the pickled network), with all of rnnlab they import.
+    rnnlab itself travels as code."""
+    run_code = code_deps.named_modules(OmegaConf.to_container(cfg, resolve=False))
+    return code_deps.requirements(code_deps.closure([SERVING_CODE, *run_code]))
 
 
 def _serving_version(client: MlflowClient, registered_model: str, run_id: str) -> ModelVersion | None:
@@ -210,12 +213,12 @@ def log_serving_model(client: MlflowClient, run_id: str) -> str:
         try:
             mlflow.pyfunc.save_model(
                 tmp / "pyfunc",
-                python_model=str(Path(__file__).with_name("serving_code.py")),
+                python_model=str(code_deps.source_file(SERVING_CODE)),
                 artifacts={"network": network, "predictor": str(tmp / PREDICTOR_FILE)},
                 code_paths=[str(Path(rnnlab.__file__).parent)],  # the model loads where rnnlab is not installed
                 signature=signature,
                 input_example=example,
-                pip_requirements=_requirements(),
+                pip_requirements=serving_requirements(cfg),
                 mlflow_model=mlflow.models.Model(run_id=run_id, model_id=logged.model_id, artifact_path=SERVING_ARTIFACT),
             )
             client.log_model_artifacts(logged.model_id, str(tmp / "pyfunc"))

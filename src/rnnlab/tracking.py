@@ -5,19 +5,13 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # figures are files, never windows
-import matplotlib.pyplot as plt
-import mlflow
-import mlflow.pytorch
 from filelock import FileLock
 from lightning import LightningModule
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
-from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -26,6 +20,11 @@ from torch import nn
 
 import rnnlab
 from rnnlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+matplotlib.use("Agg")  # figures are files, never windows (torchmetrics draws with pyplot)
 
 
 def git_commit(root: str | Path) -> str:
@@ -135,6 +134,8 @@ def log_model(logger: MLFlowLogger, net: nn.Module, registered_name: str) -> Any
     MLflow 3's default pt2 format needs a torch.export-able input signature, which
     recurrent nets with masks do not give; pickle with rnnlab's code bundled loads anywhere.
     """
+    import mlflow.pytorch  # 0.3 s of imports that only this step needs
+
     mlflow.set_tracking_uri(logger._tracking_uri)
     # MLFlowLogger writes through MlflowClient; log_model needs the run active in the fluent API.
     with mlflow.start_run(run_id=logger.run_id):
@@ -160,6 +161,8 @@ def save_figure(module: LightningModule, figure: Figure, name: str) -> Path:
     train.py publishes the run's figures to plots/<task>/<model>/seed<seed>/ (a DVC plots directory).
     Under DDP only the main process writes it: the others would write the same file at once.
     """
+    import matplotlib.pyplot as plt  # only runs that draw figures need it
+
     path = figures_dir(module.trainer.default_root_dir) / f"{name}.png"
     if not module.trainer.is_global_zero:
         plt.close(figure)

@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pandas as pd
@@ -24,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from rnnlab import io, search, tracking, validation
+from rnnlab import io, tracking, validation
 from rnnlab.callbacks import EpochHistory, FiniteLoss, InferenceCost, ResumeState, StopOnSignal
 from rnnlab.config import hydra_entry
 from rnnlab.console import summary
@@ -88,7 +89,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
     validation.check_run_config(cfg)  # before any data is read or MLflow run created
     L.seed_everything(cfg.seed, workers=True)
-    trial = search.open_trial(cfg)
+    trial = _open_trial(cfg)
     resume_from = _resume_checkpoint(cfg)
     if resume_from is None:
         _clear_run_dir(cfg.paths.run_dir)
@@ -107,7 +108,9 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
             from optuna_integration import PyTorchLightningPruningCallback
 
             callbacks.append(PyTorchLightningPruningCallback(trial, monitor=cfg.search.metric))
-            trial.set_user_attr(search.RUN_ID_ATTR, logger.run_id)
+            from rnnlab.search import RUN_ID_ATTR
+
+            trial.set_user_attr(RUN_ID_ATTR, logger.run_id)
         callbacks += [history, ResumeState(), FiniteLoss(), cost, stop]
         trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.run_dir)
         _check_launch(trainer)
@@ -157,6 +160,15 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
         },
     )
     return metrics
+
+
+def _open_trial(cfg: DictConfig) -> Any:
+    """The Optuna trial a search's training job runs; None outside a search, which then never imports Optuna."""
+    if cfg.search.trial is None:
+        return None
+    from rnnlab.search import open_trial
+
+    return open_trial(cfg)
 
 
 def _last_checkpoint(cfg: DictConfig) -> Path | None:
