@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: install espeak-ng run smoke quick test test-all bench bench-search lint ui clean help
+.PHONY: install constraints espeak-ng run smoke quick test test-slow test-all bench bench-search lint ui clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -17,16 +17,25 @@ help:
 	@echo "make quick   set up, then the whole pipeline on the quick profile, one seed (< 20 min)"
 	@echo "make smoke   set up, then the whole pipeline on the smoke profile (minutes)"
 	@echo "make test    set up, then the fast test suite"
+	@echo "make test-slow  the slow tests: real processes, signals, worker pools, mlflow models serve"
 	@echo "make bench   time rnnlab's GRU against torch.nn.GRU (reports/bench_gru.json)"
 	@echo "make bench-search  trials per hour of a search, 1 worker against 2 (reports/search_bench.json)"
 	@echo "make ui      MLflow UI over this project's runs on http://127.0.0.1:$(PORT)"
 	@echo "make lint    ruff over src/ and tests/"
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the tested version, so a fresh machine gets the set the tests passed with.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,slurm]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,slurm]'
 	@touch $@
+
+# After a change of pyproject.toml's dependencies: resolve them afresh, then pin what was installed.
+constraints:
+	rm -rf $(VENV)-fresh && $(PYTHON) -m venv $(VENV)-fresh
+	$(VENV)-fresh/bin/python -m pip install --quiet --upgrade pip && $(VENV)-fresh/bin/python -m pip install --quiet -e '.[dev,slurm]'
+	{ head -n 2 constraints.txt; $(VENV)-fresh/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf $(VENV)-fresh
 
 install: espeak-ng $(STAMP)
 
@@ -56,6 +65,9 @@ smoke quick: install
 
 test: install
 	python -m pytest -m "not slow"
+
+test-slow: install
+	python -m pytest -m slow
 
 test-all: install
 	python -m pytest

@@ -3,18 +3,49 @@
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from scipy.io import wavfile
 from torch import nn
 
 from rnnlab.data.speech import SAMPLE_RATE
 from rnnlab.models.language_model import LanguageModel
+
+
+@dataclass
+class Finished:
+    """How a command ended: its exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_command(main: Callable[[], object], *args: str, capsys: pytest.CaptureFixture[str]) -> Finished:
+    """Run a Hydra command's `main` in this process, as `python -m <command> <args>` would (argv, exit code,
+    output): a fresh interpreter costs ~10 s of imports, and only tests of process behaviour need one."""
+    capsys.readouterr()  # what earlier code printed is not this command's
+    code = 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [main.__module__, *args])
+        try:
+            main()
+        except SystemExit as end:
+            code = end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
+        finally:
+            GlobalHydra.instance().clear()  # an error can leave Hydra initialised, which breaks the next compose
+    out = capsys.readouterr()
+    return Finished(code, out.out, out.err)
 
 
 def isolated_outputs(out: Path) -> list[str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import isolated_outputs
+from helpers import isolated_outputs, run_command
 from hydra import compose, initialize_config_dir
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -24,6 +22,7 @@ from omegaconf import DictConfig
 from scipy import stats
 
 from rnnlab.compare import compare, learning_curve
+from rnnlab.compare import main as compare_main
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.train import train
@@ -422,9 +421,8 @@ def test_learning_curve_is_the_mean_per_epoch(tmp_path: Path) -> None:
     assert curve.tolist() == pytest.approx([(0.9 + 0.5) / 2, (0.7 + 0.3) / 2, 0.6])
 
 
-def test_empty_store_is_a_clear_error_and_writes_nothing(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "rnnlab.compare", *store_overrides(tmp_path), f"hydra.run.dir={tmp_path}/hydra"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+def test_empty_store_is_a_clear_error_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_command(compare_main, *store_overrides(tmp_path), f"hydra.run.dir={tmp_path}/hydra", capsys=capsys)
     assert result.returncode == 2
     # The last line: a new store's MLflow log lines come first.
     assert result.stderr.splitlines()[-1].startswith("rnnlab: error: no FINISHED training runs of profile 'default'")

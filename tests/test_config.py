@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_command
 
 from rnnlab.config import config_dir
+from rnnlab.train import main as train_main
 
 CONF = config_dir()
 TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
@@ -45,8 +45,8 @@ def test_command_line_overrides_beat_the_profile(compose_cfg) -> None:
 
 
 @pytest.mark.parametrize(("override", "group", "expected"), [("model=transformer", "model", "gru"), ("task=chess", "task", "sentiment")])
-def test_unknown_choice_lists_available_options(override: str, group: str, expected: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "rnnlab.train", override], capture_output=True, text=True, timeout=120)
+def test_unknown_choice_lists_available_options(override: str, group: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_command(train_main, override, capsys=capsys)
     assert result.returncode != 0
     assert f"Available options in '{group}'" in result.stderr
     assert expected in result.stderr

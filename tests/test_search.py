@@ -231,6 +231,7 @@ def test_a_pruner_stops_bad_trials_and_marks_them_pruned(study: Callable[..., su
     assert not (tmp_path / "conf" / "experiment" / "sentiment_gru_tuned.yaml").exists()  # nothing completed, nothing to recommend
 
 
+@pytest.mark.slow  # worker processes, started and killed: the point of the test
 def test_a_killed_study_resumes_without_repeating_finished_trials(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
     first = study("sentiment_gru", "hydra.sweeper.n_trials=3")
     try:
@@ -259,6 +260,7 @@ def test_a_killed_study_resumes_without_repeating_finished_trials(study: Callabl
     assert (killed.info.status, killed.data.tags["optuna.state"]) == ("KILLED", "INTERRUPTED")
 
 
+@pytest.mark.slow  # worker processes, started and killed: the point of the test
 def test_two_workers_share_one_study(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
     workers = [study("sentiment_gru", "hydra.sweeper.n_trials=4")]
     time.sleep(2)  # the second joins the study the first created
@@ -295,6 +297,7 @@ def compose_bench(*overrides: str) -> DictConfig:
         return compose(config_name="search_bench", overrides=list(overrides))
 
 
+@pytest.mark.slow  # runs the benchmark with one and two worker processes
 def test_search_bench_measures_trials_per_hour_for_each_worker_count(sentiment_root: Path, tmp_path: Path) -> None:
     from rnnlab.search_bench import run
 

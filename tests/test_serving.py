@@ -157,9 +157,7 @@ LOADED_RNNLAB = (
 )
 
 
-@pytest.mark.parametrize(
-    "task", ["sentiment", pytest.param("textgen", marks=pytest.mark.slow), pytest.param("speech", marks=pytest.mark.slow), "forecast"]
-)
+@pytest.mark.parametrize("task", ["sentiment", *(pytest.param(task, marks=pytest.mark.slow) for task in ("textgen", "speech", "forecast"))])
 def test_serving_requirements_cover_every_package_the_serving_code_imports(compose_cfg: Callable[..., DictConfig], task: str) -> None:
     """What a fresh interpreter loads to serve the task (the pyfunc's code, the predictor, the network's classes,
     rnnlab's own cell) needs only packages the logged requirements name: `mlflow models serve` can build its env."""

@@ -16,11 +16,13 @@ to a source file stales exactly the stages whose code (`code_deps.closure`) hold
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlab import code_deps, io
@@ -45,10 +47,20 @@ HPARAMS = {
 }
 
 
+@contextlib.contextmanager
+def project_configs() -> Iterator[None]:
+    """Hydra's compose API over the project's conf/: initialised once for many composes, or reused if it is."""
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        yield
+
+
 def compose_run(overrides: Sequence[str], config_name: str = "config") -> DictConfig:
     """The config a command with these overrides runs, with paths relative to the project root
     so that the same checkout gives the same values on any machine."""
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+    with project_configs():
         return compose(config_name=config_name, overrides=[*overrides, "paths.root=."])
 
 
@@ -103,11 +115,12 @@ def write_all(root: Path) -> list[Path]:
     params = _pipeline_params(root / "params.yaml")
     profile = params["profile"]
     files: dict[str, dict[str, Any]] = {}
-    for task in params["tasks"]:
-        files[f"{task}/data.yaml"] = data_params(compose_run([f"task={task}", f"profile={profile}"]))
-    for task, model, overrides in stage_models(params):
-        files[f"{task}/{model}.yaml"] = training_params(compose_run([*overrides, f"profile={profile}"]))
-    files["compare.yaml"] = compare_params(profile, params["tasks"])
+    with project_configs():
+        for task in params["tasks"]:
+            files[f"{task}/data.yaml"] = data_params(compose_run([f"task={task}", f"profile={profile}"]))
+        for task, model, overrides in stage_models(params):
+            files[f"{task}/{model}.yaml"] = training_params(compose_run([*overrides, f"profile={profile}"]))
+        files["compare.yaml"] = compare_params(profile, params["tasks"])
     with io.atomic_dir(root / OUT_DIR) as tmp:
         for name, values in files.items():
             path = tmp / name
