@@ -349,8 +349,9 @@ def test_pipeline_runs_are_those_the_metrics_files_name(store: Path, tmp_path: P
     for (seed, value), run_id in named.items():
         if seed in (1, 2) or value == 0.2:  # seed 3: its older run, not the newest
             (metrics / f"seed{seed}.json").write_text(json.dumps({"test_acc": value, "mlflow_run_id": run_id}))
+    (metrics / "seed9.json").write_text(json.dumps({"test_acc": 0.5}))  # another pipeline's seed (and an older rnnlab's file)
     overrides = [*store_overrides(store, tmp_path), NO_ALIAS, "runs=pipeline", f"metrics_dir={tmp_path}/metrics", "tasks=[sentiment]"]
-    gru = compare(compose_compare(*overrides))["tasks"]["sentiment"]["models"]["gru"]
+    gru = compare(compose_compare(*overrides, "seeds=[1,2,3]"))["tasks"]["sentiment"]["models"]["gru"]
     assert gru["seeds"] == [1, 2, 3]
     assert gru["mean"] == pytest.approx(np.mean([*GRU_SENTIMENT[:2], 0.2]))
     newest = compare(compose_compare(*store_overrides(store, tmp_path / "newest"), NO_ALIAS, "tasks=[sentiment]", "seeds=[1,2,3]"))

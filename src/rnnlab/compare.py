@@ -173,12 +173,14 @@ def load_runs(client: MlflowClient, tasks: list[str], profile: str) -> pd.DataFr
     return newest_first.drop_duplicates(["task", "model", "seed"]).sort_values(["task", "model", "seed"]).reset_index(drop=True)
 
 
-def load_pipeline_runs(client: MlflowClient, tasks: list[str], profile: str, metrics_dir: Path) -> pd.DataFrame:
-    """One row per metrics file <metrics_dir>/<task>/<model>/seed<seed>.json: the MLflow run it names (`mlflow_run_id`),
-    which must be a FINISHED training run of `profile`. The files are what dvc.lock records, so the report and DVC agree."""
+def load_pipeline_runs(client: MlflowClient, tasks: list[str], profile: str, metrics_dir: Path, seeds: list[int] | None) -> pd.DataFrame:
+    """One row per metrics file <metrics_dir>/<task>/<model>/seed<seed>.json of `seeds` (None: every seed): the MLflow run
+    it names (`mlflow_run_id`), which must be a FINISHED training run of `profile`. The files are what dvc.lock records,
+    so the report and DVC agree; files of other seeds (an earlier pipeline's) are not this pipeline's."""
+    patterns = [f"*/seed{seed}.json" for seed in seeds] if seeds is not None else ["*/seed*.json"]
     rows = []
     for task in tasks:
-        for path in sorted(Path(metrics_dir, task).glob("*/seed*.json")):
+        for path in sorted({path for pattern in patterns for path in Path(metrics_dir, task).glob(pattern)}):
             rows.append(_named_run(client, task, path, profile))
     return pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values(["task", "model", "seed"]).reset_index(drop=True)
 
@@ -638,7 +640,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     if cfg.runs not in ("pipeline", "newest"):
         raise ConfigError(f"runs must be pipeline (the runs the metrics files name) or newest (the newest in MLflow), got {cfg.runs!r}.")
     if cfg.runs == "pipeline":
-        found = load_pipeline_runs(client, tasks, cfg.profile, Path(cfg.metrics_dir))
+        found = load_pipeline_runs(client, tasks, cfg.profile, Path(cfg.metrics_dir), seeds)
         where = f"named by {cfg.metrics_dir}/<task>/<model>/seed<seed>.json for tasks {', '.join(tasks)}"
     else:
         found = load_runs(client, tasks, cfg.profile)
