@@ -31,13 +31,16 @@ class Finished:
     stderr: str
 
 
-def run_command(main: Callable[[], object], *args: str, capsys: pytest.CaptureFixture[str]) -> Finished:
-    """Run a Hydra command's `main` in this process, as `python -m <command> <args>` would (argv, exit code,
-    output): a fresh interpreter costs ~10 s of imports, and only tests of process behaviour need one."""
+def run_main(main: Callable[[], object], *args: str, run_dir: Path, capsys: pytest.CaptureFixture[str]) -> Finished:
+    """Run a Hydra command's `main` in this process, as `python -m <command> <args>` would, from its argument
+    parsing on (argv, exit code, output): a fresh interpreter costs ~10 s of imports, and only tests of process
+    behaviour need one. Hydra's run directory is `run_dir`; its logging setup is left out (the test process keeps
+    its own). Set HYDRA_FULL_ERROR off and COLUMNS wide (monkeypatch) where a test reads messages or tables."""
+    hydra = [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     capsys.readouterr()  # what earlier code printed is not this command's
     code = 0
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", [main.__module__, *args])
+        patch.setattr(sys, "argv", [main.__module__, *args, *hydra])
         try:
             main()
         except SystemExit as end:
@@ -96,6 +99,13 @@ class Throttle(L.Callback):
 
     def on_train_batch_end(self, *args: object) -> None:
         time.sleep(self.seconds)
+
+
+class StopAtStart(L.Callback):
+    """Stops a fit before its first step (`+callbacks.stop._target_=helpers.StopAtStart`): a run that trains nothing."""
+
+    def on_train_start(self, trainer: L.Trainer, *args: object) -> None:
+        trainer.should_stop = True
 
 
 def write_tone(path: Path, rate: int = SAMPLE_RATE, seconds: float = 1.0, channels: int = 1) -> None:

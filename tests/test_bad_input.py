@@ -21,7 +21,7 @@ import pytest
 import torch
 from _pytest.mark import ParameterSet
 from conftest import make_reviews
-from helpers import make_language_model, write_archive, write_tone
+from helpers import make_language_model, run_main, write_archive, write_tone
 
 from rnnlab.data.speech import read_wav
 from rnnlab.errors import DataError
@@ -78,24 +78,14 @@ def textgen_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def run_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Run:
-    """`run_command("train", *overrides)` runs `python -m rnnlab.train *overrides` here: (exit code, stderr).
-
-    Hydra's output directory goes to tmp_path and its logging setup is left out (the test process keeps its own).
-    """
+    """`run_command("train", *overrides)` runs `python -m rnnlab.train *overrides` here: (exit code, stderr)."""
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)  # set, Hydra would re-raise with a traceback
     monkeypatch.setenv("COLUMNS", "400")  # rich would wrap the summary tables at 80 columns
-    hydra = [f"hydra.run.dir={tmp_path}/hydra", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
     def run(command: str, *overrides: str) -> tuple[int, str]:
         main = importlib.import_module(f"rnnlab.{command}").main
-        monkeypatch.setattr(sys, "argv", [f"rnnlab.{command}", *overrides, *hydra])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code
-        return code, capsys.readouterr().err
+        finished = run_main(main, *overrides, run_dir=tmp_path / "hydra", capsys=capsys)
+        return finished.returncode, finished.stderr
 
     return run
 
@@ -130,9 +120,14 @@ OVERRIDES = [
     ),
     case("train", "trainer.max_epochs=2.5", says=("trainer.max_epochs must be a positive whole number, got 2.5",), id="max-epochs-float"),
     case("train", "trainer.max_epochs=0", says=("trainer.max_epochs must be a positive whole number, got 0",), id="max-epochs-zero"),
-    case("train", "optimizer.lr=fast", says=("optimizer.lr must be a number > 0, got 'fast' (str); e.g. optimizer.lr=2e-3",), id="lr-text"),
-    case("train", "optimizer.lr=0", says=("optimizer.lr must be a number > 0, got 0",), id="lr-zero"),
-    case("train", "optimizer.lr=-1e-3", says=("optimizer.lr must be a number > 0, got -0.001",), id="lr-negative"),
+    case(
+        "train",
+        "optimizer.lr=fast",
+        says=("optimizer.lr must be a finite number > 0, got 'fast' (str); e.g. optimizer.lr=2e-3",),
+        id="lr-text",
+    ),
+    case("train", "optimizer.lr=0", says=("optimizer.lr must be a finite number > 0, got 0",), id="lr-zero"),
+    case("train", "optimizer.lr=-1e-3", says=("optimizer.lr must be a finite number > 0, got -0.001",), id="lr-negative"),
     case("train", "model.encoder.dropout=-0.1", says=("model.encoder.dropout must be in [0, 1), got -0.1",), id="dropout-negative"),
     case("train", "model.encoder.dropout=1", says=("model.encoder.dropout must be in [0, 1), got 1",), id="dropout-one"),
     case("train", "task.front_end.dropout=2.0", says=("task.front_end.dropout must be in [0, 1), got 2.0",), id="front-end-dropout"),
@@ -175,7 +170,47 @@ OVERRIDES = [
         says=("task.data.batch_size must be a positive whole number, got 'many' (str)",),
         id="textgen-batch-size",
     ),
-    case("train", "seed=abc", says=("seed must be a whole number, got 'abc' (str)",), id="seed-text"),
+    case("train", "seed=abc", says=("seed must be a whole number in [0, 4294967295], got 'abc' (str)",), id="seed-text"),
+    case("train", "seed=-1", says=("seed must be a whole number in [0, 4294967295], got -1; e.g. seed=42",), id="seed-negative"),
+    case("train", "seed=4294967296", says=("seed must be a whole number in [0, 4294967295], got 4294967296",), id="seed-too-large"),
+    case("train", "resume=no", says=("resume must be true or false, got 'no' (str); e.g. resume=true",), id="resume-text"),
+    case("train", "resume=maybe", says=("resume must be true or false, got 'maybe' (str)",), id="resume-maybe"),
+    case("train", "optimizer.lr=inf", says=("optimizer.lr must be a finite number > 0, got inf",), id="lr-infinite"),
+    # Zero optimizer steps, whichever setting causes them, would record an untrained model as a result.
+    case(
+        "train",
+        "+trainer.limit_train_batches=0",
+        says=("trainer.limit_train_batches must be a positive whole number or a fraction in (0, 1], got 0",),
+        id="no-train-batches",
+    ),
+    case(
+        "train",
+        "+trainer.max_steps=0",
+        says=("trainer.max_steps must be a positive whole number, or -1 for no limit, got 0",),
+        id="no-steps",
+    ),
+    case("train", "+task.data.num_workers=-1", says=("task.data.num_workers must be a whole number >= 0, got -1",), id="workers-negative"),
+    case("train", "+foo=1", says=("foo is not a setting of a training (added with +?): nothing would read it",), id="unknown-key-added"),
+    # A run deletes only what it created: no output path may replace or clear a folder of the project.
+    case("train", "paths.run_dir=reports", says=("paths.run_dir=", "/reports, a folder of the project"), id="run-dir-reports"),
+    case("train", "paths.run_dir=.", says=("paths.run_dir=", "a folder of the project (or above it)"), id="run-dir-root"),
+    case("train", "paths.model_dir=conf/model", says=("paths.model_dir=", "would replace"), id="model-dir-in-conf"),
+    case(
+        "train",
+        "paths.run_dir={bad_inputs}",
+        says=("already holds files no rnnlab run made (aclImdb, raw_inf, raw_nan", "point paths.run_dir at a new or empty folder"),
+        id="run-dir-not-owned",
+    ),
+    case(
+        "train",
+        "task=forecast",
+        "task.preprocess.lookback=10",
+        says=(
+            "task.preprocess.lookback is a preprocess setting, which training does not apply (it reads data/processed/forecast)",
+            "`python -m rnnlab.preprocess task=forecast task.preprocess.lookback=10` first",
+        ),
+        id="preprocess-setting-at-training",
+    ),
 ]
 
 DATA = [

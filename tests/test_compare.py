@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import isolated_outputs, run_command
+from helpers import isolated_outputs, run_main
 from hydra import compose, initialize_config_dir
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -423,7 +423,7 @@ def test_learning_curve_is_the_mean_per_epoch(tmp_path: Path) -> None:
 
 
 def test_empty_store_is_a_clear_error_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result = run_command(compare_main, *store_overrides(tmp_path), f"hydra.run.dir={tmp_path}/hydra", capsys=capsys)
+    result = run_main(compare_main, *store_overrides(tmp_path), run_dir=tmp_path / "hydra", capsys=capsys)
     assert result.returncode == 2
     # The last line: a new store's MLflow log lines come first.
     assert result.stderr.splitlines()[-1].startswith("rnnlab: error: no FINISHED training runs of profile 'default'")

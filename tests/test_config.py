@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import run_command
+from helpers import run_main
 
 from rnnlab.config import config_dir
 from rnnlab.train import main as train_main
@@ -45,8 +45,10 @@ def test_command_line_overrides_beat_the_profile(compose_cfg) -> None:
 
 
 @pytest.mark.parametrize(("override", "group", "expected"), [("model=transformer", "model", "gru"), ("task=chess", "task", "sentiment")])
-def test_unknown_choice_lists_available_options(override: str, group: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
-    result = run_command(train_main, override, capsys=capsys)
+def test_unknown_choice_lists_available_options(
+    override: str, group: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_main(train_main, override, run_dir=tmp_path / "hydra", capsys=capsys)
     assert result.returncode != 0
     assert f"Available options in '{group}'" in result.stderr
     assert expected in result.stderr

@@ -18,9 +18,12 @@ import torch
 from helpers import isolated_outputs, only_results
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from mlflow import MlflowClient
 
 import rnnlab
+import rnnlab.io
+from rnnlab import run_paths
 from rnnlab.callbacks import StopOnSignal
 from rnnlab.config import config_dir, project_root
 from rnnlab.errors import ConfigError, TrainingError
@@ -224,3 +227,69 @@ def test_checkpoints_load_with_weights_only_and_no_string_is_evaluated() -> None
     assert unsafe == []
     (ui,) = [line for line in (project_root() / "Makefile").read_text().splitlines() if "mlflow ui" in line]
     assert "--host 127.0.0.1" in ui  # the UI is for this machine, not the network
+
+
+def test_relative_paths_resolve_against_the_project_root(compose_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = compose_cfg(f"paths.root={tmp_path}/project", "paths.run_dir=runs/mine", "paths.metrics_file=out/m.json")
+    monkeypatch.chdir(tmp_path)  # not the project root
+    run_paths.resolve_paths(cfg)
+    assert cfg.paths.run_dir == f"{tmp_path}/project/runs/mine" and cfg.paths.metrics_file == f"{tmp_path}/project/out/m.json"
+    assert cfg.callbacks.checkpoint.dirpath == f"{tmp_path}/project/runs/mine/checkpoints"  # what reads run_dir follows
+
+
+def test_a_run_folder_of_another_run_is_refused_and_kept(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
+    first = compose_cfg(*tiny_overrides, "model=gru", "seed=1")
+    run_paths.claim_run_dir(first)
+    (tmp_path / "run" / "checkpoints").mkdir()
+    second = compose_cfg(*tiny_overrides, "model=lstm", "seed=1")
+    with pytest.raises(ConfigError, match=r"belongs to run sentiment/gru/seed1, not sentiment/lstm/seed1"):
+        train(second)
+    assert (tmp_path / "run" / "checkpoints").is_dir()  # nothing of the other run's was cleared
+
+
+def test_a_run_that_makes_no_optimizer_step_fails_and_records_nothing(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
+    # Whatever stops a fit before its first step (here a callback; the trainer settings that would are refused up front).
+    cfg = compose_cfg(*tiny_overrides, "+callbacks.stop._target_=helpers.StopAtStart")
+    with pytest.raises(TrainingError, match=r"the run made no optimizer step"):
+        train(cfg)
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "models").exists()
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name("rnnlab-sentiment")
+    assert [run.info.status for run in client.search_runs([experiment.experiment_id])] == ["FAILED"]
+    assert client.search_registered_models() == []
+
+
+def test_a_batch_fraction_that_leaves_no_batch_is_one_clear_error(compose_cfg, tiny_overrides: list[str]) -> None:
+    with pytest.raises(
+        ConfigError, match=r"Lightning refused the trainer settings: You requested to check 0.0001 of the `train_dataloader`"
+    ):
+        train(compose_cfg(*tiny_overrides, "+trainer.limit_train_batches=0.0001"))
+
+
+def test_outputs_that_cannot_be_written_publish_nothing_and_register_nothing(
+    compose_cfg, tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    cfg = compose_cfg(*tiny_overrides, "paths.history_file=/dev/null/history.csv")  # a folder that is a file
+    with pytest.raises(ConfigError, match=r"cannot write the run's outputs .*/dev/null.*Nothing was published"):
+        train(cfg)
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "models").exists() and not (tmp_path / "plots").exists()
+    client = MlflowClient(cfg.tracking.uri)
+    assert client.search_model_versions("name='rnnlab-sentiment-gru'") == []
+    experiment = client.get_experiment_by_name("rnnlab-sentiment")
+    assert [run.info.status for run in client.search_runs([experiment.experiment_id])] == ["FAILED"]
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): rnnlab.io.sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("task", "stages"), [("forecast", ("fetch", "preprocess")), ("sentiment", ("fetch",))])
+def test_stage_outputs_are_the_same_bytes_in_another_folder(compose_cfg, tmp_path: Path, task: str, stages: tuple[str, ...]) -> None:
+    """Outputs are a function of the inputs alone (no absolute path, host or time inside): a DVC remote can share them."""
+    roots = [tmp_path / "one", tmp_path / "elsewhere" / "two"]
+    for root in roots:
+        cfg = compose_cfg(f"task={task}", "profile=smoke", f"paths.root={root}")
+        for stage in stages:
+            instantiate(cfg.task[stage])
+    first, second = (file_hashes(root / "data") for root in roots)
+    assert first and first == second

@@ -14,7 +14,7 @@ import pytest
 from helpers import isolated_outputs
 from omegaconf import OmegaConf
 from test_forecast import fetch_and_preprocess, make_series
-from test_textgen import archive, textgen_overrides, textgen_root  # noqa: F401 (the textgen fixtures)
+from test_textgen import archive, textgen_root  # noqa: F401 (the textgen fixtures)
 
 from rnnlab import code_deps, resolve
 from rnnlab.config import project_root
@@ -189,9 +189,9 @@ def task_data(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str],
             return [f"paths.root={request.getfixturevalue('sentiment_root')}"]
         if task == "speech":
             return [f"paths.processed={request.getfixturevalue('speech_dirs')[1]}"]
-        if task == "textgen":
-            root, archive = request.getfixturevalue("textgen_root"), request.getfixturevalue("archive")
-            return [*textgen_overrides(root, archive), "task.module.sample_prompt='thou art'"]
+        if task == "textgen":  # its data went through fetch and preprocess with the fixture's own settings
+            request.getfixturevalue("archive")
+            return [f"paths.root={request.getfixturevalue('textgen_root')}", "task.module.sample_prompt='thou art'"]
         return [f"paths.processed={fetch_and_preprocess(tmp_path / 'forecast', make_series())}"]
 
     return _overrides

@@ -99,8 +99,11 @@ def test_console_script_reports_bad_values_without_traceback(tiny_overrides: lis
 
 
 def test_multirun_grid_trains_each_model_into_mlflow(tiny_overrides: list[str], tmp_path: Path) -> None:
-    overrides = [o for o in tiny_overrides if not o.startswith(("paths.metrics_file", "paths.model_dir", "paths.history_file"))]
+    overrides = [
+        o for o in tiny_overrides if not o.startswith(("paths.metrics_file", "paths.model_dir", "paths.history_file", "paths.run_dir"))
+    ]
     outputs = [f"paths.metrics_file={tmp_path}/metrics/${{model.name}}.json", f"paths.model_dir={tmp_path}/models/${{model.name}}"]
+    outputs.append(f"paths.run_dir={tmp_path}/runs/${{model.name}}")  # each run its own folder: one run never clears another's
     history = f"paths.history_file={tmp_path}/metrics/${{model.name}}_history.csv"
     sweep_dir = f"hydra.sweep.dir={tmp_path}/multirun"
     result = run_cli("-m", *overrides, *outputs, history, sweep_dir, "model=gru,lstm,rnn", cwd=tmp_path)

@@ -128,8 +128,8 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, An
 
 
 @rank_zero_only
-def log_model(logger: MLFlowLogger, net: nn.Module, registered_name: str) -> Any:
-    """Log `net` as an MLflow PyTorch model and register it under `registered_name`.
+def log_model(logger: MLFlowLogger, net: nn.Module) -> str:
+    """Log `net` to its run as an MLflow PyTorch model; its URI, for register_model once the run's outputs are ready.
 
     MLflow 3's default pt2 format needs a torch.export-able input signature, which
     recurrent nets with masks do not give; pickle with rnnlab's code bundled loads anywhere.
@@ -139,14 +139,27 @@ def log_model(logger: MLFlowLogger, net: nn.Module, registered_name: str) -> Any
     mlflow.set_tracking_uri(logger._tracking_uri)
     # MLFlowLogger writes through MlflowClient; log_model needs the run active in the fluent API.
     with mlflow.start_run(run_id=logger.run_id):
-        return mlflow.pytorch.log_model(
+        info = mlflow.pytorch.log_model(
             net.cpu(),
             name="model",
-            registered_model_name=registered_name,
             serialization_format="pickle",
             code_paths=[str(Path(rnnlab.__file__).parent)],
             pip_requirements=_requirements(),
         )
+    return info.model_uri
+
+
+def register_model(uri: str, model_uri: str, registered_name: str) -> str:
+    """Register a logged model as a new version of `registered_name` (created if new); the version number."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return str(mlflow.register_model(model_uri, registered_name).version)
+
+
+def delete_version(uri: str, registered_name: str, version: str) -> None:
+    """Remove a version this run registered before it failed: the registry must not list an unfinished run's model."""
+    open_store(uri).delete_model_version(registered_name, version)
 
 
 def _requirements() -> list[str]:

@@ -6,6 +6,8 @@ registers the model; the metrics file and best checkpoint are the DVC outputs.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shlex
 import shutil
 import signal
@@ -21,16 +23,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from rnnlab import io, tracking, validation
+from rnnlab import io, run_paths, tracking, validation
 from rnnlab.callbacks import EpochHistory, FiniteLoss, InferenceCost, ResumeState, StopOnSignal
 from rnnlab.config import hydra_entry
 from rnnlab.console import summary
 from rnnlab.data.base import SplitTensorDataModule
-from rnnlab.errors import ConfigError
+from rnnlab.errors import ConfigError, TrainingError
 from rnnlab.models.encoder import count_parameters
 from rnnlab.models.lit import RecurrentModule
 
@@ -88,11 +91,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
     validation.check_run_config(cfg)  # before any data is read or MLflow run created
+    if HydraConfig.initialized():
+        validation.check_overrides(list(HydraConfig.get().overrides.task), cfg.task.name)
+    run_paths.resolve_paths(cfg)
+    run_paths.check_outputs(cfg)
     L.seed_everything(cfg.seed, workers=True)
     trial = _open_trial(cfg)
     resume_from = _resume_checkpoint(cfg)
+    run_paths.claim_run_dir(cfg)
     if resume_from is None:
-        _clear_run_dir(cfg.paths.run_dir)
+        _clear_run_dir(cfg)
     datamodule, module = build(cfg)
     n_params = count_parameters(module.net)
     history = EpochHistory()
@@ -118,8 +126,17 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
         if resume_from is None:
             logger.log_metrics({"n_params": n_params})
         started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        except MisconfigurationException as err:  # Lightning's own refusal of a setting: its message names the fix
+            raise ConfigError(f"Lightning refused the trainer settings: {err}") from None
         train_seconds = time.perf_counter() - started
+        if trainer.global_step == 0:
+            raise TrainingError(
+                "the run made no optimizer step (an empty training split, or trainer limits such as limit_train_batches or "
+                "max_steps that leave nothing to train): nothing it records would be a trained model. Check task.data.limit_train "
+                "and the trainer.* overrides."
+            )
         if trial is not None:
             logger.finalize("success")
             return {"train_seconds": round(train_seconds, 2), "epochs": len(history.rows)}
@@ -140,9 +157,9 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
             **cost.metrics,
         }
         logger.log_metrics({key: metrics[key] for key in ("train_seconds", "seconds_per_epoch", *cost.metrics)})
-        tracking.log_model(logger, module.net, cfg.tracking.registered_model)
-        stop.check()  # the last point where a signal keeps the outputs unwritten
-        _write_outputs(cfg, {**metrics, "mlflow_run_id": logger.run_id}, history, best)
+        model_uri = tracking.log_model(logger, module.net)
+        stop.check()
+        _publish(cfg, {**metrics, "mlflow_run_id": logger.run_id}, history, best, model_uri, stop)
     except BaseException:
         logger.finalize("KILLED" if stop.received else "failed")
         raise
@@ -197,10 +214,8 @@ def _resume_checkpoint(cfg: DictConfig) -> Path | None:
 
 
 @rank_zero_only
-def _clear_run_dir(run_dir: str) -> None:
-    # A fresh run must not pick up (or be confused by) a previous run's checkpoints.
-    for stale in ("checkpoints", "figures"):
-        shutil.rmtree(Path(run_dir, stale), ignore_errors=True)
+def _clear_run_dir(cfg: DictConfig) -> None:
+    run_paths.clear_run_dir(cfg)
 
 
 def _check_launch(trainer: L.Trainer) -> None:
@@ -240,18 +255,37 @@ def _interrupted_message(cfg: DictConfig, signum: int) -> str:
     return f"interrupted by {name}; MLflow run marked KILLED, no outputs written. Resume from {checkpoint} with: {command}"
 
 
-def _write_outputs(cfg: DictConfig, metrics: dict[str, float | str], history: EpochHistory, best_checkpoint: str) -> None:
-    """Write the DVC outputs, each atomically, the metrics file last; it names the MLflow run, which the comparison reads."""
-    with io.atomic_dir(cfg.paths.model_dir) as tmp:
-        if best_checkpoint:
-            shutil.copy2(best_checkpoint, tmp / "model.ckpt")
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    with io.atomic_path(cfg.paths.history_file) as tmp:
-        pd.DataFrame(history.rows).to_csv(tmp, index=False)
-    with io.atomic_dir(cfg.paths.plots_dir) as tmp:
-        for figure in tracking.figures_dir(cfg.paths.run_dir).glob("*.png"):
-            shutil.copy2(figure, tmp / figure.name)
-    io.write_json(cfg.paths.metrics_file, metrics)
+def _publish(
+    cfg: DictConfig, metrics: dict[str, float | str], history: EpochHistory, best_checkpoint: str, model_uri: str, stop: StopOnSignal
+) -> None:
+    """Write every DVC output to a temporary path, register the model, then move the outputs into place: the model
+    folder, history, plots, the metrics file last. A failure or a signal on the way removes what this run staged and
+    the version it registered, so that DVC and the registry see all of it or none."""
+    version = None
+    try:
+        with contextlib.ExitStack() as staged:  # entered in reverse order of publishing: an ExitStack unwinds last-in first
+            metrics_tmp = staged.enter_context(io.atomic_path(cfg.paths.metrics_file))
+            plots_tmp = staged.enter_context(io.atomic_dir(cfg.paths.plots_dir))
+            history_tmp = staged.enter_context(io.atomic_path(cfg.paths.history_file))
+            model_tmp = staged.enter_context(io.atomic_dir(cfg.paths.model_dir))
+            if best_checkpoint:
+                shutil.copy2(best_checkpoint, model_tmp / "model.ckpt")
+            (model_tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            pd.DataFrame(history.rows).to_csv(history_tmp, index=False)
+            for figure in tracking.figures_dir(cfg.paths.run_dir).glob("*.png"):
+                shutil.copy2(figure, plots_tmp / figure.name)
+            metrics_tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            version = tracking.register_model(cfg.tracking.uri, model_uri, cfg.tracking.registered_model)
+            stop.check()  # the last point where a signal keeps every output unwritten
+    except BaseException as err:
+        if version is not None:
+            tracking.delete_version(cfg.tracking.uri, cfg.tracking.registered_model, version)
+        if isinstance(err, OSError):  # a read-only or full folder, or a path through a file
+            raise ConfigError(
+                f"cannot write the run's outputs ({err.strerror or err}: {err.filename or ''}); point paths.model_dir, "
+                "metrics_file, history_file and plots_dir at writable folders with free space. Nothing was published."
+            ) from err
+        raise
 
 
 @hydra_entry

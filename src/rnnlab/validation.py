@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,8 @@ def is_int(value: object) -> bool:
 
 
 def is_number(value: object) -> bool:
-    return is_int(value) or isinstance(value, float)
+    """A finite int or float: inf and nan pass a range check like `> 0` but train nothing usable."""
+    return is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 @dataclass(frozen=True)
@@ -41,15 +43,26 @@ class Accepts:
 
 POSITIVE_INT = Accepts("a positive whole number", lambda value: is_int(value) and value > 0)
 NON_NEGATIVE_INT = Accepts("a whole number >= 0", lambda value: is_int(value) and value >= 0)
-POSITIVE_NUMBER = Accepts("a number > 0", lambda value: is_number(value) and value > 0)
-NON_NEGATIVE_NUMBER = Accepts("a number >= 0", lambda value: is_number(value) and value >= 0)
+POSITIVE_NUMBER = Accepts("a finite number > 0", lambda value: is_number(value) and value > 0)
+NON_NEGATIVE_NUMBER = Accepts("a finite number >= 0", lambda value: is_number(value) and value >= 0)
 FRACTION = Accepts("in [0, 1)", lambda value: is_number(value) and 0 <= value < 1)
 BOOLEAN = Accepts("true or false", lambda value: isinstance(value, bool))
 
-# key -> (what it accepts, a valid example). A key the composed task or model does not have is skipped.
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed_everything's range
+# A limit of batches: a count, or a fraction of the split (Lightning's rule); 0 trains or checks nothing.
+BATCH_LIMIT = Accepts("a positive whole number or a fraction in (0, 1]", lambda v: (is_int(v) and v > 0) or (is_number(v) and 0 < v <= 1))
+
+# key -> (what it accepts, a valid example). A key the composed config does not have is skipped: the trainer
+# keys that are not in conf/trainer are those a user adds with `+`.
 SETTINGS: dict[str, tuple[Accepts, str]] = {
-    "seed": (Accepts("a whole number", is_int), "42"),
+    "seed": (Accepts(f"a whole number in [0, {MAX_SEED}]", lambda value: is_int(value) and 0 <= value <= MAX_SEED), "42"),
+    "resume": (BOOLEAN, "true"),
     "trainer.max_epochs": (POSITIVE_INT, "4"),
+    # Zero optimizer steps would record an untrained model as a result, whatever setting caused it.
+    "trainer.max_steps": (Accepts("a positive whole number, or -1 for no limit", lambda v: is_int(v) and (v > 0 or v == -1)), "1000"),
+    "trainer.limit_train_batches": (BATCH_LIMIT, "0.5"),
+    "trainer.limit_val_batches": (BATCH_LIMIT, "0.5"),
+    "trainer.limit_test_batches": (BATCH_LIMIT, "0.5"),
     "trainer.gradient_clip_val": (NON_NEGATIVE_NUMBER.or_null(), "1.0"),
     "optimizer.lr": (POSITIVE_NUMBER, "2e-3"),
     "optimizer.weight_decay": (NON_NEGATIVE_NUMBER, "0.01"),
@@ -59,6 +72,7 @@ SETTINGS: dict[str, tuple[Accepts, str]] = {
     "model.encoder.bidirectional": (BOOLEAN, "true"),
     "model.encoder.cell_options.recurrent_dropout": (FRACTION, "0.2"),
     "task.data.batch_size": (POSITIVE_INT, "64"),
+    "task.data.num_workers": (NON_NEGATIVE_INT, "2"),
     # A negative limit would silently drop the last examples (a slice), 0 would leave the split empty.
     **{f"task.data.limit_{split}": (POSITIVE_INT.or_null(), "200") for split in ("train", "val", "test")},
     "task.front_end.embedding_dim": (POSITIVE_INT, "128"),
@@ -84,9 +98,50 @@ def check_encoder_keys(encoder: DictConfig) -> None:
             raise ConfigError(f"model.encoder.{key} is not an encoder setting{hint}; the settings are {', '.join(ENCODER_SETTINGS)}.")
 
 
+# The top-level keys of a training's config (conf/config.yaml and the groups it composes, and Hydra's own node where
+# a caller composed it); `+foo=1` adds another, which nothing would read.
+RUN_KEYS = (
+    "seed",
+    "profile_name",
+    "resume",
+    "paths",
+    "optimizer",
+    "callbacks",
+    "tracking",
+    "search",
+    "task",
+    "model",
+    "scheduler",
+    "trainer",
+)
+HYDRA_NODE = "hydra"  # Hydra's own settings, in a config composed with return_hydra_config
+# Settings of the stages before training: a training reads their outputs, so overriding them there changes nothing but
+# what MLflow records.
+DATA_STAGES = {"fetch": "rnnlab.fetch", "preprocess": "rnnlab.preprocess"}
+
+
+def check_overrides(overrides: list[str], task: str) -> None:
+    """Refuse command-line overrides of a training that it would not apply: fetch and preprocess settings."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        stage = key.split(".")[1] if key.startswith("task.") and key.count(".") >= 2 else None
+        if stage in DATA_STAGES:
+            raise ConfigError(
+                f"{key} is a {stage} setting, which training does not apply (it reads data/processed/{task}). Run "
+                f"`python -m {DATA_STAGES[stage]} task={task} {override.lstrip('+')}` first (and preprocess after a fetch), "
+                f"or change it in conf/task/{task}.yaml and run `dvc repro`; then train without it."
+            )
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """Refuse a training config whose usual overrides have the wrong type or range, naming the key, the value
     and what is accepted; called before any data is loaded or MLflow run created."""
+    unknown = [str(key) for key in cfg if key not in (*RUN_KEYS, HYDRA_NODE)]
+    if unknown:
+        raise ConfigError(
+            f"{', '.join(unknown)} is not a setting of a training (added with +?): nothing would read it. "
+            f"The top-level settings are {', '.join(RUN_KEYS)}."
+        )
     check_encoder_keys(cfg.model.encoder)
     for key, (accepts, example) in SETTINGS.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)

