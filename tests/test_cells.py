@@ -10,6 +10,7 @@ import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import isolated_outputs
 from hydra import compose, initialize_config_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -404,9 +405,10 @@ def test_scratch_model_configs_build_rnnlab_cells_with_their_options(compose_cfg
 
 
 @pytest.mark.slow
-def test_gru_scratch_trains_like_torchs_gru_with_the_same_seed(compose_cfg: Any, tiny_overrides: list[str]) -> None:
-    scratch = train(compose_cfg(*tiny_overrides, "model=gru_scratch"))
-    reference = train(compose_cfg(*tiny_overrides, "model=gru"))
+def test_gru_scratch_trains_like_torchs_gru_with_the_same_seed(compose_cfg: Any, tiny_overrides: list[str], tmp_path: Path) -> None:
+    # Each run in its own folders: a run never clears another run's checkpoints.
+    scratch = train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / "scratch"), "model=gru_scratch"))
+    reference = train(compose_cfg(*tiny_overrides, *isolated_outputs(tmp_path / "torch"), "model=gru"))
     assert scratch["n_params"] == reference["n_params"]
     assert scratch["test_acc"] == reference["test_acc"]
     assert scratch["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-5)
