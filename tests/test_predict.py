@@ -83,6 +83,17 @@ def test_bad_sentiment_requests_exit_2_with_the_reason(sentiment_champion: Champ
     assert re.search(message, err), err
 
 
+def test_a_mistyped_store_is_refused_and_not_created(capsys, tmp_path: Path) -> None:
+    store = tmp_path / "mlrun" / "mlflow.db"  # mlruns, mistyped
+    code, out, err = run_main(capsys, "sentiment", "fine", "--tracking-uri", f"sqlite:///{store}")
+    assert code == 2 and out == ""
+    assert err.strip() == (
+        f"rnnlab: error: there is no MLflow store at sqlite:///{store}; check --tracking-uri "
+        f"(this project's is sqlite:///{project_root()}/mlruns/mlflow.db)."
+    )
+    assert not store.exists() and not store.parent.exists()
+
+
 def test_unknown_prompt_characters_are_named(textgen_champion: Champion, capsys) -> None:  # noqa: F811
     code, out, err = run_main(capsys, "textgen", "ROMEO§", "--tracking-uri", textgen_champion.uri)
     assert code == 2 and out == ""

@@ -92,6 +92,7 @@ def test_bad_clips_are_refused_naming_the_file_and_the_fix(clip_predictor: ClipP
     fix = r"give a PCM WAV file of one spoken word .*ffmpeg"
     cases = [
         (str(tmp_path / "absent.wav"), rf"absent\.wav does not exist; {fix}"),
+        (str(tmp_path), r"is a folder, not a WAV file"),
         (str(tmp_path / "notes.txt"), rf"notes\.txt is not a readable WAV file .* Fix: {fix}"),
         (str(tmp_path / "empty.wav"), rf"empty\.wav holds no samples\. Fix: {fix}"),
         ("  ", r"row 0 of column 'path' is .*whitespace"),

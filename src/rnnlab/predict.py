@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -89,8 +90,17 @@ def conform_to_signature(frame: pd.DataFrame, model: PyFuncModel, model_uri: str
     return frame[[column for column in frame.columns if column in names]]
 
 
+def check_store(tracking_uri: str, task: str) -> None:
+    """Refuse a SQLite store that does not exist: opening it would create an empty MLflow database there."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(
+            f"there is no MLflow store at {tracking_uri}; check --tracking-uri (this project's is {project_tracking_uri(task)})."
+        )
+
+
 def predict(args: argparse.Namespace) -> None:
     tracking_uri = args.tracking_uri or project_tracking_uri(args.task)
+    check_store(tracking_uri, args.task)
     model_uri = args.model_uri or f"models:/rnnlab-{args.task}-{args.model}@{args.alias}"
     params: dict[str, Any] = {name: getattr(args, name) for name in PARAM_OPTIONS if getattr(args, name) is not None}
     model, served = load_served(model_uri, tracking_uri)

@@ -73,6 +73,8 @@ class ClipPredictor(TaskPredictor):
         require_columns(frame, ["path"], 'a column `path` of WAV file paths, {"path": ["clip.wav"]}')
         waves, notes = [], []
         for path in text_rows(frame, "path", "WAV file path"):
+            if Path(path).is_dir():
+                raise DataError(f"{path} is a folder, not a WAV file; {WAV_FIX}.")
             if not Path(path).is_file():
                 raise DataError(f"{path} does not exist; {WAV_FIX}.")
             try:
