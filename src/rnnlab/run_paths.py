@@ -23,8 +23,10 @@ RUN_CONTENT = ("checkpoints", "figures")
 HYDRA_CONTENT = (".hydra",)
 OUTPUT_DIRS = ("run_dir", "model_dir", "plots_dir")
 OUTPUT_FILES = ("metrics_file", "history_file")
-# The project's own folders: sources, configs, documentation, data and the results that git or DVC track whole.
-PROTECTED = ("conf", "src", "tests", "docs", "data", "reports", "resolved", "metrics", "models", "plots", ".git", ".dvc", ".ci")
+# The project's own folders: its sources, configs and documentation (no run output belongs inside them), and the data
+# and results that git or DVC track whole (a run's outputs belong below them, never in their place).
+SOURCES = ("conf", "src", "tests", "docs", ".git", ".dvc", ".ci")
+PROTECTED = (*SOURCES, "data", "reports", "resolved", "metrics", "models", "plots")
 
 
 def resolve_paths(cfg: DictConfig) -> None:
@@ -44,7 +46,7 @@ def check_outputs(cfg: DictConfig) -> None:
         path = Path(cfg.paths[key]).resolve()
         folder = path if key in OUTPUT_DIRS else path.parent
         top_level = folder.parent == root and folder.name in PROTECTED
-        inside_sources = any(folder.is_relative_to(root / name) for name in ("conf", "src", "tests", "docs", ".git", ".dvc", ".ci"))
+        inside_sources = any(folder.is_relative_to(root / name) for name in SOURCES)
         if folder == root or root.is_relative_to(folder) or top_level or (inside_sources and key in OUTPUT_DIRS):
             raise ConfigError(
                 f"paths.{key}={cfg.paths[key]} would {'replace' if key in OUTPUT_DIRS else 'write into'} {folder}, a folder of "
@@ -53,7 +55,7 @@ def check_outputs(cfg: DictConfig) -> None:
             )
 
 
-def claim_run_dir(cfg: DictConfig) -> str:
+def claim_run_dir(cfg: DictConfig) -> None:
     """Take the run folder for this (task, model, seed), refusing one that holds anything else or belongs to another run."""
     run_dir = Path(cfg.paths.run_dir)
     owner = f"{cfg.task.name}/{cfg.model.name}/seed{cfg.seed}"
@@ -77,7 +79,6 @@ def claim_run_dir(cfg: DictConfig) -> str:
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(owner + "\n")
-    return owner
 
 
 def clear_run_dir(cfg: DictConfig) -> None:

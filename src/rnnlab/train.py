@@ -7,7 +7,6 @@ registers the model; the metrics file and best checkpoint are the DVC outputs.
 from __future__ import annotations
 
 import contextlib
-import json
 import shlex
 import shutil
 import signal
@@ -274,7 +273,7 @@ def _publish(
             pd.DataFrame(history.rows).to_csv(history_tmp, index=False)
             for figure in tracking.figures_dir(cfg.paths.run_dir).glob("*.png"):
                 shutil.copy2(figure, plots_tmp / figure.name)
-            metrics_tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            metrics_tmp.write_text(io.json_text(metrics))
             version = tracking.register_model(cfg.tracking.uri, model_uri, cfg.tracking.registered_model)
             stop.check()  # the last point where a signal keeps every output unwritten
     except BaseException as err:
