@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import sys
 import tarfile
 import time
@@ -57,6 +59,7 @@ def isolated_outputs(out: Path) -> list[str]:
         f"paths.model_dir={out}/models",
         f"paths.metrics_file={out}/metrics.json",
         f"paths.history_file={out}/history.csv",
+        f"paths.predictions_file={out}/predictions.csv",
         f"paths.plots_dir={out}/plots",
         f"paths.run_dir={out}/run",
         f"tracking.uri=sqlite:///{out}/mlflow.db",
@@ -139,3 +142,32 @@ def write_archive(path: Path, files: dict[str, str]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+class RecordBatches(L.Callback):
+    """Appends one JSON line per training batch to `path`: its epoch, index, a fingerprint of its tensors and, at an epoch's
+    first batch, of torch's global generator (what dropout draws from). Instantiated by a run's config in tests:
+    `+callbacks.record._target_=helpers.RecordBatches +callbacks.record.path=<file>`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int) -> None:
+        tensors = batch if isinstance(batch, list | tuple) else [batch]
+        row = {
+            "epoch": trainer.current_epoch,
+            "batch": batch_idx,
+            "data": [hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()[:16] for t in tensors],
+            "noise": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16] if batch_idx == 0 else None,
+        }
+        with self.path.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+
+
+def recorded_batches(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def record_batches(path: Path) -> list[str]:
+    """Overrides that make a training run record its batches into `path` (RecordBatches)."""
+    return ["+callbacks.record._target_=helpers.RecordBatches", f"+callbacks.record.path={path}"]

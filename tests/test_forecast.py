@@ -315,6 +315,14 @@ def test_train_writes_forecast_metrics_beside_the_baselines(
     persistence_mae = (test["baselines"][:, 0] - test["targets"]).abs().mean().item()
     assert metrics["test_mae_persistence"] == pytest.approx(persistence_mae, rel=1e-5)
     assert (tmp_path / "plots" / "forecast.png").is_file()
+    # One row per test origin and step ahead, with the baselines' forecasts of the same targets: Diebold-Mariano's input.
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    horizon = test["targets"].shape[1]
+    assert list(predictions.columns) == ["unit", "group", "horizon", "target", "prediction", "persistence", "seasonal_naive", "arima"]
+    assert len(predictions) == test["targets"].numel() and predictions["horizon"].tolist()[:horizon] == list(range(1, horizon + 1))
+    assert predictions["group"].tolist() == [i // horizon for i in range(len(test["targets"])) for _ in range(horizon)]
+    assert (predictions["prediction"] - predictions["target"]).abs().mean() == pytest.approx(metrics["test_mae"], rel=1e-4)
+    assert predictions["persistence"].to_numpy() == pytest.approx(test["baselines"][:, 0].flatten().numpy(), rel=1e-5)
 
 
 def test_configs_place_each_series_in_its_own_task(compose_cfg: Callable[..., DictConfig]) -> None:

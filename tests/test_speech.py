@@ -123,6 +123,13 @@ def test_features_are_log_mel_frames_normalised_with_train_statistics(speech_dir
     # The statistics are those of the train clips alone.
     waves = torch.stack([torch.from_numpy(read_wav(raw / "wav" / f, convert=False)[0]) for f in splits["train"]])
     assert torch.allclose(log_mel(waves, 40, 25, 20).mean(dim=(0, 1)), torch.tensor(metadata["normalisation"]["mean"]), atol=1e-4)
+    # Each test clip and its speaker, in test order: the units and groups of compare's per-speaker resampling.
+    data = SpeechDataModule(processed, limit_test=7)
+    data.setup()
+    units = data.test_units()
+    assert units["unit"].tolist() == splits["test"][:7]
+    speakers = manifest.loc[splits["test"][:7], "speaker"].replace("", "(silence)")
+    assert units["group"].tolist() == speakers.tolist() and units["group"].nunique() > 1
 
 
 class BatchRecorder(L.Callback):

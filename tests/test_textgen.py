@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from helpers import isolated_outputs, make_language_model, quiet_trainer, write_archive
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 from rnnlab import io
 from rnnlab.config import config_dir
 from rnnlab.data import textgen
-from rnnlab.data.textgen import ContinuingWindows, TextStreamDataModule, chunk_stream, split_works, strip_gutenberg
+from rnnlab.data.textgen import ShuffledWindows, StreamChunks, TextStreamDataModule, split_works, strip_gutenberg
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.generate import sample
 from rnnlab.models.language_model import LanguageModel, generate
@@ -201,35 +202,63 @@ def test_preprocessed_streams_are_the_works_of_their_split_with_a_train_only_voc
 
 
 def test_chunks_continue_each_other_row_by_row() -> None:
-    stream = torch.arange(103)
-    chunks = chunk_stream(stream, rows=4, seq_len=10)  # 25 characters per row: chunks of 10, 10, 5 predictions
-    assert [c.shape for c in chunks] == [(4, 11), (4, 11), (4, 6)]
+    chunks = StreamChunks(torch.arange(103), rows=4, seq_len=10)  # 25 characters per row: chunks of 10, 10, 5 predictions
+    read = [chunks[0, i] for i in range(len(chunks))]
+    assert [c.shape for c in read] == [(4, 11), (4, 11), (4, 6)]
     for row in range(4):
-        inputs = torch.cat([c[row, :-1] for c in chunks])
-        targets = torch.cat([c[row, 1:] for c in chunks])
+        inputs = torch.cat([c[row, :-1] for c in read])
+        targets = torch.cat([c[row, 1:] for c in read])
         assert inputs.tolist() == list(range(25 * row, 25 * row + 25))
         assert targets.tolist() == list(range(25 * row + 1, 25 * row + 26))
+    rotated = chunks[98, 0]  # the stream read from character 98 on, wrapping around its end
+    assert rotated[0].tolist() == [98, 99, 100, 101, 102, 0, 1, 2, 3, 4, 5] and rotated[1, 0] == (98 + 25) % 103
     with pytest.raises(DataError, match="too short for 8 parallel rows"):
-        chunk_stream(torch.arange(5), rows=8, seq_len=10)
+        StreamChunks(torch.arange(5), rows=8, seq_len=10)
 
 
-def test_limited_training_epochs_continue_where_the_last_one_stopped() -> None:
-    windows = ContinuingWindows(size=5, window=2)
-    assert [list(windows) for _ in range(4)] == [[0, 1], [2, 3], [4, 0], [1, 2]]
-    assert len(windows) == 2 and list(ContinuingWindows(size=3)) == [0, 1, 2]
+def test_training_windows_start_at_an_offset_drawn_per_epoch_from_the_seed() -> None:
+    chunks = StreamChunks(torch.arange(1000), rows=4, seq_len=10)
+    windows = ShuffledWindows(chunks, window=3, seed=5)
+    epochs = []
+    for epoch in range(3):
+        windows.set_epoch(epoch)
+        epochs.append(list(windows))
+    assert all(len(keys) == 3 and [index for _, index in keys] == [0, 1, 2] for keys in epochs)
+    assert len({keys[0][0] for keys in epochs}) == 3  # each epoch its own offset
+    again = ShuffledWindows(chunks, window=3, seed=5)
+    again.set_epoch(2)
+    assert list(again) == epochs[2]  # a function of (seed, epoch): the same for every model, exact on resume
+    other = ShuffledWindows(chunks, window=3, seed=6)
+    other.set_epoch(2)
+    assert list(other) != epochs[2]
+    assert len(ShuffledWindows(chunks, window=None, seed=5)) == len(chunks)
 
 
 def test_datamodule_serves_in_order_chunks_and_the_vocabulary(textgen_root: Path) -> None:
-    data = TextStreamDataModule(processed(textgen_root, ""), batch_size=4, seq_len=16, limit_train=3, limit_val=2)
+    data = TextStreamDataModule(processed(textgen_root, ""), batch_size=4, seq_len=16, limit_train=3, limit_val=2, seed=1)
     data.setup()
-    loader = data.train_dataloader()
-    first, second, third = list(loader), list(loader), list(data.train_dataloader())
-    assert len(first) == 3 and torch.equal(second[0], data.chunks["train"][3]) and torch.equal(third[0], data.chunks["train"][6])
+    first = list(data.train_dataloader())
+    assert len(first) == 3
     assert torch.equal(first[1][:, 0], first[0][:, -1])  # the next batch starts where the last one ended
     assert len(list(data.val_dataloader())) == 2 and len(list(data.test_dataloader())) == len(data.chunks["test"])
+    assert torch.equal(next(iter(data.test_dataloader())), data.chunks["test"][0, 0])  # test reads its stream from the start
     assert data.front_end_dims == {"vocab_size": len(data.head_dims["vocabulary"])}
     with pytest.raises(DataError, match="seq_len"):
         TextStreamDataModule(processed(textgen_root, ""), seq_len=0)
+
+
+def test_test_units_are_chunk_rows_grouped_by_work(textgen_root: Path) -> None:
+    data = TextStreamDataModule(processed(textgen_root, ""), batch_size=4, seq_len=16)
+    data.setup()
+    units = data.test_units()
+    stream = data.chunks["test"].stream
+    test_works = json.loads(processed(textgen_root, "splits.json").read_text())["test"]
+    text = textgen.WORK_SEPARATOR.join(WORKS[w].strip() for w in test_works)
+    assert len(units) == 4 * len(data.chunks["test"]) and units["unit"].is_unique
+    for offset, work in zip(units["unit"], units["group"], strict=True):
+        assert 0 <= offset < len(stream)
+        start = text.index(WORKS[work].strip())  # the work whose text holds the unit's first character
+        assert start <= offset < start + len(WORKS[work].strip()) + len(textgen.WORK_SEPARATOR)
 
 
 # --- the language model --------------------------------------------------------------------------------------
@@ -390,6 +419,11 @@ def test_training_writes_language_model_metrics_and_epoch_samples(trained: Path)
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["test_bpc"] == pytest.approx(metrics["test_loss"] / math.log(2), rel=1e-5)
     assert metrics["test_ppl"] == pytest.approx(math.exp(metrics["test_loss"]), rel=1e-5)
+    predictions = pd.read_csv(trained / "predictions.csv")  # one row per test chunk row, grouped by work
+    assert list(predictions.columns) == ["unit", "group", "loss", "characters"]
+    assert set(predictions["group"]) <= set(WORKS) and predictions["unit"].is_unique
+    mean = (predictions["loss"] * predictions["characters"]).sum() / predictions["characters"].sum()
+    assert mean == pytest.approx(metrics["test_loss"], rel=1e-4)
     mlflow.set_tracking_uri(f"sqlite:///{trained}/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["rnnlab-textgen"], output_format="list")
     client = MlflowClient(f"sqlite:///{trained}/mlflow.db")

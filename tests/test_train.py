@@ -29,6 +29,15 @@ def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: 
     assert history["epoch"].tolist() == [0, 1]
     assert {"train_loss", "val_loss", "val_acc"} <= set(history.columns)
     assert (tmp_path / "models" / "model.ckpt").is_file()
+    # One row per test review, scored by the tested weights: the paired tests of compare read these.
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    test_ids = json.loads((Path(cfg.paths.processed) / "splits.json").read_text())["test"]
+    assert list(predictions.columns) == ["unit", "group", "target", "prediction", "score", "loss"]
+    assert predictions["unit"].tolist() == test_ids[: len(predictions)] and (predictions["group"] == predictions["unit"]).all()
+    assert len(predictions) == cfg.task.data.limit_test or len(predictions) == len(test_ids)
+    assert (predictions["prediction"] == (predictions["score"] > 0.5)).all()
+    assert (predictions["prediction"] == predictions["target"]).mean() == pytest.approx(metrics["test_acc"], abs=1e-6)
+    assert predictions["loss"].mean() == pytest.approx(metrics["test_loss"], rel=1e-4)
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
     runs = mlflow.search_runs(experiment_names=["rnnlab-sentiment"], output_format="list")
@@ -44,7 +53,7 @@ def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: 
         assert metrics[key] > 0 and run.data.metrics[key] == pytest.approx(metrics[key])
     assert run.data.params["model/encoder/cell"] == "torch.nn.LSTM"
     client = MlflowClient(cfg.tracking.uri)
-    assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert {"config.yaml", "test_predictions.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     versions = client.search_model_versions("name='rnnlab-sentiment-lstm'")
     assert [v.run_id for v in versions] == [run.info.run_id]
     net = mlflow.pytorch.load_model("models:/rnnlab-sentiment-lstm/1")
@@ -100,11 +109,15 @@ def test_console_script_reports_bad_values_without_traceback(tiny_overrides: lis
 
 def test_multirun_grid_trains_each_model_into_mlflow(tiny_overrides: list[str], tmp_path: Path) -> None:
     overrides = [
-        o for o in tiny_overrides if not o.startswith(("paths.metrics_file", "paths.model_dir", "paths.history_file", "paths.run_dir"))
+        o
+        for o in tiny_overrides
+        if not o.startswith(("paths.metrics_file", "paths.model_dir", "paths.history_file", "paths.run_dir"))
+        and not o.startswith("paths.predictions_file")
     ]
     outputs = [f"paths.metrics_file={tmp_path}/metrics/${{model.name}}.json", f"paths.model_dir={tmp_path}/models/${{model.name}}"]
     outputs.append(f"paths.run_dir={tmp_path}/runs/${{model.name}}")  # each run its own folder: one run never clears another's
     history = f"paths.history_file={tmp_path}/metrics/${{model.name}}_history.csv"
+    outputs.append(f"paths.predictions_file={tmp_path}/metrics/${{model.name}}_predictions.csv")
     sweep_dir = f"hydra.sweep.dir={tmp_path}/multirun"
     result = run_cli("-m", *overrides, *outputs, history, sweep_dir, "model=gru,lstm,rnn", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

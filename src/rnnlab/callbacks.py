@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from rnnlab import streams
 from rnnlab.errors import TrainingError
 
 
@@ -92,14 +93,26 @@ class InferenceCost(L.Callback):
         return {"latency_ms_per_sequence": round(self.latency_ms_per_sequence, 4), "peak_memory_mb": round(self.peak_memory_mb, 1)}
 
 
+class NoiseStream(L.Callback):
+    """Reseed torch's global generator, which dropout draws from, from the run's noise stream at the start of each
+    training epoch (rnnlab.streams): the masks of an epoch depend on (seed, epoch) alone, not on how much randomness
+    the model's initialisation or an earlier epoch consumed, and a resumed run draws what the uninterrupted one did."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.manual_seed(streams.stream_seed(self.seed, streams.NOISE, trainer.current_epoch))
+
+
 class ResumeState(L.Callback):
     """What a resumed run needs beyond Lightning's own checkpoint: the MLflow run to continue,
     and the random number generators as they were when the checkpoint was saved.
 
-    Lightning restores the loops, optimiser and callbacks but not the RNGs; without them a resumed
-    run would shuffle its next epoch and draw its dropout masks from the freshly seeded state, and
-    end with other metrics than the same run uninterrupted. The states are restored before the
-    resumed fit draws anything (callbacks load before the data loaders start).
+    rnnlab's own draws (data order, augmentation, dropout) restart from the run's streams each epoch
+    (rnnlab.streams) and need no saved state; the generators are kept for anything else that draws from
+    them (a user's callback or module), so that a resumed run ends with the metrics of the uninterrupted one.
+    The states are restored before the resumed fit draws anything (callbacks load before the data loaders start).
     """
 
     mlflow_run_id: str | None = None

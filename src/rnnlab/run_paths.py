@@ -22,7 +22,7 @@ RUN_CONTENT = ("checkpoints", "figures")
 # What Hydra writes into a job's folder, which a search's trial uses as its run folder: Hydra's, not foreign.
 HYDRA_CONTENT = (".hydra",)
 OUTPUT_DIRS = ("run_dir", "model_dir", "plots_dir")
-OUTPUT_FILES = ("metrics_file", "history_file")
+OUTPUT_FILES = ("metrics_file", "history_file", "predictions_file")
 # The project's own folders: its sources, configs and documentation (no run output belongs inside them), and the data
 # and results that git or DVC track whole (a run's outputs belong below them, never in their place).
 SOURCES = ("conf", "src", "tests", "docs", ".git", ".dvc", ".ci")

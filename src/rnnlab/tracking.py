@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 matplotlib.use("Agg")  # figures are files, never windows (torchmetrics draws with pyplot)
 
 
+# Where a training run keeps its per-example test outputs in MLflow (the metrics folder's seed<seed>_predictions.csv).
+PREDICTIONS_ARTIFACT = "test_predictions.csv"
+
+
 def git_commit(root: str | Path) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)

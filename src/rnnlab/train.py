@@ -27,8 +27,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from rnnlab import io, run_paths, tracking, validation
-from rnnlab.callbacks import EpochHistory, FiniteLoss, InferenceCost, ResumeState, StopOnSignal
+from rnnlab import io, run_paths, streams, tracking, validation
+from rnnlab.callbacks import EpochHistory, FiniteLoss, InferenceCost, NoiseStream, ResumeState, StopOnSignal
 from rnnlab.config import hydra_entry
 from rnnlab.console import summary
 from rnnlab.data.base import SplitTensorDataModule
@@ -43,8 +43,9 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 
 
 def build(cfg: DictConfig) -> tuple[SplitTensorDataModule, RecurrentModule]:
-    """The task's DataModule and the LightningModule sized to its data."""
-    datamodule = instantiate(cfg.task.data)
+    """The task's DataModule and the LightningModule sized to its data, initialised from the run's weights stream."""
+    datamodule = instantiate(cfg.task.data, seed=cfg.seed)
+    torch.manual_seed(streams.stream_seed(cfg.seed, streams.WEIGHTS))
     front_end = {**OmegaConf.to_container(cfg.task.front_end, resolve=True), **datamodule.front_end_dims}
     module = instantiate(
         cfg.task.module,
@@ -118,7 +119,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
             from rnnlab.search import RUN_ID_ATTR
 
             trial.set_user_attr(RUN_ID_ATTR, logger.run_id)
-        callbacks += [history, ResumeState(), FiniteLoss(), cost, stop]
+        callbacks += [history, NoiseStream(cfg.seed), ResumeState(), FiniteLoss(), cost, stop]
         trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.run_dir)
         _check_launch(trainer)
         tracking.log_config(logger, cfg)
@@ -147,6 +148,8 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
         if best:  # the best epoch's weights alone: test(ckpt_path=...) would also roll the callbacks back to that epoch
             module = type(module).load_from_checkpoint(best, weights_only=True)
         tested = tester.test(module, datamodule=datamodule, verbose=False)[0]
+        predictions = test_predictions(datamodule, module).to_csv(index=False, float_format="%.6g")
+        logger.experiment.log_text(logger.run_id, predictions, tracking.PREDICTIONS_ARTIFACT)
         metrics = {
             **{key: float(value) for key, value in tested.items()},
             "n_params": n_params,
@@ -158,7 +161,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
         logger.log_metrics({key: metrics[key] for key in ("train_seconds", "seconds_per_epoch", *cost.metrics)})
         model_uri = tracking.log_model(logger, module.net)
         stop.check()
-        _publish(cfg, {**metrics, "mlflow_run_id": logger.run_id}, history, best, model_uri, stop)
+        _publish(cfg, {**metrics, "mlflow_run_id": logger.run_id}, history, predictions, best, model_uri, stop)
     except BaseException:
         logger.finalize("KILLED" if stop.received else "failed")
         raise
@@ -254,23 +257,39 @@ def _interrupted_message(cfg: DictConfig, signum: int) -> str:
     return f"interrupted by {name}; MLflow run marked KILLED, no outputs written. Resume from {checkpoint} with: {command}"
 
 
+def test_predictions(datamodule: SplitTensorDataModule, module: RecurrentModule) -> pd.DataFrame:
+    """Per-example test outputs: each example's unit and group (from the data module), then what the model recorded."""
+    units, outputs = datamodule.test_units(), module.test_predictions()
+    if len(units) != outputs["example"].nunique():
+        raise TrainingError(f"the test split has {len(units)} examples but the model recorded {outputs['example'].nunique()}.")
+    return pd.concat([units.iloc[outputs["example"]].reset_index(drop=True), outputs.drop(columns="example")], axis=1)
+
+
 def _publish(
-    cfg: DictConfig, metrics: dict[str, float | str], history: EpochHistory, best_checkpoint: str, model_uri: str, stop: StopOnSignal
+    cfg: DictConfig,
+    metrics: dict[str, float | str],
+    history: EpochHistory,
+    predictions: str,
+    best_checkpoint: str,
+    model_uri: str,
+    stop: StopOnSignal,
 ) -> None:
     """Write every DVC output to a temporary path, register the model, then move the outputs into place: the model
-    folder, history, plots, the metrics file last. A failure or a signal on the way removes what this run staged and
+    folder, history, test predictions, plots, the metrics file last. A failure or a signal on the way removes what this run staged and
     the version it registered, so that DVC and the registry see all of it or none."""
     version = None
     try:
         with contextlib.ExitStack() as staged:  # entered in reverse order of publishing: an ExitStack unwinds last-in first
             metrics_tmp = staged.enter_context(io.atomic_path(cfg.paths.metrics_file))
             plots_tmp = staged.enter_context(io.atomic_dir(cfg.paths.plots_dir))
+            predictions_tmp = staged.enter_context(io.atomic_path(cfg.paths.predictions_file))
             history_tmp = staged.enter_context(io.atomic_path(cfg.paths.history_file))
             model_tmp = staged.enter_context(io.atomic_dir(cfg.paths.model_dir))
             if best_checkpoint:
                 shutil.copy2(best_checkpoint, model_tmp / "model.ckpt")
             (model_tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             pd.DataFrame(history.rows).to_csv(history_tmp, index=False)
+            predictions_tmp.write_text(predictions)
             for figure in tracking.figures_dir(cfg.paths.run_dir).glob("*.png"):
                 shutil.copy2(figure, plots_tmp / figure.name)
             metrics_tmp.write_text(io.json_text(metrics))
@@ -282,7 +301,7 @@ def _publish(
         if isinstance(err, OSError):  # a read-only or full folder, or a path through a file
             raise ConfigError(
                 f"cannot write the run's outputs ({err.strerror or err}: {err.filename or ''}); point paths.model_dir, "
-                "metrics_file, history_file and plots_dir at writable folders with free space. Nothing was published."
+                "metrics_file, history_file, predictions_file and plots_dir at writable folders with free space. Nothing was published."
             ) from err
         raise
 

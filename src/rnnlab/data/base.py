@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from rnnlab import streams
 from rnnlab.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -62,11 +64,32 @@ def load_split(processed_dir: Path, split: str) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation of `size` indices each epoch, drawn from the run's data-order stream.
+
+    Lightning calls `set_epoch` before every training epoch (also the first one after a resume), so
+    the order is a function of (seed, epoch) alone: the same for every model, exact on resume.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.size, generator=streams.generator(self.seed, streams.ORDER, self.epoch)).tolist())
+
+
 class SplitTensorDataModule(L.LightningDataModule):
     """Serves the train/val/test tensors of a processed task directory.
 
-    Subclasses say which tensors make a batch (`batch_keys`) and what the network
-    needs to know about the data (`front_end_dims`, `head_dims`).
+    Subclasses say which tensors make a batch (`batch_keys`), what the network needs to know
+    about the data (`front_end_dims`, `head_dims`) and what each test example is (`test_units`).
+    `seed` is the run's: the training order comes from its data-order stream (rnnlab.streams).
     """
 
     batch_keys: tuple[str, ...] = ()
@@ -79,6 +102,7 @@ class SplitTensorDataModule(L.LightningDataModule):
         limit_val: int | None = None,
         limit_test: int | None = None,
         num_workers: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -87,6 +111,7 @@ class SplitTensorDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
         self.num_workers = num_workers
+        self.seed = seed
         self.datasets: dict[str, TensorDataset] = {}
 
     @property
@@ -113,7 +138,9 @@ class SplitTensorDataModule(L.LightningDataModule):
             self.datasets[split] = TensorDataset(*columns)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+        dataset = self.datasets[split]
+        sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -123,6 +150,11 @@ class SplitTensorDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def test_units(self) -> pd.DataFrame:
+        """One row per test example, in test-loader order: its `unit` (what it is) and `group` (what it shares
+        with other examples, for resampling: a review, a speaker, a work, a block of forecast origins)."""
+        raise NotImplementedError
 
     @property
     def front_end_dims(self) -> dict[str, int]:

@@ -454,6 +454,13 @@ class ForecastDataModule(SplitTensorDataModule):
             tensors = load_split(self.processed_dir, "test")
             self.datasets["test"] = TensorDataset(*test.tensors, *(tensors[key][: len(test)] for key in TEST_EXTRAS))
 
+    def test_units(self) -> pd.DataFrame:
+        """Each test example is one forecast origin, named by its first target date; consecutive origins overlap in
+        what they forecast, so blocks of `horizon` origins form the groups (block bootstrap, Diebold-Mariano)."""
+        first_dates = pd.to_datetime(self.datasets["test"].tensors[-1][:, 0].numpy())
+        blocks = np.arange(len(first_dates)) // self.metadata["horizon"]
+        return pd.DataFrame({"unit": first_dates.strftime("%Y-%m-%d %H:%M"), "group": blocks})
+
     @property
     def front_end_dims(self) -> dict[str, int]:
         return {"num_features": self.metadata["num_features"]}

@@ -209,6 +209,11 @@ class SentimentDataModule(SplitTensorDataModule):
             tokens = tokens[:, -self.max_len :]
         return {**tensors, "tokens": tokens}
 
+    def test_units(self) -> pd.DataFrame:
+        """Each test example is one review, its own group (its id in the fetched data)."""
+        ids = json.loads((self.processed_dir / "splits.json").read_text())["test"][: len(self.datasets["test"])]
+        return pd.DataFrame({"unit": ids, "group": ids})
+
     @property
     def front_end_dims(self) -> dict[str, int]:
         return {"vocab_size": self.metadata["vocab_size"]}

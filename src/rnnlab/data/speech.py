@@ -30,7 +30,7 @@ from scipy.io import wavfile
 from torch import nn
 from torchaudio.datasets import SPEECHCOMMANDS
 
-from rnnlab import io
+from rnnlab import io, streams
 from rnnlab.console import progress, summary
 from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_csv, save_split
 from rnnlab.errors import DataError
@@ -493,6 +493,8 @@ def preprocess(
             labels = torch.tensor([index[label] for label in rows[split]["label"]], dtype=torch.int64)
             save_split(tmp, split, {"features": ((features[split] - mean) / std).contiguous(), "labels": labels})
         io.write_json(tmp / "splits.json", {split: rows[split]["file"].tolist() for split in SPLITS})
+        # Who speaks each clip, row by row: the groups of the per-speaker resampling in compare ("" for silence).
+        io.write_json(tmp / "speakers.json", {split: rows[split]["speaker"].tolist() for split in SPLITS})
         metadata = {
             "class_names": list(classes),
             "num_classes": len(classes),
@@ -523,6 +525,7 @@ class SpeechDataModule(SplitTensorDataModule):
     def __init__(self, processed_dir: str, spec_augment: dict[str, int] | None = None, **kwargs) -> None:
         super().__init__(processed_dir, **kwargs)
         self.spec_augment = None
+        self._augment_stream: tuple[int, torch.Generator] | None = None
         if spec_augment:
             freq_mask, time_mask = spec_augment.get("freq_mask", 0), spec_augment.get("time_mask", 0)
             if freq_mask < 0 or time_mask < 0:
@@ -534,11 +537,32 @@ class SpeechDataModule(SplitTensorDataModule):
             )
 
     def on_after_batch_transfer(self, batch: list[torch.Tensor], dataloader_idx: int) -> list[torch.Tensor]:
-        """Mask bands of mel bins and spans of frames in training batches only (features are zero-mean, so masks are 0)."""
+        """Mask bands of mel bins and spans of frames in training batches only (features are zero-mean, so masks are 0).
+
+        The masks come from the run's augmentation stream, restarted each epoch (rnnlab.streams): torchaudio draws
+        from torch's global generator, so it runs inside a fork of it seeded from that stream.
+        """
         if self.spec_augment is None or self.trainer is None or not self.trainer.training:
             return batch
+        epoch = self.trainer.current_epoch
+        if self._augment_stream is None or self._augment_stream[0] != epoch:
+            self._augment_stream = (epoch, streams.generator(self.seed, streams.AUGMENT, epoch))
+        batch_seed = int(torch.randint(2**62, (), generator=self._augment_stream[1]))
         features, labels = batch
-        return [self.spec_augment(features.transpose(1, 2)).transpose(1, 2), labels]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_seed)
+            masked = self.spec_augment(features.transpose(1, 2)).transpose(1, 2)
+        return [masked, labels]
+
+    def test_units(self) -> pd.DataFrame:
+        """Each test example is one clip; its group is its speaker (silence clips, cut from background noise, form one)."""
+        size = len(self.datasets["test"])
+        files = json.loads((self.processed_dir / "splits.json").read_text())["test"][:size]
+        path = self.processed_dir / "speakers.json"
+        if not path.is_file():
+            raise DataError(f"{path} is missing (processed by an older rnnlab): run the preprocess stage again.")
+        speakers = json.loads(path.read_text())["test"][:size]
+        return pd.DataFrame({"unit": files, "group": [speaker or "(silence)" for speaker in speakers]})
 
     @property
     def front_end_dims(self) -> dict[str, int]:

@@ -18,10 +18,12 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rnnlab import io
+from rnnlab import io, streams
 from rnnlab.console import summary
 from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, read_text, save_split
 from rnnlab.errors import DataError
@@ -144,6 +146,11 @@ def split_works(
     return {"train": sorted(w for unit in order for w in unit), "val": sorted(splits["val"]), "test": sorted(splits["test"])}
 
 
+def work_starts(lengths: Sequence[int]) -> list[int]:
+    """Where each of works of these `lengths` starts in their stream, joined by WORK_SEPARATOR."""
+    return [sum(lengths[:i]) + i * len(WORK_SEPARATOR) for i in range(len(lengths))]
+
+
 def build_vocab(text: str) -> list[str]:
     """<pad>, <unk>, then every character of `text` in code-point order."""
     return [PAD, UNK, *sorted(set(text))]
@@ -178,6 +185,8 @@ def preprocess(
             "vocab_size": len(vocab),
             "characters": {split: len(streams[split]) for split in SPLITS},
             "works": {split: len(splits[split]) for split in SPLITS},
+            # Where each work of splits.json starts in its split's stream: the groups of per-work resampling in compare.
+            "work_starts": {split: work_starts([len(works[name]) for name in splits[split]]) for split in SPLITS},
             "unknown_characters": {split: sum(char not in index for char in streams[split]) for split in SPLITS},
         }
         io.write_json(tmp / "metadata.json", metadata)
@@ -191,44 +200,59 @@ def preprocess(
     )
 
 
-def chunk_stream(stream: torch.Tensor, rows: int, seq_len: int) -> list[torch.Tensor]:
-    """Cut a stream into `rows` contiguous rows read in parallel, then into consecutive chunks [rows, <= seq_len + 1].
+class StreamChunks(Dataset):
+    """A character stream cut into `rows` contiguous rows read in parallel, served chunk by chunk for truncated BPTT.
 
-    Chunk i holds characters [i * seq_len, (i + 1) * seq_len] of every row: one more than
-    it predicts, as chunk i's last input character is chunk i+1's first. Only the last
-    (len(stream) - 1) % rows characters are dropped.
+    Item (shift, i) is chunk i of the stream rotated left by `shift` characters: [rows, <= seq_len + 1] characters,
+    [i * seq_len, (i + 1) * seq_len] of every row, one more than it predicts, as chunk i's last input character is
+    chunk i+1's first. Unrotated (shift 0), only the last (len(stream) - 1) % rows characters are never read.
     """
-    per_row = (len(stream) - 1) // rows
-    if per_row < 1:
-        raise DataError(f"A stream of {len(stream)} characters is too short for {rows} parallel rows; lower task.data.batch_size.")
-    grid = torch.stack([stream[r * per_row : (r + 1) * per_row + 1] for r in range(rows)])
-    return [grid[:, start : start + seq_len + 1] for start in range(0, per_row, seq_len)]
+
+    def __init__(self, stream: torch.Tensor, rows: int, seq_len: int) -> None:
+        self.per_row = (len(stream) - 1) // rows
+        if self.per_row < 1:
+            raise DataError(f"A stream of {len(stream)} characters is too short for {rows} parallel rows; lower task.data.batch_size.")
+        self.stream, self.rows, self.seq_len = stream, rows, seq_len
+
+    def __len__(self) -> int:
+        return -(-self.per_row // self.seq_len)
+
+    def row_starts(self) -> torch.Tensor:
+        return torch.arange(self.rows) * self.per_row
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        shift, index = key
+        start = index * self.seq_len
+        length = min(self.seq_len, self.per_row - start) + 1
+        positions = shift + start + self.row_starts()[:, None] + torch.arange(length)[None, :]
+        return self.stream[positions % len(self.stream)]
 
 
-class ContinuingWindows(Sampler[int]):
-    """`window` consecutive indices of `size`; each new pass (epoch) starts where the last one stopped, wrapping around."""
+class ShuffledWindows(Sampler[tuple[int, int]]):
+    """Each training epoch reads `window` consecutive chunks of the stream rotated by an offset drawn from the run's
+    data-order stream (rnnlab.streams): every epoch cuts its rows and chunks elsewhere, the same way for every model
+    with the same seed, and a limited epoch covers another part of the works each time."""
 
-    def __init__(self, size: int, window: int | None = None) -> None:
-        self.size = size
-        self.window = size if window is None else min(window, size)
-        self.start = 0
+    def __init__(self, data: StreamChunks, window: int | None, seed: int) -> None:
+        self.n_chars, self.window, self.seed, self.epoch = len(data.stream), min(window or len(data), len(data)), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.window
 
-    def __iter__(self) -> Iterator[int]:
-        start, self.start = self.start, (self.start + self.window) % self.size
-        return iter([(start + i) % self.size for i in range(self.window)])
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        shift = int(torch.randint(self.n_chars, (), generator=streams.generator(self.seed, streams.ORDER, self.epoch)))
+        return iter([(shift, index) for index in range(self.window)])
 
 
 class TextStreamDataModule(SplitTensorDataModule):
     """Chunks of `batch_size` parallel character streams for truncated back-propagation through time.
 
-    Consecutive batches continue each other row by row, so the language model carries
-    its recurrent state from one batch to the next. `limit_*` count batches: a limited
-    training epoch takes the next `limit_train` batches, each epoch continuing where the
-    previous one stopped, so a small budget per epoch still goes through all the works;
-    val and test take their first `limit_*` batches (all by default).
+    Consecutive batches continue each other row by row, so the language model carries its recurrent
+    state from one batch to the next. `limit_*` count batches. Training epochs start at a random offset
+    (ShuffledWindows); val and test read their streams from the start, their first `limit_*` batches (all by default).
     """
 
     def __init__(self, processed_dir: str, seq_len: int = 100, **kwargs) -> None:
@@ -239,22 +263,34 @@ class TextStreamDataModule(SplitTensorDataModule):
             if limit is not None and limit <= 0:
                 raise DataError(f"task.data.limit_{split} must be a positive number of batches or null, got {limit}.")
         self.seq_len = seq_len
-        self.chunks: dict[str, list[torch.Tensor]] = {}
-        self.train_windows: ContinuingWindows | None = None
+        self.chunks: dict[str, StreamChunks] = {}
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
             if split not in self.chunks:
-                self.chunks[split] = chunk_stream(load_split(self.processed_dir, split)["stream"].long(), self.batch_size, self.seq_len)
-        if self.train_windows is None:
-            # Kept here, not in the loader, so that reloaded loaders also go on where the last epoch stopped.
-            self.train_windows = ContinuingWindows(len(self.chunks["train"]), self.limits["train"])
+                self.chunks[split] = StreamChunks(load_split(self.processed_dir, split)["stream"].long(), self.batch_size, self.seq_len)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        # Never shuffled: the state carried between batches needs them in order.
+        # Batches stay in order within an epoch: the state carried between batches needs them so.
         chunks, limit = self.chunks[split], self.limits[split]
-        sampler = self.train_windows if split == "train" else range(min(limit or len(chunks), len(chunks)))
+        if split == "train":
+            sampler = ShuffledWindows(chunks, limit, self.seed)
+        else:
+            sampler = [(0, index) for index in range(min(limit or len(chunks), len(chunks)))]
         return DataLoader(chunks, batch_size=None, sampler=sampler, num_workers=self.num_workers)
+
+    def test_units(self) -> pd.DataFrame:
+        """Each test example is one row of one chunk, named by the offset of its first character in the test stream;
+        its group is the work that character belongs to."""
+        chunks = self.chunks["test"]
+        n_chunks = len(self.test_dataloader())
+        offsets = (torch.arange(n_chunks)[:, None] * self.seq_len + chunks.row_starts()[None, :]).flatten().numpy()
+        names = json.loads((self.processed_dir / "splits.json").read_text())["test"]
+        starts = self.metadata.get("work_starts")
+        if starts is None:
+            raise DataError(f"{self.processed_dir / 'metadata.json'} has no work_starts (an older rnnlab's): run preprocess again.")
+        works = np.searchsorted(np.asarray(starts["test"]), offsets, side="right") - 1
+        return pd.DataFrame({"unit": offsets, "group": [names[w] for w in works]})
 
     @property
     def vocabulary(self) -> list[str]:

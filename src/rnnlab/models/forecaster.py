@@ -101,8 +101,11 @@ class Forecaster(RecurrentModule):
             metrics.update(baselines[:, index].contiguous(), targets)
             self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=len(targets))
         self._test_outputs.append({"forecasts": forecasts, "targets": targets, "baselines": baselines, "times": target_times})
+        names = self.hparams.baselines or []
+        self.record_test(target=targets, prediction=forecasts, **{name: baselines[:, index] for index, name in enumerate(names)})
 
     def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
         self._test_outputs.clear()
 
     def on_test_epoch_end(self) -> None:

@@ -173,6 +173,7 @@ class LanguageModel(RecurrentModule):
         self.states["val"] = None
 
     def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
         self.states["test"] = None
 
     def training_step(self, chunk: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -187,7 +188,10 @@ class LanguageModel(RecurrentModule):
         self.nats["val"].update(self._nats_per_char(chunk, "val"))
 
     def test_step(self, chunk: torch.Tensor, batch_idx: int) -> None:
-        self.nats["test"].update(self._nats_per_char(chunk, "test"))
+        nats = self._nats_per_char(chunk, "test")
+        self.nats["test"].update(nats)
+        # Per row of the chunk: its mean loss and its length, so that compare can weight chunks by characters.
+        self.record_test(loss=nats.mean(dim=1), characters=torch.full((len(nats),), nats.shape[1]))
 
     def _log_epoch(self, stage: str) -> None:
         nats = self.nats[stage].compute()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -38,6 +40,29 @@ class RecurrentModule(L.LightningModule):
         super().__init__()
         # The run's full config is logged once by train.py; don't log these a second time.
         self.save_hyperparameters(logger=False)
+        self._test_records: list[dict[str, torch.Tensor]] = []
+
+    def on_test_epoch_start(self) -> None:
+        self._test_records.clear()
+
+    def record_test(self, **columns: torch.Tensor) -> None:
+        """Keep per-example outputs of a test batch: tensors [B] (one value per example) or [B, H] (one per step ahead)."""
+        self._test_records.append({name: value.detach().cpu() for name, value in columns.items()})
+
+    def test_predictions(self) -> pd.DataFrame:
+        """The recorded test outputs, one row per example in test order (`example` counts from 0), or one row per
+        example and step ahead (`horizon`, from 1) when some outputs are [B, H]."""
+        if not self._test_records:
+            raise RuntimeError("test_predictions() before a test epoch recorded anything")
+        columns = {name: torch.cat([record[name] for record in self._test_records]).numpy() for name in self._test_records[0]}
+        n_examples = len(next(iter(columns.values())))
+        steps = max(value.shape[1] if value.ndim == 2 else 1 for value in columns.values())
+        frame = {"example": np.repeat(np.arange(n_examples), steps)}
+        if steps > 1:
+            frame["horizon"] = np.tile(np.arange(1, steps + 1), n_examples)
+        for name, value in columns.items():
+            frame[name] = value.reshape(-1) if value.ndim == 2 else np.repeat(value, steps)
+        return pd.DataFrame(frame)
 
     def build_net(self, output_size: int) -> SequenceNet:
         front_end = instantiate(self.hparams.front_end)
@@ -98,12 +123,16 @@ class SequenceClassifier(RecurrentModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> torch.Tensor:
         inputs, labels = batch
         logits = self(inputs)
-        loss = F.cross_entropy(logits, labels)
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        loss = losses.mean()
         probs = logits.softmax(dim=-1)
         scores = probs[:, 1] if self.binary else probs
         metrics.update(scores, labels)
         if stage == "test":
             self.test_confusion.update(scores, labels)
+            # score: the positive class's probability (two classes), else the predicted class's.
+            confidence, predicted = probs.max(dim=-1)
+            self.record_test(target=labels, prediction=predicted, score=scores if self.binary else confidence, loss=losses)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(labels))
         return loss
