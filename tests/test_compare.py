@@ -20,6 +20,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from scipy import stats
+from statsmodels.regression.linear_model import OLS
+from statsmodels.stats.multitest import multipletests
 
 from rnnlab.compare import compare, learning_curve
 from rnnlab.compare import main as compare_main
@@ -53,6 +55,38 @@ VAL = {("sentiment", "gru", 4): [0.5, 0.99, 0.6]}
 # textgen's monitor is val_loss: the LSTM's is best at epoch 1, not at its last epoch.
 TEXTGEN_VAL_LOSS = {"lstm": [0.9, 0.5, 0.7]}
 NO_ALIAS = "champion_alias=null"  # the synthetic runs have no network to register
+# The smallest effects of interest the synthetic runs declare (task/equivalence_margin).
+MARGINS = {"sentiment": 0.02, "forecast": 0.03, "textgen": 0.02}
+N_REVIEWS, N_ORIGINS, HORIZON, CHUNKS = 1000, 40, 3, 30
+# Forecast errors per origin: a fixed pattern of mean 1, so that a run's MASE is its value exactly.
+ERROR_PATTERN = np.tile([0.7, 1.3, 0.9, 1.1], N_ORIGINS // 4)
+PERSISTENCE_MASE = 1.0  # the baseline in every forecast run's test outputs: between the GRU (1.1) and the LSTM (0.9)
+
+
+def synthetic_predictions(task: str, value: float) -> pd.DataFrame:
+    """Per-example test outputs whose primary metric is `value` exactly, with a structure shared by every model: the same
+    reviews are hard for all (a model gets right the round(value * N) easiest), the same origins are hard to forecast."""
+    if task == "sentiment":
+        units = np.arange(N_REVIEWS)
+        right = np.random.default_rng(0).permutation(N_REVIEWS) < round(value * N_REVIEWS)
+        target = units % 2
+        prediction = np.where(right, target, 1 - target)
+        return pd.DataFrame({"unit": units, "group": units, "target": target, "prediction": prediction, "score": prediction, "loss": 0.5})
+    if task == "forecast":
+        origin = np.repeat(np.arange(N_ORIGINS), HORIZON)
+        error = np.repeat(ERROR_PATTERN, HORIZON)
+        return pd.DataFrame(
+            {
+                "unit": [f"2020-01-{o + 1:02d} 00:00" for o in origin],
+                "group": origin // HORIZON,
+                "horizon": np.tile(np.arange(1, HORIZON + 1), N_ORIGINS),
+                "target": 0.0,
+                "prediction": value * error,  # MASE scale 1: the run's test_mae is its test_mase
+                "persistence": PERSISTENCE_MASE * np.repeat(ERROR_PATTERN[::-1], HORIZON),
+            }
+        )
+    units = np.arange(CHUNKS) * 100
+    return pd.DataFrame({"unit": units, "group": units // 1000, "loss": value, "characters": 100})
 
 
 def png(rows: int) -> bytes:
@@ -97,7 +131,9 @@ def add_run(
         history = val if val is not None else VAL.get((task, model, seed), [value - sign * 0.02, value, value - sign * 0.01])
         metrics += [Metric(monitor, v, start + e, step[e]) for e, v in enumerate(history)]
     params = [Param("task/primary_metric", metric), Param("task/monitor", monitor), Param("task/monitor_mode", mode)]
+    params.append(Param("task/equivalence_margin", str(MARGINS[task])))
     client.log_batch(run_id, metrics=metrics, params=params)
+    client.log_text(run_id, synthetic_predictions(task, value).to_csv(index=False), "test_predictions.csv")
     if task in ("sentiment", "forecast"):
         with tempfile.TemporaryDirectory() as tmp:
             figure = Path(tmp) / ("confusion_matrix.png" if task == "sentiment" else "forecast.png")
@@ -175,28 +211,58 @@ def test_model_statistics_match_numpy_and_scipy(report: dict[str, Any]) -> None:
 def test_paired_tests_and_verdicts(report: dict[str, Any], store: Path) -> None:
     sentiment = {(p["first"], p["second"]): p for p in report["tasks"]["sentiment"]["pairs"]}
     for other in ("lstm", "rnn"):
-        expected = stats.ttest_rel(VALUES["sentiment", "gru"], VALUES["sentiment", other])
-        assert sentiment["gru", other]["p_value"] == pytest.approx(expected.pvalue)
-        assert sentiment["gru", other]["ci"] == pytest.approx(list(expected.confidence_interval(0.95)))
-    assert sentiment["gru", "lstm"]["winner"] is None and sentiment["gru", "rnn"]["winner"] == "gru"
-    forecast = report["tasks"]["forecast"]["pairs"]
-    assert [(p["first"], p["second"], p["winner"]) for p in forecast] == [("gru", "lstm", "lstm")]  # lower MASE wins; no rnn runs
+        pair = sentiment["gru", other]
+        assert pair["effect"] == pytest.approx(np.mean(GRU_SENTIMENT) - np.mean(VALUES["sentiment", other]))
+        assert pair["ci"][0] <= pair["effect"] <= pair["ci"][1] and pair["test"] == "McNemar (exact)"
+        assert pair["shared_seeds"] == [1, 2, 3, 4, 5] and pair["margin"] == MARGINS["sentiment"]
+    # The LSTM's seeds scatter around the GRU's: equivalent within the task's 0.02, not a winner.
+    assert sentiment["gru", "lstm"]["verdict"] == "equivalent within ±0.02" and sentiment["gru", "lstm"]["p_holm"] > 0.05
+    assert -0.02 < sentiment["gru", "lstm"]["equivalence_interval"][0] < sentiment["gru", "lstm"]["equivalence_interval"][1] < 0.02
+    assert sentiment["gru", "rnn"]["verdict"] == "gru better" and sentiment["gru", "rnn"]["p_holm"] < 1e-6
+    # McNemar on the majority over seeds: most GRU seeds get the 900 easiest reviews right, most RNN seeds the 801
+    # easiest, so 99 reviews are right for the GRU alone and none for the RNN alone.
+    assert sentiment["gru", "rnn"]["p_value"] == pytest.approx(stats.binomtest(0, 99).pvalue)
+
+    forecast = {(p["first"], p["second"]): p for p in report["tasks"]["forecast"]["pairs"]}
+    # The configured pair with runs (no rnn runs), then each network against the persistence baseline of the test outputs.
+    assert list(forecast) == [("gru", "lstm"), ("gru", "persistence"), ("lstm", "persistence")]
+    assert report["tasks"]["forecast"]["baselines"] == ["persistence"]
+    assert forecast["gru", "lstm"]["verdict"] == "lstm better"  # lower MASE wins
+    assert forecast["gru", "lstm"]["effect"] == pytest.approx(np.mean(VALUES["forecast", "gru"]) - np.mean(VALUES["forecast", "lstm"]))
+    # Diebold-Mariano on the per-origin differences: uniform kernel at lag horizon - 1, Harvey-Leybourne-Newbold's factor.
+    differences = np.mean(VALUES["forecast", "gru"]) * ERROR_PATTERN - PERSISTENCE_MASE * ERROR_PATTERN[::-1]
+    hac = {"maxlags": HORIZON - 1, "kernel": "uniform"}
+    t = OLS(differences, np.ones(N_ORIGINS)).fit(cov_type="HAC", cov_kwds=hac).tvalues[0]
+    t *= np.sqrt((N_ORIGINS + 1 - 2 * HORIZON + HORIZON * (HORIZON - 1) / N_ORIGINS) / N_ORIGINS)
+    assert forecast["gru", "persistence"]["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), N_ORIGINS - 1))
+    assert forecast["gru", "persistence"]["test"] == "Diebold-Mariano (HLN)"
+
+    # Holm over every test of the report: 2 sentiment, 3 forecast (textgen has one seed).
+    tested = [p for result in report["tasks"].values() for p in result["pairs"] if p["p_value"] is not None]
+    assert report["tests"] == len(tested) == 5
+    assert [p["p_holm"] for p in tested] == pytest.approx(list(multipletests([p["p_value"] for p in tested], method="holm")[1]))
 
     md = (store / "reports" / "comparison.md").read_text()
-    assert "| gru vs lstm | 5 |" in md and "| 0.963 | no significant difference |" in md
-    assert "**gru** better |" in md and "**lstm** better |" in md
-    assert "**lstm** better" not in md.split("## sentiment")[1].split("## textgen")[0]  # no winner where p >= alpha
-    assert "(higher is better)" in md and "(lower is better)" in md
+    assert "| gru vs lstm | 5 |" in md and "| equivalent within ±0.02 |" in md
+    assert "| **gru** better |" in md and "| **lstm** better |" in md
+    assert "(higher is better)" in md and "(lower is better)" in md and "Holm's correction over all 5 tests" in md
     assert "| — | — |" in md  # latency and peak memory the runs did not log
     assert json.loads((store / "reports" / "comparison.json").read_text()) == report
+
+
+def test_the_same_runs_give_the_same_report_byte_for_byte(store: Path, tmp_path: Path) -> None:
+    for name in ("first", "second"):
+        compare(compose_compare(*store_overrides(store, tmp_path / name), NO_ALIAS, "tracking.experiment=rerun"))
+    for report in ("comparison.md", "comparison.json", "comparison_metrics.json"):
+        assert (tmp_path / "first" / "reports" / report).read_bytes() == (tmp_path / "second" / "reports" / report).read_bytes()
 
 
 def test_single_seed_has_no_interval_and_no_test(report: dict[str, Any], store: Path) -> None:
     textgen = report["tasks"]["textgen"]
     assert textgen["models"]["gru"]["ci"] is None and textgen["models"]["gru"]["std"] is None
     [pair] = textgen["pairs"]
-    assert pair["p_value"] is None and pair["winner"] is None and pair["verdict"] == "not enough seeds"
-    assert pair["mean_difference"] == pytest.approx(1.60 - 1.70)
+    assert pair["p_value"] is None and pair["verdict"] == "not enough seeds"
+    assert pair["effect"] == pytest.approx(1.60 - 1.70)  # the point estimate alone, from the test outputs
     assert "undefined (one seed)" in (store / "reports" / "comparison.md").read_text()
 
 
@@ -274,8 +340,12 @@ def test_metrics_file_holds_only_numbers(report: dict[str, Any], store: Path) ->
     assert gru["test_acc_mean"] == pytest.approx(np.mean(GRU_SENTIMENT)) and gru["seeds"] == 5 and gru["champion_val_acc"] == 0.99
     assert gru["ci_low"] < gru["test_acc_mean"] < gru["ci_high"] and "peak_memory_mb" not in gru  # not logged: left out
     assert "ci_low" not in metrics["textgen"]["gru"]  # one seed: no interval
-    assert metrics["sentiment"]["gru_vs_rnn"]["p_value"] == pytest.approx(report["tasks"]["sentiment"]["pairs"][1]["p_value"])
-    assert "p_value" not in metrics["textgen"]["gru_vs_lstm"]
+    gru_vs_rnn = report["tasks"]["sentiment"]["pairs"][1]
+    assert metrics["sentiment"]["gru_vs_rnn"] == pytest.approx(
+        {"effect": gru_vs_rnn["effect"], "shared_seeds": 5, "ci_low": gru_vs_rnn["ci"][0], "ci_high": gru_vs_rnn["ci"][1]}
+        | {key: gru_vs_rnn[key] for key in ("p_value", "p_holm", "mde")}
+    )
+    assert metrics["textgen"]["gru_vs_lstm"] == {"effect": pytest.approx(-0.1), "shared_seeds": 1}
 
 
 def test_seeds_filter(store: Path, tmp_path: Path) -> None:
@@ -322,6 +392,8 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
         (["tasks=[nosuch]"], ConfigError, r"unknown task 'nosuch'; known: .*sentiment"),
         (["champion_alias=latest"], ConfigError, r"champion_alias must be null .* other than 'latest' and v<number>"),
         (["champion_alias=v2"], ConfigError, r"champion_alias must be null"),
+        (["resamples=10"], ConfigError, r"resamples must be an integer >= 100"),
+        (["alpha=0.5"], ConfigError, r"alpha must be in \(0, 0.5\)"),
         (["profile=smoke", "models=[lstm]"], DataError, r"no FINISHED training runs of model lstm of profile 'smoke'.*dvc repro"),
     ],
 )

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 import torch
-from helpers import isolated_outputs, only_results
+from helpers import isolated_outputs, only_results, run_main
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -27,6 +28,7 @@ from rnnlab import run_paths
 from rnnlab.callbacks import StopOnSignal
 from rnnlab.config import config_dir, project_root
 from rnnlab.errors import ConfigError, TrainingError
+from rnnlab.train import main as train_main
 from rnnlab.train import train
 
 OUTPUTS = ("metrics.json", "history.csv", "models", "plots")  # what isolated_outputs sends a run's DVC outputs to
@@ -93,6 +95,60 @@ def test_a_signal_stops_at_the_next_safe_point_and_a_second_one_at_once() -> Non
         with pytest.raises(KeyboardInterrupt, match="SIGINT"):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.slow
+def test_sigterm_to_dvc_repro_stops_the_training_it_runs(tiny_overrides: list[str], tmp_path: Path) -> None:
+    """DVC dies on SIGTERM without passing it to its stage's command; the training notices and stops as for SIGTERM."""
+    project = tmp_path / "project"
+    project.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    out = project / "out"  # DVC outputs live inside the project
+    own = tuple(o.split("=")[0] + "=" for o in isolated_outputs(out))
+    throttle = ["+callbacks.throttle._target_=helpers.Throttle", "+callbacks.throttle.seconds=0.3"]
+    run = [*(o for o in tiny_overrides if not o.startswith(own)), *isolated_outputs(out), "trainer.max_epochs=3", *throttle]
+    command = " ".join([sys.executable, "-m", "rnnlab.train", *(f"'{o}'" for o in run)])
+    stage = {"cmd": command, "outs": [{"out/metrics.json": {"cache": False}}]}
+    (project / "dvc.yaml").write_text(json.dumps({"stages": {"train": stage}}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    with (tmp_path / "dvc.log").open("w") as log:
+        dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
+    last = out / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.is_file():
+        assert dvc.poll() is None and time.monotonic() < deadline, (tmp_path / "dvc.log").read_text()[-3000:]
+        time.sleep(0.1)
+    training = [p for p in psutil.Process(dvc.pid).children(recursive=True) if "rnnlab.train" in " ".join(p.cmdline())]
+    dvc.send_signal(signal.SIGTERM)  # dvc alone, not its process group
+    dvc.wait(timeout=60)
+    _, alive = psutil.wait_procs(training, timeout=120)
+    assert training and not alive, "the training ran on after dvc ended"
+    log = (tmp_path / "dvc.log").read_text()
+    assert "has ended: stopping as for SIGTERM" in log and "rnnlab: interrupted by SIGTERM; MLflow run marked KILLED" in log, log[-3000:]
+    assert not any((out / output).exists() for output in OUTPUTS)
+    assert only_run(out).info.status == "KILLED"
+
+
+def test_resuming_from_a_corrupt_checkpoint_names_it(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
+    train(compose_cfg(*tiny_overrides, "trainer.max_epochs=1"))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # cut short, as by a full disk
+    with pytest.raises(ConfigError, match=rf"{last} is not a readable checkpoint of a run .*without resume=true"):
+        train(compose_cfg(*tiny_overrides, "trainer.max_epochs=1", "resume=true"))
+
+
+def test_an_early_stopping_monitor_that_is_never_logged_is_one_line(
+    tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    result = run_main(
+        train_main, *tiny_overrides, "callbacks.early_stopping.monitor=val_accuracy", run_dir=tmp_path / "hydra", capsys=capsys
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("rnnlab: error:")]
+    assert "callbacks.early_stopping.monitor names no logged metric" in line and "`val_accuracy`" in line and "`val_acc`" in line
+    assert not any((tmp_path / output).exists() for output in OUTPUTS)
+    assert only_run(tmp_path).info.status == "FAILED"
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import pickle
 import random
 import resource
 import signal
@@ -16,10 +18,11 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import psutil
 import torch
 
 from rnnlab import streams
-from rnnlab.errors import TrainingError
+from rnnlab.errors import ConfigError, TrainingError
 
 
 class EpochHistory(L.Callback):
@@ -93,6 +96,15 @@ class InferenceCost(L.Callback):
         return {"latency_ms_per_sequence": round(self.latency_ms_per_sequence, 4), "peak_memory_mb": round(self.peak_memory_mb, 1)}
 
 
+def _dvc_process() -> psutil.Process | None:
+    """The `dvc` process this one runs under (through the shell that DVC starts a stage's command in), if found."""
+    for parent in psutil.Process().parents():
+        with contextlib.suppress(psutil.Error):
+            if any(Path(part).name in ("dvc", "dvc.exe") or part == "dvc" for part in parent.cmdline()[:3]):
+                return parent
+    return None
+
+
 class NoiseStream(L.Callback):
     """Reseed torch's global generator, which dropout draws from, from the run's noise stream at the start of each
     training epoch (rnnlab.streams): the masks of an epoch depend on (seed, epoch) alone, not on how much randomness
@@ -144,8 +156,15 @@ class ResumeState(L.Callback):
 
     @classmethod
     def mlflow_run_of(cls, checkpoint: str | Path) -> str | None:
-        """The MLflow run a checkpoint belongs to (read before the logger is made)."""
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["callbacks"].get(cls.__qualname__, {})
+        """The MLflow run a checkpoint belongs to (read before the logger is made); a file that is not a checkpoint
+        of a run is a ConfigError naming it."""
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)["callbacks"].get(cls.__qualname__, {})
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(
+                f"{checkpoint} is not a readable checkpoint of a run ({type(err).__name__}: {str(err)[:200]}); it cannot be resumed. "
+                "Delete it and start the run again without resume=true."
+            ) from None
         return state.get("mlflow_run_id")
 
 
@@ -175,10 +194,15 @@ class StopOnSignal(L.Callback):
 
     Python's own SIGTERM ends a process with no cleanup at all (its MLflow run left RUNNING), and a
     process started with SIGINT ignored (a background job of a script) would not stop on it.
+
+    A run that `dvc repro` started (DVC_STAGE set) also stops as for SIGTERM when that dvc process ends:
+    DVC dies on SIGTERM without passing it on, and its training would otherwise run on and write outputs
+    that dvc.lock never records.
     """
 
     def __init__(self) -> None:
         self.received: list[int] = []
+        self._stopped = threading.Event()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopOnSignal]:
@@ -187,11 +211,22 @@ class StopOnSignal(L.Callback):
             yield self
             return
         previous = {signum: signal.signal(signum, self._received) for signum in (signal.SIGINT, signal.SIGTERM)}
+        dvc = _dvc_process() if os.environ.get("DVC_STAGE") else None
+        if dvc is not None:
+            threading.Thread(target=self._watch, args=(dvc,), name="rnnlab-watch-dvc", daemon=True).start()
         try:
             yield self
         finally:
+            self._stopped.set()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _watch(self, dvc: psutil.Process, every: float = 1.0) -> None:
+        while not self._stopped.wait(every):
+            if not dvc.is_running() or dvc.status() == psutil.STATUS_ZOMBIE:
+                print(f"rnnlab: dvc (pid {dvc.pid}), which started this stage, has ended: stopping as for SIGTERM.", file=sys.stderr)
+                self.received.append(signal.SIGTERM)
+                return
 
     def _received(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)

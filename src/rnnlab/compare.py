@@ -5,8 +5,9 @@ seed and profile), optionally only those of some seeds, and writes under reports
 
 - comparison.md and comparison.json: per model the primary test metric as mean ± std over seeds with a
   Student t-interval, parameters, seconds per epoch, latency and memory where logged, and its champion
-  (the run with the best validation value of the task's monitor metric); per pair of models a paired
-  t-test over the seeds both share;
+  (the run with the best validation value of the task's monitor metric); per pair of models (and, for
+  forecasts, each network against each baseline) the paired inference of rnnlab.inference on the runs'
+  per-example test outputs: bootstrap interval, test, Holm's correction, equivalence verdict, power;
 - comparison_metrics.json: the numbers alone, nested task -> model -> value (a DVC metrics file);
 - figures/*.png: learning curves, the metric with its CI, the metric against the parameter count, the
   champions' own figures fetched from their runs (confusion matrix, forecast) and text samples;
@@ -44,7 +45,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from scipy import stats
 
-from rnnlab import io, serving, tracking
+from rnnlab import inference, io, serving, tracking
 from rnnlab.config import config_dir, hydra_entry
 from rnnlab.console import summary
 from rnnlab.errors import ConfigError, DataError
@@ -57,6 +58,8 @@ EXTRAS = {
     "latency_ms_per_sequence": ("latency ms / seq", ".3g"),
     "peak_memory_mb": ("peak MB", ".0f"),
 }
+# The columns of a run's test predictions that are not a forecast; a forecast task's other columns are its baselines'.
+PREDICTION_COLUMNS = ["unit", "group", "horizon", "target", "prediction", "score", "loss", "characters"]
 SEARCH_TAGS = ("optuna.trial", "optuna.study")  # a search's trials and its study's parent run are not seeds of a model
 FIGURES = ("learning_curves", "metric_ci", "metric_vs_params")
 RUN_FIGURES = "figures"  # where a training run logs its PNGs (tracking.save_figure)
@@ -152,12 +155,13 @@ def _run_row(task: str, run: Run) -> dict[str, Any] | None:
             "and task/monitor_mode parameters; only runs of `python -m rnnlab.train` can be compared."
         )
     run_info = {"model": tags["model"], "seed": int(tags["seed"]), "run_id": run.info.run_id, "run_name": run.info.run_name}
-    logged = {"metric": metric, "monitor": monitor, "mode": mode, "value": metrics[metric]}
+    margin = float(params.get("task/equivalence_margin", math.nan))
+    logged = {"metric": metric, "monitor": monitor, "mode": mode, "value": metrics[metric], "margin": margin}
     extras = {key: metrics.get(key, math.nan) for key in EXTRAS}
     return {"task": task, **run_info, "start_time": run.info.start_time, **logged, **extras}
 
 
-RUN_COLUMNS = ["task", "model", "seed", "run_id", "run_name", "start_time", "metric", "monitor", "mode", "value", *EXTRAS]
+RUN_COLUMNS = ["task", "model", "seed", "run_id", "run_name", "start_time", "metric", "monitor", "mode", "value", "margin", *EXTRAS]
 
 
 def load_runs(client: MlflowClient, tasks: list[str], profile: str) -> pd.DataFrame:
@@ -281,20 +285,49 @@ def describe(values: np.ndarray, confidence: float) -> dict[str, Any]:
     return {"mean": mean, "std": float(np.std(values, ddof=1)), "ci": [mean - half, mean + half]}
 
 
-def paired(first: pd.Series, second: pd.Series, mode: str, confidence: float, alpha: float) -> dict[str, Any]:
-    """Paired t-test of first - second (Series indexed by seed) over the seeds both have, and its verdict."""
-    shared = first.index.intersection(second.index)
-    difference = first[shared] - second[shared]
-    result = {"shared_seeds": [int(s) for s in shared], "mean_difference": float(difference.mean()), "ci": None, "p_value": None}
-    if len(shared) < 2:
-        return {**result, "winner": None, "verdict": "not enough seeds"}
-    test = stats.ttest_rel(first[shared], second[shared])
-    interval = test.confidence_interval(confidence)
-    result |= {"ci": [float(interval.low), float(interval.high)], "p_value": float(test.pvalue)}
-    if not test.pvalue < alpha:  # also when p is NaN (identical values on every seed)
-        return {**result, "winner": None, "verdict": "no significant difference"}
-    winner = first.name if (difference.mean() > 0) == (mode == "max") else second.name
-    return {**result, "winner": winner, "verdict": f"{winner} better"}
+def run_predictions(client: MlflowClient, run: pd.Series, scratch: Path) -> pd.DataFrame:
+    """The per-example test outputs a training run logged (rnnlab.train)."""
+    if tracking.PREDICTIONS_ARTIFACT not in _artifacts(client, run["run_id"], ""):
+        raise DataError(
+            f"run {run['run_name']} ({run['run_id']}) has no {tracking.PREDICTIONS_ARTIFACT}: it was trained by an older rnnlab, "
+            "and the paired tests need its per-example test outputs. Retrain it (`dvc repro`, or python -m rnnlab.train ...)."
+        )
+    return pd.read_csv(_download(client, run["run_id"], tracking.PREDICTIONS_ARTIFACT, scratch))
+
+
+def task_scores(client: MlflowClient, task_runs: pd.DataFrame) -> tuple[dict[str, inference.Scores], int | None]:
+    """Per model of one task (and per baseline, where the test outputs carry baselines' forecasts), its per-unit scores
+    of the primary metric over its seeds, units sorted by name (for forecasts and text: time or text order); and the
+    forecast horizon, for a forecast task (None otherwise)."""
+    metric, per_model, baselines, units, horizon = task_runs["metric"].iloc[0], {}, {}, None, None
+    with tempfile.TemporaryDirectory() as scratch, _quiet_downloads():
+        for model, group in task_runs.sort_values("seed").groupby("model"):
+            rows = []
+            for _, run in group.iterrows():
+                predictions = run_predictions(client, run, Path(scratch))
+                # MASE's scale is the series' (the same for every run): the run's own MAE over its MASE.
+                scale = (predictions["prediction"] - predictions["target"]).abs().mean() / run["value"] if metric == "test_mase" else 1.0
+                scored = inference.unit_scores(predictions, metric, scale).sort_values("unit", kind="stable")
+                if units is None:
+                    units = scored[["unit", "group", "weight"]].reset_index(drop=True)
+                    horizon = int(predictions["horizon"].max()) if "horizon" in predictions else None
+                    baselines = {
+                        name: inference.unit_scores(predictions, metric, scale, forecast=name).sort_values("unit", kind="stable")["score"]
+                        for name in predictions.columns.difference(PREDICTION_COLUMNS, sort=False)
+                    }
+                elif not units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True)):
+                    raise DataError(
+                        f"{run['run_name']} ({run['run_id']}) was tested on other test examples than {task_runs['run_name'].iloc[0]}: "
+                        "the runs of a task must share their test set (same processed data and task.data.limit_test). Retrain them."
+                    )
+                rows.append(scored["score"].to_numpy())
+            per_model[model] = (np.stack(rows), tuple(int(seed) for seed in group["seed"]))
+    weights, groups = units["weight"].to_numpy(), units["group"].to_numpy()
+    scores = {model: inference.Scores(values, weights, groups, seeds, metric == "test_acc") for model, (values, seeds) in per_model.items()}
+    all_seeds = tuple(sorted({int(seed) for seed in task_runs["seed"]}))
+    for name, values in baselines.items():  # a baseline does not depend on the seed: the same scores for every seed
+        scores[name] = inference.Scores(np.tile(values.to_numpy(), (len(all_seeds), 1)), weights, groups, all_seeds, False)
+    return scores, horizon
 
 
 def champion(group: pd.DataFrame) -> dict[str, Any]:
@@ -321,33 +354,70 @@ def _json_safe(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def build_report(
-    runs: pd.DataFrame, pairs: list[list[str]], confidence: float, alpha: float, profile: str, seeds: list[int] | None = None
+def _pairs(models: list[str], pairs: list[list[str]], baselines: list[str]) -> list[tuple[str, str]]:
+    """The configured pairs whose models both have runs, then each of their models against each baseline."""
+    tested = [(a, b) for a, b in pairs if a in models and b in models]
+    networks = list(dict.fromkeys(model for pair in tested for model in pair))
+    return tested + [(model, baseline) for model in networks for baseline in baselines]
+
+
+def test_pair(
+    first: inference.Scores, second: inference.Scores, margin: float, settings: dict[str, Any], horizon: int | None
 ) -> dict[str, Any]:
-    """The comparison as JSON-ready data. `runs` carry best_val and best_epoch (best_validation) besides load_runs' columns."""
+    """The paired inference of rnnlab.inference where both share two seeds or more; else the point estimate alone."""
+    shared = [seed for seed in first.seeds if seed in second.seeds]
+    if len(shared) < 2:
+        a = first.values[[first.seeds.index(s) for s in shared]].mean(axis=0)
+        b = second.values[[second.seeds.index(s) for s in shared]].mean(axis=0)
+        effect = float(np.sum((a - b) * first.weights) / first.weights.sum())
+        return {"shared_seeds": shared, "effect": effect, "margin": margin, "p_value": None, "verdict": "not enough seeds"}
+    return inference.compare_pair(first, second, margin, horizon=horizon, **settings)
+
+
+def build_report(
+    runs: pd.DataFrame,
+    scores: dict[str, tuple[dict[str, inference.Scores], int]],
+    pairs: list[list[str]],
+    settings: dict[str, Any],
+    profile: str,
+    seeds: list[int] | None = None,
+) -> dict[str, Any]:
+    """The comparison as JSON-ready data. `runs` carry best_val and best_epoch (best_validation) besides load_runs' columns;
+    `scores` are task_scores' per task; `settings` are compare_pair's confidence, alpha, resamples and seed."""
     tasks = {}
     for task, task_runs in runs.groupby("task"):
-        newest = task_runs.loc[task_runs["start_time"].idxmax()]  # its config decides the task's metrics and direction
+        newest = task_runs.loc[task_runs["start_time"].idxmax()]  # its config decides the task's metrics, direction and margin
         by_model = {model: group.sort_values("seed") for model, group in task_runs.groupby("model")}
         models = {
             model: {
                 "seeds": [int(seed) for seed in group["seed"]],
                 "run_ids": group["run_id"].tolist(),
-                **describe(group["value"].to_numpy(), confidence),
+                **describe(group["value"].to_numpy(), settings["confidence"]),
                 **{key: float(group[key].mean()) for key in EXTRAS},  # None (shown "—") where no run logged it
                 "champion": champion(group.reset_index(drop=True)),
             }
             for model, group in by_model.items()
         }
-        series = {model: group.set_index("seed")["value"].rename(model) for model, group in by_model.items()}
+        task_scores_, horizon = scores[task]
+        baselines = [name for name in task_scores_ if name not in models]
         tested = [
-            {"first": a, "second": b, **paired(series[a], series[b], newest["mode"], confidence, alpha)}
-            for a, b in pairs
-            if a in series and b in series
+            {"first": a, "second": b, **test_pair(task_scores_[a], task_scores_[b], float(newest["margin"]), settings, horizon)}
+            for a, b in _pairs(list(models), pairs, baselines)
         ]
-        tasks[task] = {"metric": newest["metric"], "monitor": newest["monitor"], "mode": newest["mode"], "models": models, "pairs": tested}
-    report = {"profile": profile, "seeds": seeds, "confidence": confidence, "alpha": alpha}
-    report |= {"interval": "Student t over seeds", "test": "paired t", "champion_alias": None}
+        tasks[task] = {
+            "metric": newest["metric"],
+            "monitor": newest["monitor"],
+            "mode": newest["mode"],
+            "margin": float(newest["margin"]),
+            "baselines": baselines,
+            "models": models,
+            "pairs": tested,
+        }
+    tested = [(task, pair) for task, result in tasks.items() for pair in result["pairs"] if pair["p_value"] is not None]
+    for (task, pair), adjusted in zip(tested, inference.holm([pair["p_value"] for _, pair in tested]), strict=True):
+        pair["p_holm"] = adjusted
+        pair["verdict"] = inference.verdict(pair, pair["first"], pair["second"], tasks[task]["mode"], settings["alpha"])
+    report = {"profile": profile, "seeds": seeds, **settings, "tests": len(tested), "champion_alias": None}
     return _json_safe(report | {"tasks": tasks})
 
 
@@ -507,8 +577,10 @@ def metrics_summary(report: dict[str, Any]) -> dict[str, Any]:
             values |= {key: m[key] for key in EXTRAS} | {f"champion_{m['champion']['monitor']}": m["champion"]["best_value"]}
             entries[model] = {key: value for key, value in values.items() if value is not None}
         for p in result["pairs"]:
-            values = {"mean_difference": p["mean_difference"], "p_value": p["p_value"], "shared_seeds": len(p["shared_seeds"])}
-            entries[f"{p['first']}_vs_{p['second']}"] = {key: value for key, value in values.items() if value is not None}
+            values = {"effect": p["effect"], "shared_seeds": len(p["shared_seeds"])}
+            if p["p_value"] is not None:
+                values |= {"ci_low": p["ci"][0], "ci_high": p["ci"][1], "p_value": p["p_value"], "p_holm": p["p_holm"], "mde": p["mde"]}
+            entries[f"{p['first']}_vs_{p['second']}"] = values
         summary_[task] = entries
     return summary_
 
@@ -538,17 +610,33 @@ def _registered(best: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    level = f"{report['confidence']:.0%}"
+    level, alpha = f"{report['confidence']:.0%}", report["alpha"]
     lines = [
         f"# GRU vs LSTM vs RNN over seeds (profile `{report['profile']}`, {_seeds_text(report['seeds'])})",
         "",
-        f"Per model: the task's primary test metric over seeds as mean ± sample standard deviation, and a {level} confidence "
-        "interval for the mean, a Student t-interval over seeds (mean ± t·s/√n); with one seed both are undefined. "
-        "Pairs: paired t-test (scipy.stats.ttest_rel) of first - second over the seeds both models share, with the "
-        f"{level} interval of the mean difference; a winner is named only where p < {report['alpha']}, otherwise the verdict "
-        "is no significant difference. Parameters, seconds per epoch, latency and memory are means over seeds; — means the "
-        "runs did not log it. A model's champion is its run with the best validation value of the task's monitor metric "
-        "over its epochs: the checkpoint that run was tested with, chosen without looking at the test set.",
+        "How to read this report. The models of a task ran with the same settings (the task's and profile's configs: one "
+        "learning rate, width and epoch budget for every cell; only `*_tuned` models had a search), and seed s of every model "
+        "drew its batches, augmentations and dropout from the same random streams (common random numbers), so models are "
+        "compared seed by seed and test example by test example.",
+        "",
+        f"- Per model: the task's primary test metric over seeds as mean ± sample standard deviation, and a {level} Student "
+        "t-interval of the mean over seeds; with one seed both are undefined. Parameters, seconds per epoch, latency and "
+        "memory are means over seeds; — means the runs did not log it.",
+        f"- Per pair (effect = first - second, in the metric's units): a {level} interval from a two-level bootstrap "
+        f"({report['resamples']:,} resamples, seed {report['seed']}) over the seeds both share and over groups of test units "
+        "(reviews, speakers, works, blocks of forecast origins); a p-value from a test on the test units, each unit's score "
+        "averaged over the shared seeds: exact McNemar for classifiers (a unit counts as right when most seeds get it right), "
+        "Diebold-Mariano for forecasts (uniform-kernel variance at lag horizon - 1, Harvey-Leybourne-Newbold correction; also "
+        "each network against each baseline), a t-test with Newey-West variance for per-chunk text losses; Holm's "
+        f"correction over all {report['tests']} tests of the report.",
+        f"- Verdict: *<model> better* where Holm's p < {alpha} (and the interval excludes 0); *equivalent within ±δ* where "
+        f"two one-sided tests at {alpha} reject (the {1 - 2 * alpha:.0%} bootstrap interval lies inside ±δ, the task's "
+        "smallest effect of interest, fixed in its config before any result); otherwise *inconclusive*. One shared seed: "
+        "the point estimate only.",
+        f"- MDE: the smallest effect this design detects with 80% power at {alpha} (2.8 bootstrap standard errors); seeds to "
+        "halve it: how many seeds would, with this test set (— where the test set's own sampling error forbids it).",
+        "- A model's champion is its run with the best validation value of the task's monitor metric over its epochs: the "
+        "checkpoint that run was tested with, chosen without looking at the test set.",
     ]
     for task, result in report["tasks"].items():
         metric, better = result["metric"], "higher" if result["mode"] == "max" else "lower"
@@ -564,14 +652,18 @@ def markdown(report: dict[str, Any]) -> str:
         if result["pairs"]:
             lines += [
                 "",
-                f"| pair | shared seeds | mean difference (first - second) | {level} CI | p (paired t) | verdict |",
-                "|---" * 6 + "|",
+                f"Pairs (δ = {result['margin']:g}):",
+                "",
+                f"| pair | seeds | effect | {level} CI | test | p | p (Holm) | verdict | MDE | seeds to halve MDE |",
+                "|---" * 10 + "|",
             ]
         for p in result["pairs"]:
-            verdict = f"**{p['winner']}** better" if p["winner"] else p["verdict"]
+            tested = p["p_value"] is not None
             lines.append(
-                f"| {p['first']} vs {p['second']} | {len(p['shared_seeds'])} | {_fmt(p['mean_difference'], '+.4f')} "
-                f"| {_interval(p['ci'], '+.4f', '—')} | {_fmt(p['p_value'], '.3g')} | {verdict} |"
+                f"| {p['first']} vs {p['second']} | {len(p['shared_seeds'])} | {p['effect']:+.4f} "
+                f"| {_interval(p.get('ci'), '+.4f', '—')} | {p.get('test') or '—'} | {_fmt(p['p_value'], '.3g')} "
+                f"| {_fmt(p.get('p_holm'), '.3g')} | {_bold_verdict(p['verdict'])} | {_fmt(p.get('mde') if tested else None, '.4f')} "
+                f"| {_fmt(p.get('seeds_to_halve_mde'), 'd')} |"
             )
         monitor = result["monitor"]
         lines += ["", f"Champions (best validation {monitor}):", ""]
@@ -614,8 +706,13 @@ def log_report(cfg: DictConfig, client: MlflowClient, files: list[Path], folders
     return run_id
 
 
+def _bold_verdict(verdict: str) -> str:
+    """A winner's name in bold (`**gru** better`), other verdicts as they are."""
+    return f"**{verdict.removesuffix(' better')}** better" if verdict.endswith(" better") else verdict
+
+
 def _verdict(pair: dict[str, Any]) -> str:
-    p_value = "" if pair["p_value"] is None else f" (p = {pair['p_value']:.2g})"
+    p_value = "" if pair["p_value"] is None else f" (Holm p = {pair['p_holm']:.2g})"
     return f"{pair['first']} vs {pair['second']}: {pair['verdict']}{p_value}"
 
 
@@ -629,8 +726,13 @@ def _champions(result: dict[str, Any]) -> str:
 def compare(cfg: DictConfig) -> dict[str, Any]:
     """Read the runs, write the reports, figures and curves (each atomically), set the champion aliases and log the
     reports to MLflow; return the report. Every setting is checked before anything is read or written."""
-    if not (0 < cfg.alpha < 1 and 0 < cfg.confidence < 1):
-        raise ConfigError(f"alpha and confidence must be in (0, 1), got alpha={cfg.alpha}, confidence={cfg.confidence}.")
+    if not (0 < cfg.alpha < 0.5 and 0 < cfg.confidence < 1):
+        raise ConfigError(f"alpha must be in (0, 0.5) and confidence in (0, 1), got alpha={cfg.alpha}, confidence={cfg.confidence}.")
+    if not (is_int(cfg.resamples) and cfg.resamples >= 100 and is_int(cfg.bootstrap_seed)):
+        raise ConfigError(
+            f"resamples must be an integer >= 100 (default 2000) and bootstrap_seed an integer, got {cfg.resamples!r}, "
+            f"{cfg.bootstrap_seed!r}."
+        )
     pairs = OmegaConf.to_container(cfg.pairs, resolve=True)
     if not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
         raise ConfigError(f"pairs must be a list of [model, model], e.g. [[gru, lstm], [gru, rnn]], got {pairs}.")
@@ -647,7 +749,15 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     runs = select_runs(found, cfg.models, seeds, where)
     best = [best_validation(client, run) for _, run in runs.iterrows()]
     runs = runs.assign(best_val=[value for value, _ in best], best_epoch=[epoch for _, epoch in best])
-    report = build_report(runs, pairs, cfg.confidence, cfg.alpha, cfg.profile, seeds)
+    unmargined = runs.loc[runs["margin"].isna(), "run_name"].tolist()
+    if unmargined:
+        raise DataError(
+            f"{', '.join(unmargined[:3])}{' ...' if len(unmargined) > 3 else ''} record no task/equivalence_margin: trained by an "
+            "older rnnlab, they cannot enter the equivalence tests. Retrain them (`dvc repro`)."
+        )
+    scores = {task: task_scores(client, task_runs) for task, task_runs in runs.groupby("task")}
+    settings = {"confidence": cfg.confidence, "alpha": cfg.alpha, "resamples": cfg.resamples, "seed": cfg.bootstrap_seed}
+    report = build_report(runs, scores, pairs, settings, cfg.profile, seeds)
     curves = {
         task: {model: learning_curve(client, m["run_ids"]) for model, m in result["models"].items()}
         for task, result in report["tasks"].items()

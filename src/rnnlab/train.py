@@ -130,6 +130,11 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         except MisconfigurationException as err:  # Lightning's own refusal of a setting: its message names the fix
             raise ConfigError(f"Lightning refused the trainer settings: {err}") from None
+        except RuntimeError as err:
+            if "conditioned on metric" not in str(err):
+                raise
+            # EarlyStopping's monitor is checked only after the first validation; its message lists what was logged.
+            raise ConfigError(f"callbacks.early_stopping.monitor names no logged metric: {' '.join(str(err).split())}") from None
         train_seconds = time.perf_counter() - started
         if trainer.global_step == 0:
             raise TrainingError(
