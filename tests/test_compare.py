@@ -60,6 +60,7 @@ MARGINS = {"sentiment": 0.02, "forecast": 0.03, "textgen": 0.02}
 N_REVIEWS, N_ORIGINS, HORIZON, CHUNKS = 1000, 40, 3, 30
 # Forecast errors per origin: a fixed pattern of mean 1, so that a run's MASE is its value exactly.
 ERROR_PATTERN = np.tile([0.7, 1.3, 0.9, 1.1], N_ORIGINS // 4)
+BASELINE_SENTIMENT = 0.95
 PERSISTENCE_MASE = 1.0  # the baseline in every forecast run's test outputs: between the GRU (1.1) and the LSTM (0.9)
 
 
@@ -154,7 +155,8 @@ def compose_compare(*overrides: str) -> DictConfig:
 def store_overrides(store: Path, out: Path | None = None) -> list[str]:
     """Read runs from, and log the comparison to, the store in `store`; write the reports under `out` (default `store`)."""
     out = out or store
-    return [f"tracking.uri=sqlite:///{store}/mlflow.db", f"tracking.artifact_location={store}/artifacts", f"output_dir={out}/reports"]
+    tracking = [f"tracking.uri=sqlite:///{store}/mlflow.db", f"tracking.artifact_location={store}/artifacts"]
+    return [*tracking, f"output_dir={out}/reports", f"metrics_dir={store}/metrics"]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +173,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for seed, value in enumerate(values, start=1):
             extra = {"latency_ms_per_sequence": 0.5} if (task, model) == ("forecast", "gru") else {}
             add_run(client, task, model, seed, value, start + 1000, **extra)
+    # A baseline stage's test outputs (rnnlab.baselines), beside the metrics files: better than every network.
+    baselines = root / "metrics" / "sentiment" / "baselines"
+    baselines.mkdir(parents=True)
+    synthetic_predictions("sentiment", BASELINE_SENTIMENT).to_csv(baselines / "tfidf_logreg_predictions.csv", index=False)
     return root
 
 
@@ -205,7 +211,10 @@ def test_model_statistics_match_numpy_and_scipy(report: dict[str, Any]) -> None:
     # Every model with runs, conf/model/ or not; only the configured pairs are tested.
     assert list(report["tasks"]["sentiment"]["models"]) == ["gru", "gru_tuned", "lstm", "rnn"]
     assert report["tasks"]["sentiment"]["models"]["gru_tuned"]["ci"] is None
-    assert [(p["first"], p["second"]) for p in report["tasks"]["sentiment"]["pairs"]] == [("gru", "lstm"), ("gru", "rnn")]
+    # The configured pairs, then each of their models against the baseline.
+    pairs = [(p["first"], p["second"]) for p in report["tasks"]["sentiment"]["pairs"]]
+    assert pairs == [("gru", "lstm"), ("gru", "rnn"), ("gru", "tfidf_logreg"), ("lstm", "tfidf_logreg"), ("rnn", "tfidf_logreg")]
+    assert report["tasks"]["sentiment"]["baselines"] == {"tfidf_logreg": pytest.approx(BASELINE_SENTIMENT)}
 
 
 def test_paired_tests_and_verdicts(report: dict[str, Any], store: Path) -> None:
@@ -226,7 +235,7 @@ def test_paired_tests_and_verdicts(report: dict[str, Any], store: Path) -> None:
     forecast = {(p["first"], p["second"]): p for p in report["tasks"]["forecast"]["pairs"]}
     # The configured pair with runs (no rnn runs), then each network against the persistence baseline of the test outputs.
     assert list(forecast) == [("gru", "lstm"), ("gru", "persistence"), ("lstm", "persistence")]
-    assert report["tasks"]["forecast"]["baselines"] == ["persistence"]
+    assert report["tasks"]["forecast"]["baselines"] == {"persistence": pytest.approx(PERSISTENCE_MASE)}
     assert forecast["gru", "lstm"]["verdict"] == "lstm better"  # lower MASE wins
     assert forecast["gru", "lstm"]["effect"] == pytest.approx(np.mean(VALUES["forecast", "gru"]) - np.mean(VALUES["forecast", "lstm"]))
     # Diebold-Mariano on the per-origin differences: uniform kernel at lag horizon - 1, Harvey-Leybourne-Newbold's factor.
@@ -237,15 +246,18 @@ def test_paired_tests_and_verdicts(report: dict[str, Any], store: Path) -> None:
     assert forecast["gru", "persistence"]["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), N_ORIGINS - 1))
     assert forecast["gru", "persistence"]["test"] == "Diebold-Mariano (HLN)"
 
-    # Holm over every test of the report: 2 sentiment, 3 forecast (textgen has one seed).
+    assert sentiment["rnn", "tfidf_logreg"]["verdict"] == "tfidf_logreg better"
+    assert sentiment["rnn", "tfidf_logreg"]["test"] == "McNemar (exact)"  # a classifier baseline: 0/1 scores too
+    # Holm over every test of the report: 5 sentiment, 3 forecast (textgen has one seed).
     tested = [p for result in report["tasks"].values() for p in result["pairs"] if p["p_value"] is not None]
-    assert report["tests"] == len(tested) == 5
+    assert report["tests"] == len(tested) == 8
     assert [p["p_holm"] for p in tested] == pytest.approx(list(multipletests([p["p_value"] for p in tested], method="holm")[1]))
 
     md = (store / "reports" / "comparison.md").read_text()
     assert "| gru vs lstm | 5 |" in md and "| equivalent within ±0.02 |" in md
     assert "| **gru** better |" in md and "| **lstm** better |" in md
-    assert "(higher is better)" in md and "(lower is better)" in md and "Holm's correction over all 5 tests" in md
+    assert "(higher is better)" in md and "(lower is better)" in md and "Holm's correction over all 8 tests" in md
+    assert "| tfidf_logreg (baseline) | 0.9500 |" in md and "| persistence (baseline) | 1.0000 |" in md
     assert "| — | — |" in md  # latency and peak memory the runs did not log
     assert json.loads((store / "reports" / "comparison.json").read_text()) == report
 
@@ -255,6 +267,16 @@ def test_the_same_runs_give_the_same_report_byte_for_byte(store: Path, tmp_path:
         compare(compose_compare(*store_overrides(store, tmp_path / name), NO_ALIAS, "tracking.experiment=rerun"))
     for report in ("comparison.md", "comparison.json", "comparison_metrics.json"):
         assert (tmp_path / "first" / "reports" / report).read_bytes() == (tmp_path / "second" / "reports" / report).read_bytes()
+
+
+def test_a_baseline_of_other_test_examples_is_a_clear_error(store: Path, tmp_path: Path) -> None:
+    baselines = tmp_path / "metrics" / "sentiment" / "baselines"
+    baselines.mkdir(parents=True)
+    synthetic_predictions("sentiment", 0.9).head(500).to_csv(baselines / "tfidf_logreg_predictions.csv", index=False)  # a smaller test set
+    overrides = [*store_overrides(store, tmp_path), NO_ALIAS, f"metrics_dir={tmp_path}/metrics", "tasks=[sentiment]"]
+    with pytest.raises(DataError, match=r"tfidf_logreg_predictions\.csv scores other test examples than the runs of sentiment"):
+        compare(compose_compare(*overrides))
+    assert not (tmp_path / "reports").exists()
 
 
 def test_single_seed_has_no_interval_and_no_test(report: dict[str, Any], store: Path) -> None:
@@ -340,6 +362,7 @@ def test_metrics_file_holds_only_numbers(report: dict[str, Any], store: Path) ->
     assert gru["test_acc_mean"] == pytest.approx(np.mean(GRU_SENTIMENT)) and gru["seeds"] == 5 and gru["champion_val_acc"] == 0.99
     assert gru["ci_low"] < gru["test_acc_mean"] < gru["ci_high"] and "peak_memory_mb" not in gru  # not logged: left out
     assert "ci_low" not in metrics["textgen"]["gru"]  # one seed: no interval
+    assert metrics["sentiment"]["baseline_tfidf_logreg"] == {"test_acc": pytest.approx(BASELINE_SENTIMENT)}
     gru_vs_rnn = report["tasks"]["sentiment"]["pairs"][1]
     assert metrics["sentiment"]["gru_vs_rnn"] == pytest.approx(
         {"effect": gru_vs_rnn["effect"], "shared_seeds": 5, "ci_low": gru_vs_rnn["ci"][0], "ci_high": gru_vs_rnn["ci"][1]}
@@ -519,7 +542,14 @@ def test_champion_alias_and_figures_from_real_runs(
     best_val = {seed: max(m.value for m in client.get_metric_history(run_id, "val_acc")) for seed, run_id in runs.items()}
 
     def compare_seeds(seeds: str, out: str) -> dict[str, Any]:
-        overrides = [*store, f"output_dir={tmp_path}/{out}", "profile=smoke", "tasks=[sentiment]", f"seeds={seeds}"]
+        overrides = [
+            *store,
+            f"output_dir={tmp_path}/{out}",
+            f"metrics_dir={tmp_path}/metrics",
+            "profile=smoke",
+            "tasks=[sentiment]",
+            f"seeds={seeds}",
+        ]
         return compare(compose_compare(*overrides))
 
     def champion_run() -> str:

@@ -66,6 +66,11 @@ def test_predict_continues_a_prompt_with_the_sampling_options(textgen_champion: 
             r"rnnlab-sentiment-lstm is not registered \(registered models of this task: rnnlab-sentiment-gru\)",
         ),
         (["sentiment", "fine", "--model-uri", "models:/rnnlab-sentiment-gru/1"], r"is not an rnnlab serving model"),
+        # A shell's $'bad \xff film': Python keeps the byte that is not UTF-8 as a lone surrogate.
+        (
+            ["sentiment", "bad \udcff film"],
+            r"row 0 of column 'text' is not valid UTF-8 \(byte 0xff at character 4\); give a review text.* in UTF-8\.",
+        ),
         (
             ["sentiment", "fine", "--length", "5"],
             r"sentiment models do not take --length \(they take none of --length, --temperature, --seed\)",

@@ -295,10 +295,11 @@ def run_predictions(client: MlflowClient, run: pd.Series, scratch: Path) -> pd.D
     return pd.read_csv(_download(client, run["run_id"], tracking.PREDICTIONS_ARTIFACT, scratch))
 
 
-def task_scores(client: MlflowClient, task_runs: pd.DataFrame) -> tuple[dict[str, inference.Scores], int | None]:
-    """Per model of one task (and per baseline, where the test outputs carry baselines' forecasts), its per-unit scores
-    of the primary metric over its seeds, units sorted by name (for forecasts and text: time or text order); and the
-    forecast horizon, for a forecast task (None otherwise)."""
+def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Path) -> tuple[dict[str, inference.Scores], int | None]:
+    """Per model of one task, and per baseline (the forecasts of baselines in the runs' test outputs, and the
+    `<name>_predictions.csv` of baseline stages in `baselines_dir`), its per-unit scores of the primary metric over its
+    seeds, units sorted by name (for forecasts and text: time or text order); and the forecast horizon, for a
+    forecast task (None otherwise)."""
     metric, per_model, baselines, units, horizon = task_runs["metric"].iloc[0], {}, {}, None, None
     with tempfile.TemporaryDirectory() as scratch, _quiet_downloads():
         for model, group in task_runs.sort_values("seed").groupby("model"):
@@ -322,11 +323,19 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame) -> tuple[dict[str
                     )
                 rows.append(scored["score"].to_numpy())
             per_model[model] = (np.stack(rows), tuple(int(seed) for seed in group["seed"]))
+    for path in sorted(baselines_dir.glob("*_predictions.csv")):
+        scored = inference.unit_scores(pd.read_csv(path), metric).sort_values("unit", kind="stable")
+        if not units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True)):
+            raise DataError(
+                f"{path} scores other test examples than the runs of {task_runs['task'].iloc[0]} (other processed data or "
+                "task.data.limit_test): rerun its baseline stage with the runs' profile (`dvc repro`)."
+            )
+        baselines[path.name.removesuffix("_predictions.csv")] = scored["score"]
     weights, groups = units["weight"].to_numpy(), units["group"].to_numpy()
     scores = {model: inference.Scores(values, weights, groups, seeds, metric == "test_acc") for model, (values, seeds) in per_model.items()}
     all_seeds = tuple(sorted({int(seed) for seed in task_runs["seed"]}))
     for name, values in baselines.items():  # a baseline does not depend on the seed: the same scores for every seed
-        scores[name] = inference.Scores(np.tile(values.to_numpy(), (len(all_seeds), 1)), weights, groups, all_seeds, False)
+        scores[name] = inference.Scores(np.tile(values.to_numpy(), (len(all_seeds), 1)), weights, groups, all_seeds, metric == "test_acc")
     return scores, horizon
 
 
@@ -366,12 +375,19 @@ def test_pair(
 ) -> dict[str, Any]:
     """The paired inference of rnnlab.inference where both share two seeds or more; else the point estimate alone."""
     shared = [seed for seed in first.seeds if seed in second.seeds]
+    if not shared:
+        return {"shared_seeds": [], "effect": None, "margin": margin, "p_value": None, "verdict": "no shared seeds"}
     if len(shared) < 2:
         a = first.values[[first.seeds.index(s) for s in shared]].mean(axis=0)
         b = second.values[[second.seeds.index(s) for s in shared]].mean(axis=0)
         effect = float(np.sum((a - b) * first.weights) / first.weights.sum())
         return {"shared_seeds": shared, "effect": effect, "margin": margin, "p_value": None, "verdict": "not enough seeds"}
     return inference.compare_pair(first, second, margin, horizon=horizon, **settings)
+
+
+def _metric_value(scores: inference.Scores) -> float:
+    """The primary metric of a baseline, whose scores are the same on every seed: the weighted mean of its unit scores."""
+    return float(np.sum(scores.values[0] * scores.weights) / scores.weights.sum())
 
 
 def build_report(
@@ -399,10 +415,10 @@ def build_report(
             for model, group in by_model.items()
         }
         task_scores_, horizon = scores[task]
-        baselines = [name for name in task_scores_ if name not in models]
+        baselines = {name: _metric_value(task_scores_[name]) for name in task_scores_ if name not in models}
         tested = [
             {"first": a, "second": b, **test_pair(task_scores_[a], task_scores_[b], float(newest["margin"]), settings, horizon)}
-            for a, b in _pairs(list(models), pairs, baselines)
+            for a, b in _pairs(list(models), pairs, list(baselines))
         ]
         tasks[task] = {
             "metric": newest["metric"],
@@ -576,7 +592,8 @@ def metrics_summary(report: dict[str, Any]) -> dict[str, Any]:
             values = {f"{metric}_mean": m["mean"], f"{metric}_std": m["std"], **ci, "seeds": len(m["seeds"])}
             values |= {key: m[key] for key in EXTRAS} | {f"champion_{m['champion']['monitor']}": m["champion"]["best_value"]}
             entries[model] = {key: value for key, value in values.items() if value is not None}
-        for p in result["pairs"]:
+        entries |= {f"baseline_{name}": {metric: value} for name, value in result["baselines"].items()}
+        for p in (p for p in result["pairs"] if p["effect"] is not None):
             values = {"effect": p["effect"], "shared_seeds": len(p["shared_seeds"])}
             if p["p_value"] is not None:
                 values |= {"ci_low": p["ci"][0], "ci_high": p["ci"][1], "p_value": p["p_value"], "p_holm": p["p_holm"], "mde": p["mde"]}
@@ -633,8 +650,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"two one-sided tests at {alpha} reject (the {1 - 2 * alpha:.0%} bootstrap interval lies inside ±δ, the task's "
         "smallest effect of interest, fixed in its config before any result); otherwise *inconclusive*. One shared seed: "
         "the point estimate only.",
-        f"- MDE: the smallest effect this design detects with 80% power at {alpha} (2.8 bootstrap standard errors); seeds to "
-        "halve it: how many seeds would, with this test set (— where the test set's own sampling error forbids it).",
+        f"- MDE: the smallest effect this design detects with 80% power in a test at {alpha} (2.8 bootstrap standard errors; "
+        "Holm's correction asks for more); seeds to halve it: how many seeds would, with this test set (— where the test "
+        "set's own sampling error forbids it). Intervals resample groups of test units: few groups (textgen's works) make "
+        "them rough.",
         "- A model's champion is its run with the best validation value of the task's monitor metric over its epochs: the "
         "checkpoint that run was tested with, chosen without looking at the test set.",
     ]
@@ -649,6 +668,8 @@ def markdown(report: dict[str, Any]) -> str:
             extras = [_fmt(m[key], spec) for key, (_, spec) in EXTRAS.items()]
             ci = _interval(m["ci"], ".4f", "undefined (one seed)")
             lines.append(f"| {model} | {m['mean']:.4f} ± {_fmt(m['std'], '.4f')} | {ci} | {len(m['seeds'])} | {' | '.join(extras)} |")
+        for name, value in result["baselines"].items():
+            lines.append(f"| {name} (baseline) | {value:.4f} | — | — | {' | '.join('—' for _ in EXTRAS)} |")
         if result["pairs"]:
             lines += [
                 "",
@@ -660,7 +681,7 @@ def markdown(report: dict[str, Any]) -> str:
         for p in result["pairs"]:
             tested = p["p_value"] is not None
             lines.append(
-                f"| {p['first']} vs {p['second']} | {len(p['shared_seeds'])} | {p['effect']:+.4f} "
+                f"| {p['first']} vs {p['second']} | {len(p['shared_seeds'])} | {_fmt(p['effect'], '+.4f')} "
                 f"| {_interval(p.get('ci'), '+.4f', '—')} | {p.get('test') or '—'} | {_fmt(p['p_value'], '.3g')} "
                 f"| {_fmt(p.get('p_holm'), '.3g')} | {_bold_verdict(p['verdict'])} | {_fmt(p.get('mde') if tested else None, '.4f')} "
                 f"| {_fmt(p.get('seeds_to_halve_mde'), 'd')} |"
@@ -755,7 +776,8 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
             f"{', '.join(unmargined[:3])}{' ...' if len(unmargined) > 3 else ''} record no task/equivalence_margin: trained by an "
             "older rnnlab, they cannot enter the equivalence tests. Retrain them (`dvc repro`)."
         )
-    scores = {task: task_scores(client, task_runs) for task, task_runs in runs.groupby("task")}
+    # Baseline stages write beside the runs' metrics files (conf/baselines.yaml: paths.baselines_dir).
+    scores = {task: task_scores(client, task_runs, Path(cfg.metrics_dir, task, "baselines")) for task, task_runs in runs.groupby("task")}
     settings = {"confidence": cfg.confidence, "alpha": cfg.alpha, "resamples": cfg.resamples, "seed": cfg.bootstrap_seed}
     report = build_report(runs, scores, pairs, settings, cfg.profile, seeds)
     curves = {

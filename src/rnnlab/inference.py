@@ -104,17 +104,29 @@ def paired_test(first: Scores, second: Scores, horizon: int | None = None) -> tu
         right_a, right_b = a > 0.5, b > 0.5
         table = [[np.sum(right_a & right_b), np.sum(right_a & ~right_b)], [np.sum(~right_a & right_b), np.sum(~right_a & ~right_b)]]
         return MCNEMAR, float(mcnemar(table, exact=True).pvalue)
-    differences = a - b
-    if np.allclose(differences, differences[0]):
-        return (DIEBOLD_MARIANO if horizon else HAC), 1.0 if differences[0] == 0 else 0.0
+    # Weighted so that the tested mean is the effect's weighted mean (text: chunk rows of unequal length).
+    differences = (a - b) * first.weights / first.weights.mean()
+    name = DIEBOLD_MARIANO if horizon else HAC
+    if np.allclose(differences, 0):
+        return name, 1.0
+    if np.ptp(differences) == 0:  # the same nonzero difference on every unit: no variance to test against
+        return name, 0.0
     n = len(differences)
     if horizon:
-        kwds = {"maxlags": horizon - 1, "kernel": "uniform"}
-        t = OLS(differences, np.ones(n)).fit(cov_type="HAC", cov_kwds=kwds).tvalues[0]
+        t = _hac_t(differences, horizon - 1, "uniform")
+        if t is None:  # the uniform kernel's variance can come out negative: Bartlett's cannot
+            t = _hac_t(differences, horizon - 1, "bartlett")
         t *= math.sqrt((n + 1 - 2 * horizon + horizon * (horizon - 1) / n) / n)
-        return DIEBOLD_MARIANO, float(2 * stats.t.sf(abs(t), n - 1))
-    fit = OLS(differences, np.ones(n)).fit(cov_type="HAC", cov_kwds={"maxlags": newey_west_lags(n)}, use_t=True)
-    return HAC, float(fit.pvalues[0])
+        return name, float(2 * stats.t.sf(abs(t), n - 1))
+    t = _hac_t(differences, newey_west_lags(n), "bartlett")
+    return name, float(2 * stats.t.sf(abs(t), n - 1))
+
+
+def _hac_t(differences: np.ndarray, lags: int, kernel: str) -> float | None:
+    """The t statistic of the mean of `differences` with a HAC (long-run) variance; None where that variance is not positive."""
+    fit = OLS(differences, np.ones(len(differences))).fit(cov_type="HAC", cov_kwds={"maxlags": lags, "kernel": kernel})
+    se = float(fit.bse[0])
+    return float(fit.params[0]) / se if np.isfinite(se) and se > 0 else None
 
 
 def newey_west_lags(n_units: int) -> int:
@@ -149,7 +161,8 @@ def compare_pair(
         "equivalent": bool(-margin < tost[0] and tost[1] < margin),
         "test": test,
         "p_value": p_value,
-        "mde": float(z * se),
+        "mde": float(z * se),  # at alpha for this test alone: Holm's correction over the report asks for more
+        "groups": len(np.unique(groups)),
         "seeds_to_halve_mde": seeds_to_halve(differences, weights, groups, resamples, seed, se),
     }
 

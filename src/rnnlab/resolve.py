@@ -6,6 +6,7 @@ as the stage's command would and writes, under resolved/:
 - <task>/data.yaml: the fetch and preprocess settings and the code each of them runs;
 - <task>/<model>.yaml: the training's main hyperparameters (`hparams`, shown by `dvc exp show`),
   its whole composed config, and the code it runs;
+- <task>/baselines.yaml: the settings and code of the task's baseline (tasks in `baseline_tasks`);
 - compare.yaml: the comparison's settings, its code and every task's serving code.
 
 The stages list these files under `params:`, so DVC compares values, not file bytes: a comment
@@ -93,6 +94,13 @@ def data_params(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def baseline_params(cfg: DictConfig) -> dict[str, Any]:
+    """A baseline stage's DVC params: its settings, the data limits that decide its splits, its code."""
+    settings = OmegaConf.to_container(cfg.baselines, resolve=True)
+    limits = {key: cfg.task.data.get(key) for key in ("limit_train", "limit_val", "limit_test")}
+    return {"baselines": settings, "limits": limits, "code": code_of("rnnlab.baselines", settings)}
+
+
 def compare_params(profile: str, tasks: Iterable[str]) -> dict[str, Any]:
     """The comparison's settings and code, with each task's serving code (the champions' predictors)."""
     cfg = compose_run([f"profile={profile}"], config_name="compare")
@@ -118,6 +126,8 @@ def write_all(root: Path) -> list[Path]:
     with project_configs():
         for task in params["tasks"]:
             files[f"{task}/data.yaml"] = data_params(compose_run([f"task={task}", f"profile={profile}"]))
+        for task in params["baseline_tasks"]:
+            files[f"{task}/baselines.yaml"] = baseline_params(compose_run([f"task={task}", f"profile={profile}"], "baselines"))
         for task, model, overrides in stage_models(params):
             files[f"{task}/{model}.yaml"] = training_params(compose_run([*overrides, f"profile={profile}"]))
         files["compare.yaml"] = compare_params(profile, params["tasks"])
@@ -138,6 +148,7 @@ def _pipeline_params(path: Path) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"{path} lacks {', '.join(missing)}: restore them from git (git checkout -- params.yaml).")
     params["tuned"] = params["tuned"] or {}
+    params.setdefault("baseline_tasks", [])
     return params
 
 

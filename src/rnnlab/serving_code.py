@@ -1,5 +1,6 @@
-"""The code MLflow stores as every serving model's definition ("models from code"): loading a model runs
-this file instead of unpickling an object, so neither MLflow's pickle warning nor its risk applies."""
+"""The code MLflow stores as every serving model's definition ("models from code"): loading a serving model
+runs this file instead of unpickling the wrapper object. The network inside it is still a pickled torch
+module (loaded with mlflow.pytorch.load_model, which unpickles): load models only from stores you trust."""
 
 from mlflow.models import set_model
 

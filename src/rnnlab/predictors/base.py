@@ -89,6 +89,18 @@ def read_processed_json(processed_dir: Path, name: str, task: str, keys: Sequenc
     return content
 
 
+def check_utf8(text: str, where: str, what: str) -> str:
+    """`text` if it is valid Unicode; bytes that were not UTF-8 (a shell's $'\\xff', which Python keeps as lone
+    surrogates) are a DataError naming the byte, before pandas or a terminal fail on them with a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = text[err.start]
+        bad = f"byte 0x{ord(char) - 0xDC00:02x}" if "\udc80" <= char <= "\udcff" else f"lone surrogate U+{ord(char):04X}"
+        raise DataError(f"{where} is not valid UTF-8 ({bad} at character {err.start}); give a {what} in UTF-8.") from None
+    return text
+
+
 def text_rows(frame: pd.DataFrame, column: str, what: str, blank: bool = False) -> list[str]:
     """The non-empty strings of `column`; an empty or non-text row is refused by its number, and so is
     one of only whitespace unless `blank` (a language model can continue a newline)."""
@@ -98,6 +110,7 @@ def text_rows(frame: pd.DataFrame, column: str, what: str, blank: bool = False) 
             raise DataError(f"row {row} of column {column!r} is {value!r} ({type(value).__name__}), not text; give a {what}.")
         if not value or not (blank or value.strip()):
             raise DataError(f"row {row} of column {column!r} is {'empty' if not value else 'only whitespace'}; give a {what}.")
+        check_utf8(value, f"row {row} of column {column!r}", what)
         texts.append(value)
     if not texts:
         raise DataError(f"the input has no rows; give at least one {what}.")

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from rnnlab.data.sentiment import encode, tokenize
 from rnnlab.errors import DataError
-from rnnlab.predictors.base import TaskPredictor, read_processed_json, require_columns, text_rows
+from rnnlab.predictors.base import TaskPredictor, check_utf8, read_processed_json, require_columns, text_rows
 
 
 class ReviewPredictor(TaskPredictor):
@@ -35,7 +35,7 @@ class ReviewPredictor(TaskPredictor):
 
     @classmethod
     def read_input(cls, source: str) -> pd.DataFrame:
-        frame = pd.DataFrame({"text": [source]})
+        frame = pd.DataFrame({"text": [check_utf8(source, "row 0 of column 'text'", 'review text, e.g. "A wonderful, moving film"')]})
         text_rows(frame, "text", 'review text, e.g. "A wonderful, moving film"')
         return frame
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.models.language_model import check_sampling, encode_prompt, generate
-from rnnlab.predictors.base import TaskPredictor, read_processed_json, require_columns, text_rows
+from rnnlab.predictors.base import TaskPredictor, check_utf8, read_processed_json, require_columns, text_rows
 from rnnlab.vocab import PAD, UNK
 
 
@@ -37,7 +37,7 @@ class PromptPredictor(TaskPredictor):
 
     @classmethod
     def read_input(cls, source: str) -> pd.DataFrame:
-        frame = pd.DataFrame({"prompt": [source]})
+        frame = pd.DataFrame({"prompt": [check_utf8(source, "row 0 of column 'prompt'", "prompt to continue, e.g. 'ROMEO:'")]})
         text_rows(frame, "prompt", "prompt to continue, e.g. 'ROMEO:'", blank=True)
         return frame
 
