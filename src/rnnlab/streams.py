@@ -15,6 +15,7 @@ import torch
 WEIGHTS = "weights"  # initial weights
 ORDER = "order"  # which examples form each batch, in which order (and textgen's window offsets)
 AUGMENT = "augment"  # training-time augmentation (speech's SpecAugment masks)
+LOADER = "loader"  # a DataLoader's base seed for its workers, drawn at each epoch's start
 NOISE = "noise"  # dropout and any other noise drawn during training: torch's global generator, reseeded each epoch
 
 

@@ -140,7 +140,14 @@ class SplitTensorDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
         sampler = EpochShuffle(len(dataset), self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, generator=self.loader_generator()
+        )
+
+    def loader_generator(self) -> torch.Generator:
+        """The generator a DataLoader draws its workers' base seed from when it starts an epoch: without one it draws from
+        torch's global generator, which dropout uses, at moments that differ between a fresh and a resumed run."""
+        return streams.generator(self.seed, streams.LOADER)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -277,7 +277,7 @@ class TextStreamDataModule(SplitTensorDataModule):
             sampler = ShuffledWindows(chunks, limit, self.seed)
         else:
             sampler = [(0, index) for index in range(min(limit or len(chunks), len(chunks)))]
-        return DataLoader(chunks, batch_size=None, sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(chunks, batch_size=None, sampler=sampler, num_workers=self.num_workers, generator=self.loader_generator())
 
     def test_units(self) -> pd.DataFrame:
         """Each test example is one row of one chunk, named by the offset of its first character in the test stream;
