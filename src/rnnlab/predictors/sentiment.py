@@ -35,8 +35,9 @@ class ReviewPredictor(TaskPredictor):
 
     @classmethod
     def read_input(cls, source: str) -> pd.DataFrame:
-        frame = pd.DataFrame({"text": [check_utf8(source, "row 0 of column 'text'", 'review text, e.g. "A wonderful, moving film"')]})
-        text_rows(frame, "text", 'review text, e.g. "A wonderful, moving film"')
+        what = 'review text, e.g. "A wonderful, moving film"'
+        frame = pd.DataFrame({"text": [check_utf8(source, "row 0 of column 'text'", what)]})
+        text_rows(frame, "text", what)
         return frame
 
     def predict(self, net: torch.nn.Module, frame: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:

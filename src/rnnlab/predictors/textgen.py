@@ -37,8 +37,9 @@ class PromptPredictor(TaskPredictor):
 
     @classmethod
     def read_input(cls, source: str) -> pd.DataFrame:
-        frame = pd.DataFrame({"prompt": [check_utf8(source, "row 0 of column 'prompt'", "prompt to continue, e.g. 'ROMEO:'")]})
-        text_rows(frame, "prompt", "prompt to continue, e.g. 'ROMEO:'", blank=True)
+        what = "prompt to continue, e.g. 'ROMEO:'"
+        frame = pd.DataFrame({"prompt": [check_utf8(source, "row 0 of column 'prompt'", what)]})
+        text_rows(frame, "prompt", what, blank=True)
         return frame
 
     def predict(self, net: torch.nn.Module, frame: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
