@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 from scipy.io import wavfile
 from torch import nn
 
 from rnnlab.data.speech import SAMPLE_RATE
+from rnnlab.models.encoder import RecurrentEncoder, match_parameters
 from rnnlab.models.language_model import LanguageModel
 
 
@@ -171,3 +173,12 @@ def recorded_batches(path: Path) -> list[dict[str, object]]:
 def record_batches(path: Path) -> list[str]:
     """Overrides that make a training run record its batches into `path` (RecordBatches)."""
     return ["+callbacks.record._target_=helpers.RecordBatches", f"+callbacks.record.path={path}"]
+
+
+def config_encoder(input_size: int, cfg: DictConfig) -> RecurrentEncoder:
+    """The encoder a model config's `model.encoder` describes, with match_params resolved as the task modules do."""
+
+    def build(settings: dict) -> RecurrentEncoder:
+        return RecurrentEncoder(input_size=input_size, **settings)
+
+    return build(match_parameters(OmegaConf.to_container(cfg.model.encoder), build))

@@ -10,11 +10,10 @@ import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import isolated_outputs
+from helpers import config_encoder, isolated_outputs
 from hydra import compose, initialize_config_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -397,10 +396,10 @@ def test_bad_arguments_are_refused_with_the_value_and_the_fix(call: Any, error: 
 def test_scratch_model_configs_build_rnnlab_cells_with_their_options(compose_cfg: Any, kind: str) -> None:
     model = f"model={kind.lower()}_scratch"
     cfg = compose_cfg(model, "model.encoder.cell_options.recurrent_dropout=0.25", "model.encoder.cell_options.layer_norm=true")
-    encoder = RecurrentEncoder(input_size=8, **OmegaConf.to_container(cfg.model.encoder))
+    encoder = config_encoder(8, cfg)
     assert type(encoder.rnn) is getattr(cells, kind)
     assert encoder.rnn.recurrent_dropout == 0.25 and encoder.rnn.layer_norm
-    default = RecurrentEncoder(input_size=8, **OmegaConf.to_container(compose_cfg(model).model.encoder))
+    default = config_encoder(8, compose_cfg(model))
     assert default.rnn.recurrent_dropout == 0.0 and not default.rnn.layer_norm
 
 

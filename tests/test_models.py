@@ -8,7 +8,7 @@ from collections.abc import Callable
 import lightning as L
 import pytest
 import torch
-from helpers import fit_one_batch
+from helpers import config_encoder, fit_one_batch
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlab.errors import ConfigError
@@ -64,7 +64,7 @@ def test_an_option_torchs_cell_lacks_points_to_rnnlabs_own_cell(compose_cfg: Cal
     cfg = compose_cfg("model=gru", "+model.encoder.cell_options.recurrent_dropout=0.2")
     message = r"cell=torch.nn.GRU does not take cell_options.recurrent_dropout .*model=gru_scratch"
     with pytest.raises(ConfigError, match=message):
-        RecurrentEncoder(input_size=3, **OmegaConf.to_container(cfg.model.encoder))
+        config_encoder(3, cfg)
     with pytest.raises(ConfigError, match=r"cell=rnnlab.models.cells.LSTM does not take cell_options.peepholes .*remove the option"):
         RecurrentEncoder(3, "rnnlab.models.cells.LSTM", hidden_size=4, cell_options={"peepholes": True})
 
@@ -76,10 +76,10 @@ def test_unknown_cell_is_refused_with_the_cells_rnnlab_ships(cell: str) -> None:
         RecurrentEncoder(3, cell, hidden_size=4)
 
 
-def make_classifier(cell: str) -> SequenceClassifier:
+def make_classifier(cell: str, encoder: dict | None = None) -> SequenceClassifier:
     return SequenceClassifier(
         front_end={"_target_": "rnnlab.models.front_ends.TokenEmbedding", "vocab_size": 30, "embedding_dim": 16},
-        encoder={"cell": cell, "hidden_size": 32},
+        encoder=encoder or {"cell": cell, "hidden_size": 32},
         optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
         scheduler=None,
         num_classes=2,
@@ -95,3 +95,79 @@ def test_classifier_overfits_one_batch(cell: str) -> None:
     labels = torch.randint(0, 2, (16,))
     assert fit_one_batch(model, tokens, labels, steps=150) < 0.05
     assert (model(tokens).argmax(-1) == labels).all()
+
+
+@pytest.mark.parametrize("cell", ["torch.nn.LSTM", "rnnlab.models.cells.LSTM"])
+def test_forget_bias_shifts_only_the_forget_gates_of_every_layer_and_direction(cell: str) -> None:
+    def biases(forget_bias: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(5)
+        encoder = RecurrentEncoder(3, cell, hidden_size=4, num_layers=2, bidirectional=True, forget_bias=forget_bias)
+        return {name: p.detach().view(4, 4) for name, p in encoder.rnn.named_parameters() if name.startswith("bias")}
+
+    torch_init, shifted = biases(0.0), biases(1.0)
+    assert len(shifted) == 8  # b_ih and b_hh, 2 layers x 2 directions
+    for name, bias in shifted.items():
+        added = 1.0 if name.startswith("bias_ih") else 0.0  # i, f, g, o: only f moves, by 1 in total
+        assert torch.equal(bias - torch_init[name], torch.tensor([0.0, added, 0.0, 0.0]).expand(4, 4).T)
+
+
+def test_the_lstm_models_start_with_forget_bias_one_and_zero_gives_torchs_initialisation(compose_cfg: Callable[..., DictConfig]) -> None:
+    for model in ("lstm", "lstm_scratch"):
+        assert compose_cfg(f"model={model}").model.encoder.forget_bias == 1.0
+    torch.manual_seed(0)
+    plain = torch.nn.LSTM(3, 4)
+    torch.manual_seed(0)
+    encoder = RecurrentEncoder(3, "torch.nn.LSTM", hidden_size=4, forget_bias=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), encoder.rnn.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("cell", ["torch.nn.GRU", "rnnlab.models.cells.RNN"])
+def test_forget_bias_on_a_cell_without_forget_gate_is_refused(cell: str) -> None:
+    with pytest.raises(ConfigError, match=rf"forget_bias=1.0 needs an LSTM cell, not {re.escape(cell)}: remove it"):
+        RecurrentEncoder(3, cell, hidden_size=4, forget_bias=1.0)
+
+
+@pytest.mark.parametrize(("model", "reference"), [("lstm", "gru"), ("rnn", "gru"), ("gru", "lstm"), ("lstm_scratch", "rnn")])
+def test_match_params_sizes_the_width_to_the_reference_cells_count(
+    model: str, reference: str, compose_cfg: Callable[..., DictConfig]
+) -> None:
+    def classifier(model_name: str, *overrides: str) -> SequenceClassifier:
+        cfg = compose_cfg(f"model={model_name}", *overrides)
+        return SequenceClassifier(
+            front_end={"_target_": "rnnlab.models.front_ends.TokenEmbedding", "vocab_size": 300, "embedding_dim": 32},
+            encoder=OmegaConf.to_container(cfg.model.encoder),
+            optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
+            scheduler=None,
+            num_classes=2,
+        )
+
+    target = count_parameters(classifier(reference).net)
+    matched = classifier(model, f"model.encoder.match_params={reference}").net
+    assert matched.encoder.hidden_size != 128
+    assert abs(count_parameters(matched) - target) <= 0.02 * target
+    # The closest width: one unit more or less is further from the reference count.
+    width = matched.encoder.hidden_size
+    for other in (width - 1, width + 1):
+        neighbour = classifier(model, f"model.encoder.hidden_size={other}").net
+        assert abs(count_parameters(neighbour) - target) >= abs(count_parameters(matched) - target)
+
+
+def test_match_params_leaves_the_weights_stream_where_it_was() -> None:
+    encoder = {"cell": "torch.nn.LSTM", "hidden_size": 32, "match_params": "gru"}
+    torch.manual_seed(1)
+    matched = make_classifier("torch.nn.LSTM", encoder).net
+    torch.manual_seed(1)
+    direct = make_classifier("torch.nn.LSTM", {"cell": "torch.nn.LSTM", "hidden_size": matched.encoder.hidden_size}).net
+    assert all(torch.equal(a, b) for a, b in zip(matched.state_dict().values(), direct.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("encoder", "message"),
+    [
+        ({"hidden_size": 32, "match_params": "transformer"}, r"match_params='transformer' is not a cell to match; choose one of \['gru'"),
+        ({"hidden_size": 1, "match_params": "rnn"}, r"no width of torch.nn.LSTM comes within 2% .*raise model.encoder.hidden_size"),
+    ],
+)
+def test_bad_match_params_is_refused(encoder: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_classifier("torch.nn.LSTM", {"cell": "torch.nn.LSTM", **encoder})

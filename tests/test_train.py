@@ -17,7 +17,14 @@ from rnnlab.train import train
 
 
 def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
-    cfg = compose_cfg(*tiny_overrides, "model=lstm", "trainer.max_epochs=2", "callbacks.early_stopping=null")
+    cfg = compose_cfg(
+        *tiny_overrides,
+        "model=lstm",
+        "model.encoder.hidden_size=32",
+        "model.encoder.match_params=gru",
+        "trainer.max_epochs=2",
+        "callbacks.early_stopping=null",
+    )
     metrics = train(cfg)
 
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
@@ -48,6 +55,10 @@ def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: 
     assert run.data.tags["profile"] == "smoke" and run.data.tags["model"] == "lstm"
     assert run.data.metrics["test_acc"] == pytest.approx(metrics["test_acc"])
     assert run.data.metrics["n_params"] == metrics["n_params"]
+    # The LSTM narrowed to the GRU's parameter count at width 32 (embedding 52 x 8, head 2 x 64 + 2), and says so.
+    gru_params = 3 * (8 * 32 + 32 * 32 + 2 * 32) + 52 * 8 + (2 * 32 * 2 + 2)
+    assert abs(metrics["n_params"] - gru_params) <= 0.02 * gru_params
+    assert run.data.metrics["hidden_size"] == metrics["hidden_size"] < 32
     # What the model costs to use, for the comparison: measured on the test set, logged beside the metrics.
     for key in ("latency_ms_per_sequence", "peak_memory_mb"):
         assert metrics[key] > 0 and run.data.metrics[key] == pytest.approx(metrics[key])

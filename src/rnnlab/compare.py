@@ -51,9 +51,11 @@ from rnnlab.console import summary
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.validation import is_int
 
-# Logged by every training run (the last two by runs that measure them), averaged over seeds: label and format in the report.
+# Logged by training runs (width since model.encoder.match_params, the last two by runs that measure them),
+# averaged over seeds: label and format in the report.
 EXTRAS = {
     "n_params": ("parameters", ",.0f"),
+    "hidden_size": ("width", ".0f"),
     "seconds_per_epoch": ("s / epoch", ".1f"),
     "latency_ms_per_sequence": ("latency ms / seq", ".3g"),
     "peak_memory_mb": ("peak MB", ".0f"),

@@ -103,6 +103,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
         _clear_run_dir(cfg)
     datamodule, module = build(cfg)
     n_params = count_parameters(module.net)
+    width = module.net.encoder.hidden_size  # differs from model.encoder.hidden_size under match_params
     history = EpochHistory()
     cost = InferenceCost()
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
@@ -124,7 +125,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
         _check_launch(trainer)
         tracking.log_config(logger, cfg)
         if resume_from is None:
-            logger.log_metrics({"n_params": n_params})
+            logger.log_metrics({"n_params": n_params, "hidden_size": width})
         started = time.perf_counter()
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
@@ -158,6 +159,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
         metrics = {
             **{key: float(value) for key, value in tested.items()},
             "n_params": n_params,
+            "hidden_size": width,
             "train_seconds": round(train_seconds, 2),
             "seconds_per_epoch": round(history.seconds_per_epoch, 2),
             "epochs": len(history.rows),
@@ -175,7 +177,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
         f"{cfg.task.name} x {cfg.model.name} (seed {cfg.seed}, profile {cfg.profile_name})",
         {
             **{k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("test_")},
-            "parameters": f"{n_params:,}",
+            "parameters": f"{n_params:,} (width {width})",
             "train time": f"{train_seconds:.1f} s ({metrics['epochs']} epochs)",
             "inference": f"{metrics['latency_ms_per_sequence']:.3g} ms per sequence, peak memory {metrics['peak_memory_mb']:,.0f} MB",
             "metrics": cfg.paths.metrics_file,

@@ -79,7 +79,8 @@ SETTINGS: dict[str, tuple[Accepts, str]] = {
     "task.front_end.dropout": (FRACTION, "0.1"),
     "callbacks.early_stopping.patience": (NON_NEGATIVE_INT, "2"),
 }
-ENCODER_SETTINGS = sorted(set(inspect.signature(RecurrentEncoder).parameters) - {"input_size"})  # input_size comes from the data
+# input_size comes from the data; match_params is resolved into hidden_size before the encoder is built.
+ENCODER_SETTINGS = sorted(set(inspect.signature(RecurrentEncoder).parameters) - {"input_size"} | {"match_params"})
 _ABSENT = object()
 
 

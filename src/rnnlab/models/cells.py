@@ -416,6 +416,7 @@ class _RecurrentBase(nn.Module):
 
     gates: ClassVar[int]
     scan: ClassVar[type[Function]]
+    mode: str  # torch.nn.RNNBase's name for the cell, which code written for torch reads
     state_count: ClassVar[int] = 1  # GRU and RNN carry h, the LSTM (h, c)
 
     def __init__(
@@ -618,6 +619,7 @@ class GRU(_RecurrentBase):
 
     gates = 3
     scan = _GRUScan
+    mode = "GRU"
 
 
 class LSTM(_RecurrentBase):
@@ -628,6 +630,7 @@ class LSTM(_RecurrentBase):
 
     gates = 4
     scan = _LSTMScan
+    mode = "LSTM"
     state_count = 2
 
     def _unpack_state(self, state: Any) -> tuple[Tensor, ...]:
@@ -650,6 +653,7 @@ class RNN(_RecurrentBase):
             raise ConfigError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}.")
         super().__init__(*args, **kwargs)
         self.nonlinearity = nonlinearity
+        self.mode = f"RNN_{nonlinearity.upper()}"
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", nonlinearity={self.nonlinearity}" if self.nonlinearity != "tanh" else "")

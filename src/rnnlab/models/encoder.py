@@ -6,7 +6,7 @@ is identical for GRU, LSTM and RNN so that comparisons are fair.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,9 @@ SHIPPED_CELLS = (
     *(f"rnnlab.models.cells.{name}" for name in ("GRU", "LSTM", "RNN")),
 )
 SCRATCH_MODELS = "gru_scratch, lstm_scratch or rnn_scratch"
+# model.encoder.match_params: a reference cell by its model name.
+REFERENCE_CELLS = {"gru": "torch.nn.GRU", "lstm": "torch.nn.LSTM", "rnn": "torch.nn.RNN"}
+MATCH_TOLERANCE = 0.02  # relative difference in parameter count a matched width may leave
 
 
 def resolve_cell(cell: str | type[nn.Module]) -> type[nn.Module]:
@@ -42,11 +45,57 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def match_parameters(encoder: Mapping[str, Any], build: Callable[[dict[str, Any]], nn.Module]) -> dict[str, Any]:
+    """The encoder settings with `match_params` resolved: the width at which `build(settings)` has the
+    parameter count (within 2%) that the reference cell has at `hidden_size`, on the same task.
+
+    `build` makes the whole network from encoder settings, so front end and head count too.
+    Candidate networks are built inside a fork of torch's generator: the search leaves the
+    weights stream where it was, and the real network draws what it would have unmatched.
+    """
+    settings = {key: value for key, value in encoder.items() if key != "match_params"}
+    reference = encoder.get("match_params")
+    if not reference:
+        return settings
+    if reference not in REFERENCE_CELLS:
+        raise ConfigError(
+            f"model.encoder.match_params={reference!r} is not a cell to match; choose one of {list(REFERENCE_CELLS)} or null."
+        )
+
+    def parameters(candidate: dict[str, Any]) -> int:
+        with torch.random.fork_rng(devices=[]):
+            return count_parameters(build(candidate))
+
+    def at_width(width: int) -> int:
+        return parameters({**settings, "hidden_size": width})
+
+    plain = {key: value for key, value in settings.items() if key not in ("cell_options", "forget_bias")}
+    target = parameters({**plain, "cell": REFERENCE_CELLS[reference]})
+    # The count grows with the width: double to bracket the target, then bisect.
+    low, high = 1, max(int(settings["hidden_size"]), 1)
+    while at_width(high) < target:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if at_width(middle) < target else (low, middle)
+    width = min((low, high), key=lambda w: abs(at_width(w) - target))
+    if abs(at_width(width) - target) > MATCH_TOLERANCE * target:
+        raise ConfigError(
+            f"model.encoder.match_params={reference}: no width of {settings['cell']} comes within {MATCH_TOLERANCE:.0%} of "
+            f"the {target:,} parameters of {reference} at hidden_size={settings['hidden_size']} (closest: width {width}, "
+            f"{at_width(width):,}); raise model.encoder.hidden_size or set match_params=null."
+        )
+    return {**settings, "hidden_size": width}
+
+
 class RecurrentEncoder(nn.Module):
     """Runs a recurrent cell over [B, T, F] features and pools the outputs over time.
 
     `cell_options` are passed to the cell's constructor as they are: the options a cell
     has beyond torch.nn.RNNBase's (e.g. rnnlab's `recurrent_dropout` and `layer_norm`).
+    `forget_bias` (LSTM cells only) is added to every forget gate's bias after the cell's own
+    initialisation, which draws the same numbers whatever its value: 0 keeps torch's
+    initialisation, 1 is Jozefowicz et al.'s (2015) advice.
 
     With a padding mask, pooling ignores padded steps and "last" takes the forward
     direction at the last real step and the backward direction at the first one, so
@@ -63,6 +112,7 @@ class RecurrentEncoder(nn.Module):
         dropout: float = 0.0,
         pooling: Sequence[str] = ("mean", "last"),
         cell_options: Mapping[str, Any] | None = None,
+        forget_bias: float = 0.0,
     ) -> None:
         super().__init__()
         if hidden_size <= 0 or num_layers <= 0:
@@ -98,6 +148,8 @@ class RecurrentEncoder(nn.Module):
                 f"model.encoder.cell={name} does not take cell_options.{refused[0]} ({err}); only rnnlab's own cells "
                 f"(model={SCRATCH_MODELS}) take options, recurrent_dropout and layer_norm: {fix}."
             ) from err
+        if forget_bias:
+            _add_forget_bias(self.rnn, forget_bias, cell)
         self.dropout = nn.Dropout(dropout)
         self.pooling = pooling
         self.hidden_size = hidden_size
@@ -143,6 +195,18 @@ class RecurrentEncoder(nn.Module):
         if self.directions == 1:
             return forward
         return torch.cat([forward, outputs[rows, first, self.hidden_size :]], dim=-1)
+
+
+def _add_forget_bias(rnn: nn.Module, forget_bias: float, cell: str | type[nn.Module]) -> None:
+    """Add `forget_bias` to the forget gate's slice (the second of the four, torch's i, f, g, o order) of every b_ih."""
+    if getattr(rnn, "mode", None) != "LSTM":
+        raise ConfigError(f"model.encoder.forget_bias={forget_bias} needs an LSTM cell, not {cell}: remove it or use model=lstm.")
+    biases = [parameter for name, parameter in rnn.named_parameters() if name.startswith("bias_ih")]
+    if not biases:
+        raise ConfigError(f"model.encoder.forget_bias={forget_bias} needs the cell's biases: remove it or drop bias=false.")
+    with torch.no_grad():
+        for bias in biases:
+            bias.view(4, -1)[1] += forget_bias
 
 
 class SequenceNet(nn.Module):

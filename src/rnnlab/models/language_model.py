@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from rnnlab.errors import ConfigError
-from rnnlab.models.encoder import RecurrentEncoder, RecurrentState
+from rnnlab.models.encoder import RecurrentEncoder, RecurrentState, match_parameters
 from rnnlab.models.lit import RecurrentModule
 from rnnlab.validation import is_int, is_number
 from rnnlab.vocab import PAD, UNK
@@ -150,9 +151,13 @@ class LanguageModel(RecurrentModule):
             )
         encode_prompt(sample_prompt, vocabulary)  # refuse a bad prompt now, not after the first epoch
         check_sampling(sample_length, sample_temperature, None)
-        front = instantiate(front_end)
-        settings = {key: value for key, value in encoder.items() if key != "pooling"}
-        self.net = CharLanguageNet(front, RecurrentEncoder(input_size=front.output_size, **settings), vocabulary)
+
+        def make(settings: dict[str, Any]) -> CharLanguageNet:
+            front = instantiate(front_end)
+            unpooled = {key: value for key, value in settings.items() if key != "pooling"}
+            return CharLanguageNet(front, RecurrentEncoder(input_size=front.output_size, **unpooled), vocabulary)
+
+        self.net = make(match_parameters(encoder, make))
         self.nats = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self.states: dict[str, RecurrentState | None] = {}
 

@@ -24,7 +24,7 @@ from torchmetrics.classification import (
 
 from rnnlab import tracking
 from rnnlab.errors import ConfigError
-from rnnlab.models.encoder import RecurrentEncoder, SequenceNet
+from rnnlab.models.encoder import RecurrentEncoder, SequenceNet, match_parameters
 
 
 class RecurrentModule(L.LightningModule):
@@ -65,9 +65,14 @@ class RecurrentModule(L.LightningModule):
         return pd.DataFrame(frame)
 
     def build_net(self, output_size: int) -> SequenceNet:
-        front_end = instantiate(self.hparams.front_end)
-        encoder = RecurrentEncoder(input_size=front_end.output_size, **self.hparams.encoder)
-        return SequenceNet(front_end, encoder, nn.Linear(encoder.output_size, output_size))
+        """front end -> encoder -> a linear head of `output_size`, at the width model.encoder.match_params asks for."""
+
+        def make(settings: dict[str, Any]) -> SequenceNet:
+            front_end = instantiate(self.hparams.front_end)
+            encoder = RecurrentEncoder(input_size=front_end.output_size, **settings)
+            return SequenceNet(front_end, encoder, nn.Linear(encoder.output_size, output_size))
+
+        return make(match_parameters(self.hparams.encoder, make))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.net(inputs)
