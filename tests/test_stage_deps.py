@@ -18,6 +18,7 @@ from test_textgen import archive, textgen_root  # noqa: F401 (the textgen fixtur
 
 from rnnlab import code_deps, resolve
 from rnnlab.config import project_root
+from rnnlab.errors import ConfigError
 
 PROJECT = project_root()
 
@@ -89,6 +90,9 @@ class Project:
         self.root = root
         shutil.copytree(PROJECT / "conf", root / "conf")
         (root / "params.yaml").write_text(PIPELINE)
+        # A search that found something other than the default (the project's found the default itself).
+        self.tuned = root / "conf/experiment/sentiment_gru_tuned.yaml"
+        self.tuned.write_text(self.tuned.read_text().replace("lr: 0.002", "lr: 0.001"))
         self.first = self.resolve()
 
     def resolve(self) -> dict[str, dict]:
@@ -138,12 +142,21 @@ def test_a_comment_changes_nothing_and_a_learning_rate_one_model(tmp_path: Path)
         f.write("# a comment changes no value\n")
     assert project.resolve() == before
 
-    experiment = tmp_path / "conf/experiment/sentiment_gru_tuned.yaml"
-    experiment.write_text(experiment.read_text().replace("lr: 0.002", "lr: 0.003"))
+    project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.003"))
     after = project.resolve()
     changed = {name for name in after if after[name] != before[name]}
     assert changed == {"sentiment/gru_tuned.yaml"}
     assert after["sentiment/gru_tuned.yaml"]["hparams"]["lr"] == 0.003
+
+
+def test_a_tuned_configuration_equal_to_the_default_is_refused(tmp_path: Path) -> None:
+    project = Project(tmp_path)
+    project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.002"))  # the default's value
+    message = r"tuned.sentiment-gru in params.yaml: .*sentiment_gru_tuned.yaml is model=gru's default .*remove it from `tuned`"
+    with pytest.raises(ConfigError, match=message):
+        project.resolve()
+    on_disk = OmegaConf.load(tmp_path / resolve.OUT_DIR / "sentiment/gru_tuned.yaml")
+    assert on_disk.hparams.lr == 0.001  # nothing half-written: the earlier resolve stands
 
 
 def test_no_resolved_value_depends_on_the_machine(project: Project) -> None:

@@ -130,6 +130,8 @@ def write_all(root: Path) -> list[Path]:
             files[f"{task}/baselines.yaml"] = baseline_params(compose_run([f"task={task}", f"profile={profile}"], "baselines"))
         for task, model, overrides in stage_models(params):
             files[f"{task}/{model}.yaml"] = training_params(compose_run([*overrides, f"profile={profile}"]))
+        for entry, tuned in params["tuned"].items():
+            _check_tuned_differs(entry, files, tuned["task"], tuned["model"])
         files["compare.yaml"] = compare_params(profile, params["tasks"])
     with io.atomic_dir(root / OUT_DIR) as tmp:
         for name, values in files.items():
@@ -138,6 +140,25 @@ def write_all(root: Path) -> list[Path]:
             header = f"# python -m rnnlab.resolve (profile {profile}): what this stage runs. Edit conf/ and params.yaml, not this file.\n"
             path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(values)))
     return [root / OUT_DIR / name for name in files]
+
+
+def _check_tuned_differs(entry: str, files: dict[str, dict[str, Any]], task: str, model: str) -> None:
+    """A tuned configuration equal to the default would train the default again under another name, and the
+    report would show one model as two: refuse it."""
+    default, tuned = (files.get(f"{task}/{name}.yaml") for name in (model, f"{model}_tuned"))
+    if default is None:
+        return  # the default is not trained on this pipeline: the tuned run is the only one of its kind
+    if _unnamed(tuned) == _unnamed(default):
+        raise ConfigError(
+            f"tuned.{entry} in params.yaml: conf/experiment/{task}_{model}_tuned.yaml is model={model}'s default configuration "
+            f"for task={task} (the search found nothing better), so its run would repeat {model}'s; remove it from `tuned`."
+        )
+
+
+def _unnamed(params: dict[str, Any]) -> dict[str, Any]:
+    """A training's params without its model name, to compare two configurations."""
+    model = {key: value for key, value in params["config"]["model"].items() if key != "name"}
+    return {**params, "config": {**params["config"], "model": model}}
 
 
 def _pipeline_params(path: Path) -> dict[str, Any]:
