@@ -113,12 +113,15 @@ def run_both(kind: str, dtype: torch.dtype, case: dict[str, Any]) -> tuple[list[
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=30, deadline=None)
+# Derandomized: the same 30 cases on every machine and run, so a failure reproduces and CI is not a lottery.
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(case=shapes())
 def test_outputs_states_and_gradients_equal_torch(kind: str, dtype: torch.dtype, case: dict[str, Any]) -> None:
     expected, actual = run_both(kind, dtype, case)
     assert len(expected) == len(actual)
-    assert max(((a - b).abs().max().item() for a, b in zip(expected, actual, strict=True) if a.numel()), default=0) <= TOLERANCE[dtype]
+    # Relative to each tensor's scale where that exceeds one: gradients summed over 40 steps and 3 layers reach
+    # tens, and float32 keeps 7 digits of them whichever order the two implementations add in.
+    assert max_difference(expected, actual) <= TOLERANCE[dtype]
 
 
 def test_relu_rnn_equals_torch() -> None:
@@ -358,23 +361,58 @@ def test_lengths_output_is_zero_past_each_sequence_and_state_is_taken_at_its_end
     assert max_difference([alone[0]], [output[1, :2]]) <= 1e-6
 
 
+# --- drop-in for torch.nn: the same signature, attributes and exception classes ----------------------------
+
+IMPLEMENTATIONS = {"torch": nn, "rnnlab": cells}
+# (a call on torch.nn or rnnlab.models.cells, the exception class torch raises, rnnlab's message). Each case runs
+# against torch too, which proves the case: rnnlab must raise an instance of the same class.
+TORCH_ERRORS = [
+    (lambda impl: impl.GRU(3, 4)(torch.randn(5, 2, 4)), RuntimeError, r"input_size\. Expected 3, got 4"),
+    (lambda impl: impl.GRU(3, 4)(torch.randn(5, 2, 3), torch.zeros(1, 3, 4)), RuntimeError, r"\(1, 2, 4\), got \(1, 3, 4\)"),
+    (lambda impl: impl.GRU(3, 4)(torch.randn(5, 2, 3, 1)), ValueError, r"got a 4-D tensor"),
+    (lambda impl: impl.GRU(3, 4)(torch.randn(0, 2, 3)), RuntimeError, r"sequence length to be larger than 0.*\(0, 2, 3\)"),
+    (lambda impl: impl.GRU(3, 4)(torch.randn(0, 3)), RuntimeError, r"sequence length to be larger than 0"),
+    (lambda impl: impl.GRU(3, 4)(torch.randn(5, 2, 3).double()), ValueError, r"input dtype \(torch.float64\) does not match"),
+    (lambda impl: impl.GRU(3, 4)(torch.randn(5, 2, 3), torch.zeros(1, 2, 4).double()), RuntimeError, "float64 on cpu but the input"),
+    (lambda impl: impl.LSTM(3, 4)(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 3, 4))), RuntimeError, r"\(1, 3, 4\)"),
+    (lambda impl: impl.GRU(3, 0), ValueError, "hidden_size must be greater than zero, got 0"),
+    (lambda impl: impl.GRU(0, 4), ValueError, "input_size must be greater than zero"),
+    (lambda impl: impl.GRU(3, 4, 0), ValueError, "num_layers must be greater than zero"),
+    (lambda impl: impl.GRU(3, 2.5), TypeError, r"hidden_size should be of type int, got: float \(2.5\)"),
+    (lambda impl: impl.GRU(3, 4, bias=0), TypeError, "bias should be of type bool, got: int; write bias=True or False"),
+    (lambda impl: impl.LSTM(3, 4, bias="True"), TypeError, "bias should be of type bool, got: str"),
+    (lambda impl: impl.RNN(3, 4, batch_first=1), TypeError, "batch_first should be of type bool"),
+    (lambda impl: impl.GRU(3, 4, dropout=1.5), ValueError, r"dropout should be a number in range \[0, 1\].*got 1.5"),
+    (lambda impl: impl.GRU(3, 4, dropout=True), ValueError, "dropout should be a number"),
+    (lambda impl: impl.RNN(3, 4, nonlinearity="gelu"), ValueError, "unknown nonlinearity 'gelu'; select from 'tanh' or 'relu'"),
+    (lambda impl: impl.RNN(3, 4, 1, "gelu"), ValueError, "unknown nonlinearity 'gelu'"),  # nonlinearity is 4th, as in torch
+    (lambda impl: impl.LSTM(3, 4, proj_size=-1), ValueError, "proj_size should be a positive integer or zero"),
+]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize(("call", "error", "message"), TORCH_ERRORS)
+def test_each_mistake_raises_torchs_exception_class(implementation: str, call: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as raised:
+        call(IMPLEMENTATIONS[implementation])
+    if implementation == "rnnlab":
+        # rnnlab's error too, so the command line prints the message as a one-line error.
+        assert isinstance(raised.value, ConfigError | DataError)
+        assert raised.match(message)
+
+
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (lambda gru: gru(torch.randn(5, 2, 4)), DataError, "I = 3"),
-        (lambda gru: gru(torch.randn(5, 2, 3), torch.zeros(1, 3, 4)), DataError, r"\(1, 2, 4\)"),
         (lambda gru: gru(pack_padded_sequence(torch.randn(5, 2, 3), [5, 3]), lengths=[5, 3]), DataError, "not both"),
         (lambda gru: cells.GRU(3, 4, recurrent_dropout=1.0), ConfigError, "recurrent_dropout"),
-        (lambda gru: cells.GRU(3, 0), ConfigError, "hidden_size"),
-        (lambda gru: cells.RNN(3, 4, nonlinearity="gelu"), ConfigError, "nonlinearity"),
+        (lambda gru: cells.GRU(3, 4, layer_norm=1), ConfigError, "layer_norm should be of type bool"),
         (lambda gru: cells.LSTM(3, 4)(torch.randn(5, 2, 3), torch.zeros(1, 2, 4)), DataError, "tuple"),
+        (lambda gru: cells.LSTM(3, 4, proj_size=2), ConfigError, "no projections .*use torch.nn.LSTM"),
         (lambda gru: gru(torch.randn(5, 2, 3), lengths=[5]), DataError, r"one length per sequence \(2\), got lengths \[5\]"),
         (lambda gru: gru(torch.randn(5, 2, 3), lengths=[5, 0]), DataError, r"every length must be in \[1, 5\].*got \[0\]"),
         (lambda gru: gru(torch.randn(5, 2, 3), lengths=torch.tensor([6, 3])), DataError, r"in \[1, 5\].*got \[6\]"),
-        (lambda gru: gru(torch.randn(0, 2, 3)), DataError, r"0 time steps \(shape \(0, 2, 3\)\)"),
-        (lambda gru: gru(torch.randn(0, 3)), DataError, "0 time steps"),
-        (lambda gru: gru(torch.randn(0, 2, 3), lengths=[1, 1]), DataError, "0 time steps"),
-        (lambda gru: gru(torch.randn(5, 2, 3), torch.zeros(1, 2, 4, dtype=torch.float64)), DataError, "torch.float64 on cpu but the input"),
+        (lambda gru: gru(torch.randn(0, 2, 3), lengths=[1, 1]), DataError, "sequence length to be larger than 0"),
         (lambda gru: gru(torch.randn(5, 2, 3), torch.zeros(1, 2, 4, device="meta")), DataError, "on meta but the input is torch.float32"),
         (lambda gru: gru(torch.randn(5, 3, 3), torch.zeros(1, 2, 4), lengths=[5, 3, 2]), DataError, r"\(1, 3, 4\), got \(1, 2, 4\)"),
         (
@@ -384,9 +422,42 @@ def test_lengths_output_is_zero_past_each_sequence_and_state_is_taken_at_its_end
         ),
     ],
 )
-def test_bad_arguments_are_refused_with_the_value_and_the_fix(call: Any, error: type[Exception], message: str) -> None:
+def test_rnnlabs_own_arguments_are_refused_with_the_value_and_the_fix(call: Any, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         call(cells.GRU(3, 4))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_an_empty_batch_gives_empty_outputs_and_states_like_torch(kind: str, batch_first: bool) -> None:
+    theirs, ours = make_pair(kind, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=batch_first)
+    inputs = torch.randn((0, 5, 3) if batch_first else (5, 0, 3), dtype=torch.float64)
+    (output, state), (expected_output, expected_state) = ours(inputs), theirs(inputs)
+    assert output.shape == expected_output.shape
+    assert [s.shape for s in as_tuple(state)] == [s.shape for s in as_tuple(expected_state)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_attributes_torch_code_reads_are_torchs(kind: str) -> None:
+    theirs, ours = make_pair(kind, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    assert ours.mode == theirs.mode
+    assert ours._flat_weights_names == theirs._flat_weights_names and ours._all_weights == theirs._all_weights
+    assert [[tuple(w.shape) for w in layer] for layer in ours.all_weights] == [
+        [tuple(w.shape) for w in layer] for layer in theirs.all_weights
+    ]
+    assert all(weight is getattr(ours, name) for weight, name in zip(ours._flat_weights, ours._flat_weights_names, strict=True))
+    lstm = cells.LSTM(3, 4, 1, True, False, 0.0, False, 0)  # torch's positional order, proj_size=0 included
+    assert lstm.proj_size == 0 and lstm.mode == "LSTM"
+
+
+def test_relu_is_the_rnns_fourth_positional_argument_as_in_torch() -> None:
+    rnn = cells.RNN(3, 4, 1, "relu", False)
+    assert (rnn.nonlinearity, rnn.mode, rnn.bias) == ("relu", "RNN_RELU", False)
+
+
+def test_tracing_is_refused_with_what_to_trace_instead() -> None:
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record rnnlab's GRU.*torch.nn.GRU instead"):
+        torch.jit.trace(cells.GRU(3, 4), torch.randn(5, 2, 3))
 
 
 # --- the model configs -----------------------------------------------------------------------------

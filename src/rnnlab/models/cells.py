@@ -1,6 +1,7 @@
 """rnnlab's own GRU, LSTM and RNN, written from their gate equations.
 
-Each class is a drop-in for its torch.nn counterpart: the same constructor arguments,
+Each class is a drop-in for its torch.nn counterpart: the same constructor arguments in
+torch's order (rnnlab's own options keyword-only), attributes, exception classes, and
 parameter names and shapes (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`,
 `..._reverse`), so `load_state_dict` works in both directions, and the same call
 (`output, h_n = gru(x, h_0)`; the LSTM returns `(h_n, c_n)`), with a `PackedSequence` or
@@ -38,6 +39,8 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any, ClassVar
@@ -51,6 +54,26 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from rnnlab.errors import ConfigError, DataError
 
 LAYER_NORM_EPS = 1e-5
+
+
+# Each error is the class torch.nn's cells raise for the same mistake, so `except ValueError` in code written
+# for torch still catches it, and rnnlab's, so the command line prints it as a one-line error.
+class CellValueError(ConfigError, ValueError):
+    """A cell argument or input torch refuses with ValueError (a size <= 0, dropout, a dtype mismatch)."""
+
+
+class CellTypeError(ConfigError, TypeError):
+    """A cell argument of the wrong type, which torch refuses with TypeError (bias=1, hidden_size=2.5)."""
+
+
+class CellInputError(DataError, RuntimeError):
+    """An input or state torch refuses with RuntimeError (feature size, state shape, no time steps)."""
+
+
+class CellInputValueError(DataError, ValueError):
+    """An input torch refuses with ValueError (its rank), or rnnlab's `lengths` given beside a PackedSequence."""
+
+
 # Per layer and direction, with suffix _l{layer}[_reverse]; the ln_ ones exist only with layer_norm=True.
 PARAMETERS = ("weight_ih", "bias_ih", "weight_hh", "bias_hh", "ln_weight_ih", "ln_bias_ih", "ln_weight_hh", "ln_bias_hh")
 
@@ -428,19 +451,33 @@ class _RecurrentBase(nn.Module):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
-        recurrent_dropout: float = 0.0,
-        layer_norm: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        recurrent_dropout: float = 0.0,
+        layer_norm: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in {"input_size": input_size, "hidden_size": hidden_size, "num_layers": num_layers}.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}.")
-        if not 0 <= dropout <= 1:
-            raise ConfigError(f"{type(self).__name__}: dropout must be in [0, 1], got {dropout}.")
-        if not 0 <= recurrent_dropout < 1:
-            raise ConfigError(f"{type(self).__name__}: recurrent_dropout must be in [0, 1), got {recurrent_dropout}.")
+        cell = type(self).__name__
+        # torch.nn.RNNBase's checks, with its exception classes.
+        for option, value in {"bias": bias, "batch_first": batch_first, "layer_norm": layer_norm}.items():
+            if not isinstance(value, bool):
+                raise CellTypeError(f"{cell}: {option} should be of type bool, got: {type(value).__name__}; write {option}=True or False.")
+        for option, value in {"input_size": input_size, "hidden_size": hidden_size, "num_layers": num_layers}.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise CellTypeError(f"{cell}: {option} should be of type int, got: {type(value).__name__} ({value!r}).")
+            if value <= 0:
+                raise CellValueError(f"{cell}: {option} must be greater than zero, got {value}.")
+        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise CellValueError(
+                f"{cell}: dropout should be a number in range [0, 1], the probability of zeroing an element; got {dropout!r}."
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"{cell}: dropout acts between recurrent layers, so dropout={dropout} with num_layers=1 does nothing.", stacklevel=2
+            )
+        if not isinstance(recurrent_dropout, numbers.Number) or not 0 <= recurrent_dropout < 1:
+            raise CellValueError(f"{cell}: recurrent_dropout must be in [0, 1), got {recurrent_dropout!r}.")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout, self.bidirectional = bias, batch_first, float(dropout), bidirectional
         self.recurrent_dropout, self.layer_norm = float(recurrent_dropout), layer_norm
@@ -473,6 +510,28 @@ class _RecurrentBase(nn.Module):
     def flatten_parameters(self) -> None:
         """A no-op kept for drop-in compatibility: the weights are used where they are."""
 
+    def _suffixes(self) -> list[str]:
+        """_l{layer}[_reverse] of every layer and direction, in torch's order."""
+        return [f"_l{layer}{reverse}" for layer in range(self.num_layers) for reverse in ("", "_reverse")[: self.num_directions]]
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """Parameter names per layer and direction, as torch.nn.RNNBase lists them (code written for torch reads these)."""
+        names = [name for name, _ in self.named_parameters()]  # registered in torch's order
+        return [[name for name in names if name.endswith(suffix)] for suffix in self._suffixes()]
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"
         defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False}
@@ -491,9 +550,15 @@ class _RecurrentBase(nn.Module):
         is zero past them and h_n is taken at each sequence's last step, as torch gives for
         pack_padded_sequence -> cell -> pad_packed_sequence.
         """
+        if torch.jit.is_tracing():
+            raise CellInputError(
+                f"torch.jit.trace cannot record rnnlab's {type(self).__name__}: its loop runs inside a custom autograd "
+                f"Function that tracing does not follow. Trace a model built with torch.nn.{type(self).__name__} instead "
+                "(the state_dict loads into it unchanged)."
+            )
         if lengths is not None:
             if isinstance(input, PackedSequence):
-                raise DataError("Pass either a PackedSequence or a padded batch with lengths, not both.")
+                raise CellInputValueError("Pass either a PackedSequence or a padded batch with lengths, not both.")
             self._check_features(input, batched_only=True)
             lengths = self._check_lengths(input, torch.as_tensor(lengths).cpu())
             packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
@@ -508,6 +573,10 @@ class _RecurrentBase(nn.Module):
         length, batch = steps.shape[:2]
         if unbatched:
             hx = self._map_state(hx, lambda s: s.unsqueeze(1))
+        if batch == 0:  # torch gives empty outputs and states for an empty batch
+            initial = self._initial_states(hx, 0, input)
+            output = input.new_zeros(length, 0, self.num_directions * self.hidden_size)
+            return (output.transpose(0, 1) if self.batch_first else output), self._pack_state(initial)
         layout = _Layout((batch,) * length, input.device)
         data, state = self._run(steps.reshape(length * batch, -1), layout, hx)
         output = data.view(length, batch, -1)
@@ -518,7 +587,7 @@ class _RecurrentBase(nn.Module):
     def _run_packed(self, packed: PackedSequence, hx: Any) -> tuple[PackedSequence, Any]:
         data, batch_sizes, sorted_indices, unsorted_indices = packed
         if data.shape[-1] != self.input_size:
-            raise DataError(
+            raise CellInputError(
                 f"{type(self).__name__} expects {self.input_size} input features, got packed data of shape {tuple(data.shape)}."
             )
         layout = _Layout(batch_sizes.tolist(), data.device)
@@ -535,10 +604,11 @@ class _RecurrentBase(nn.Module):
         """All layers and directions over packed data [N, I]; returns the last layer's output and the final states."""
         initial = self._initial_states(hx, layout.batch, data)
         finals = []
+        suffixes = iter(self._suffixes())
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self.num_directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                suffix = next(suffixes)
                 w_ih, b_ih, w_hh, b_hh, ln_w_ih, ln_b_ih, ln_w_hh, ln_b_hh = (getattr(self, name + suffix, None) for name in PARAMETERS)
                 inputs = data if direction == 0 else data.index_select(0, layout.reverse_index)
                 gi = _matmul(inputs, w_ih.t(), b_ih)
@@ -570,20 +640,30 @@ class _RecurrentBase(nn.Module):
         """One length per sequence, each in [1, T]: pack_padded_sequence would fail obscurely or read past the padding."""
         batch, steps = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
         if lengths.dim() != 1 or len(lengths) != batch:
-            raise DataError(f"{type(self).__name__} needs one length per sequence ({batch}), got lengths {lengths.tolist()}.")
+            raise CellInputError(f"{type(self).__name__} needs one length per sequence ({batch}), got lengths {lengths.tolist()}.")
         bad = lengths[(lengths < 1) | (lengths > steps)]
         if len(bad):
-            raise DataError(f"{type(self).__name__}: every length must be in [1, {steps}] (the padded steps), got {bad.tolist()}.")
+            raise CellInputError(f"{type(self).__name__}: every length must be in [1, {steps}] (the padded steps), got {bad.tolist()}.")
         return lengths
 
     def _check_features(self, input: Tensor, batched_only: bool = False) -> None:
-        dims = (3,) if batched_only else (2, 3)
-        if input.dim() not in dims or input.shape[-1] != self.input_size:
-            layout = "[B, T, I]" if self.batch_first else "[T, B, I]"
+        cell = type(self).__name__
+        layout = "[B, T, I]" if self.batch_first else "[T, B, I]"
+        if input.dim() not in ((3,) if batched_only else (2, 3)):
             expected = layout if batched_only else f"{layout} or unbatched [T, I]"
-            raise DataError(f"{type(self).__name__} expects input {expected} with I = {self.input_size}, got shape {tuple(input.shape)}.")
+            raise CellInputValueError(
+                f"{cell}: expected input {expected} with I = {self.input_size}, got a {input.dim()}-D tensor {tuple(input.shape)}."
+            )
+        if input.shape[-1] != self.input_size:
+            raise CellInputError(f"{cell}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.shape[-1]}.")
+        weight = self.weight_ih_l0
+        if input.dtype != weight.dtype and not torch.is_autocast_enabled():
+            raise CellValueError(
+                f"{cell}: input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}); "
+                f"convert the input with input.to({weight.dtype}) or the model with model.to({input.dtype})."
+            )
         if input.shape[1 if self.batch_first and input.dim() == 3 else 0] == 0:
-            raise DataError(f"{type(self).__name__} got an input with 0 time steps (shape {tuple(input.shape)}); give at least one step.")
+            raise CellInputError(f"{cell}: expected sequence length to be larger than 0, got input of shape {tuple(input.shape)}.")
 
     def _initial_states(self, hx: Any, batch: int, like: Tensor) -> tuple[Tensor, ...]:
         shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
@@ -592,9 +672,9 @@ class _RecurrentBase(nn.Module):
         states = self._unpack_state(hx)
         for state in states:
             if tuple(state.shape) != shape:
-                raise DataError(f"{type(self).__name__} expects initial states of shape {shape}, got {tuple(state.shape)}.")
+                raise CellInputError(f"{type(self).__name__} expects initial states of shape {shape}, got {tuple(state.shape)}.")
             if state.dtype != like.dtype or state.device != like.device:
-                raise DataError(
+                raise CellInputError(
                     f"{type(self).__name__}: the initial state is {state.dtype} on {state.device} but the input is "
                     f"{like.dtype} on {like.device}; convert it with h_0.to(input)."
                 )
@@ -623,9 +703,10 @@ class GRU(_RecurrentBase):
 
 
 class LSTM(_RecurrentBase):
-    """Long short-term memory, the same function as torch.nn.LSTM (equations: `_LSTMScan`); no `proj_size`.
+    """Long short-term memory, the same function as torch.nn.LSTM (equations: `_LSTMScan`).
 
-    `lstm(input, (h_0, c_0)=None, lengths=None)` returns `(output, (h_n, c_n))`.
+    torch's arguments in torch's order; `proj_size` must be 0 (projections are not implemented:
+    torch.nn.LSTM has them). `lstm(input, (h_0, c_0)=None, lengths=None)` returns `(output, (h_n, c_n))`.
     """
 
     gates = 4
@@ -633,9 +714,39 @@ class LSTM(_RecurrentBase):
     mode = "LSTM"
     state_count = 2
 
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        recurrent_dropout: float = 0.0,
+        layer_norm: bool = False,
+    ) -> None:
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+            raise CellTypeError(f"LSTM: proj_size should be of type int, got: {type(proj_size).__name__}.")
+        if proj_size < 0:
+            raise CellValueError(f"LSTM: proj_size should be a positive integer or zero to disable projections, got {proj_size}.")
+        if proj_size:
+            raise CellValueError(
+                f"rnnlab's LSTM has no projections (proj_size={proj_size}); use torch.nn.LSTM for an LSTM with projections."
+            )
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device, dtype,
+            recurrent_dropout=recurrent_dropout, layer_norm=layer_norm,
+        )  # fmt: skip
+        self.proj_size = 0
+
     def _unpack_state(self, state: Any) -> tuple[Tensor, ...]:
         if not (isinstance(state, tuple | list) and len(state) == 2):
-            raise DataError(f"LSTM expects its initial state as a tuple (h_0, c_0), got {type(state).__name__}.")
+            raise CellInputError(f"LSTM expects its initial state as a tuple (h_0, c_0), got {type(state).__name__}.")
         return tuple(state)
 
     def _pack_state(self, states: tuple[Tensor, ...]) -> Any:
@@ -648,10 +759,29 @@ class RNN(_RecurrentBase):
     gates = 1
     scan = _RNNScan
 
-    def __init__(self, *args: Any, nonlinearity: str = "tanh", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        recurrent_dropout: float = 0.0,
+        layer_norm: bool = False,
+    ) -> None:
+        # torch.nn.RNN's order: nonlinearity is the fourth positional argument, before bias.
         if nonlinearity not in ("tanh", "relu"):
-            raise ConfigError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}.")
-        super().__init__(*args, **kwargs)
+            raise CellValueError(f"RNN: unknown nonlinearity {nonlinearity!r}; select from 'tanh' or 'relu'.")
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device, dtype,
+            recurrent_dropout=recurrent_dropout, layer_norm=layer_norm,
+        )  # fmt: skip
         self.nonlinearity = nonlinearity
         self.mode = f"RNN_{nonlinearity.upper()}"
 
