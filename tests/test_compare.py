@@ -269,12 +269,19 @@ def test_the_same_runs_give_the_same_report_byte_for_byte(store: Path, tmp_path:
         assert (tmp_path / "first" / "reports" / report).read_bytes() == (tmp_path / "second" / "reports" / report).read_bytes()
 
 
-def test_a_baseline_of_other_test_examples_is_a_clear_error(store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        (lambda frame: frame.head(500), "other test examples"),  # a smaller test set
+        (lambda frame: frame.assign(target=1 - frame["target"]), "the same test examples with other targets"),  # other labels
+    ],
+)
+def test_a_baseline_of_other_test_examples_is_a_clear_error(store: Path, tmp_path: Path, change: Any, what: str) -> None:
     baselines = tmp_path / "metrics" / "sentiment" / "baselines"
     baselines.mkdir(parents=True)
-    synthetic_predictions("sentiment", 0.9).head(500).to_csv(baselines / "tfidf_logreg_predictions.csv", index=False)  # a smaller test set
+    change(synthetic_predictions("sentiment", 0.9)).to_csv(baselines / "tfidf_logreg_predictions.csv", index=False)
     overrides = [*store_overrides(store, tmp_path), NO_ALIAS, f"metrics_dir={tmp_path}/metrics", "tasks=[sentiment]"]
-    with pytest.raises(DataError, match=r"tfidf_logreg_predictions\.csv scores other test examples than the runs of sentiment"):
+    with pytest.raises(DataError, match=rf"tfidf_logreg_predictions\.csv scores {what} than the runs of sentiment"):
         compare(compose_compare(*overrides))
     assert not (tmp_path / "reports").exists()
 

@@ -302,7 +302,7 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
     `<name>_predictions.csv` of baseline stages in `baselines_dir`), its per-unit scores of the primary metric over its
     seeds, units sorted by name (for forecasts and text: time or text order); and the forecast horizon, for a
     forecast task (None otherwise)."""
-    metric, per_model, baselines, units, horizon = task_runs["metric"].iloc[0], {}, {}, None, None
+    metric, per_model, baselines, units, horizon, targets = task_runs["metric"].iloc[0], {}, {}, None, None, None
     with tempfile.TemporaryDirectory() as scratch, _quiet_downloads():
         for model, group in task_runs.sort_values("seed").groupby("model"):
             rows = []
@@ -313,6 +313,7 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
                 scored = inference.unit_scores(predictions, metric, scale).sort_values("unit", kind="stable")
                 if units is None:
                     units = scored[["unit", "group", "weight"]].reset_index(drop=True)
+                    targets = _unit_targets(predictions)
                     horizon = int(predictions["horizon"].max()) if "horizon" in predictions else None
                     baselines = {
                         name: inference.unit_scores(predictions, metric, scale, forecast=name).sort_values("unit", kind="stable")["score"]
@@ -326,10 +327,13 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
                 rows.append(scored["score"].to_numpy())
             per_model[model] = (np.stack(rows), tuple(int(seed) for seed in group["seed"]))
     for path in sorted(baselines_dir.glob("*_predictions.csv")):
-        scored = inference.unit_scores(pd.read_csv(path), metric).sort_values("unit", kind="stable")
-        if not units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True)):
+        predictions = pd.read_csv(path)
+        scored = inference.unit_scores(predictions, metric).sort_values("unit", kind="stable")
+        same_targets = targets is None or targets.equals(_unit_targets(predictions))
+        if not (units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True)) and same_targets):
+            what = "other test examples" if same_targets else "the same test examples with other targets"
             raise DataError(
-                f"{path} scores other test examples than the runs of {task_runs['task'].iloc[0]} (other processed data or "
+                f"{path} scores {what} than the runs of {task_runs['task'].iloc[0]} (other processed data or "
                 "task.data.limit_test): rerun its baseline stage with the runs' profile (`dvc repro`)."
             )
         baselines[path.name.removesuffix("_predictions.csv")] = scored["score"]
@@ -339,6 +343,14 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
     for name, values in baselines.items():  # a baseline does not depend on the seed: the same scores for every seed
         scores[name] = inference.Scores(np.tile(values.to_numpy(), (len(all_seeds), 1)), weights, groups, all_seeds, metric == "test_acc")
     return scores, horizon
+
+
+def _unit_targets(predictions: pd.DataFrame) -> pd.Series | None:
+    """Each test unit's target, in unit order, for outputs with one row per unit and a target (classifiers): a baseline
+    must be scored against the runs' labels, not only on their units. None for other outputs."""
+    if "target" not in predictions or "horizon" in predictions:
+        return None
+    return predictions.sort_values("unit", kind="stable")["target"].reset_index(drop=True)
 
 
 def champion(group: pd.DataFrame) -> dict[str, Any]:
