@@ -44,6 +44,7 @@ TINY_ESPEAK = {
     "unknown_per_speaker": 1,
     "takes": 1,
     "silence_clips": 3,
+    "split_by": "speaker",  # five speakers may share fewer than three voices; the voice split has its own test
 }
 TINY_COMMANDS = ["yes", "no"]
 
@@ -89,6 +90,24 @@ def test_splits_are_speaker_disjoint(speech_dirs: tuple[Path, Path]) -> None:
     assert set(speakers.index) == {"train", "val", "test"}
     assert not (speakers["train"] & speakers["val"] or speakers["train"] & speakers["test"] or speakers["val"] & speakers["test"])
     assert set(manifest.loc[manifest["label"] == "silence", "split"]) == {"train", "val", "test"}
+
+
+def test_the_default_split_holds_whole_voices_out_of_training(tmp_path: Path, compose_cfg: Callable[..., DictConfig]) -> None:
+    assert compose_cfg("task=speech").task.fetch.espeak.split_by == "voice"
+    # Twelve speakers of six voices (2 accents x 3 variants) at several rates and pitches.
+    fetch_tiny(tmp_path / "raw", split_by="voice", num_speakers=12, variants=["m1", "f2", "m3"])
+    manifest = read_manifest(tmp_path / "raw")
+    spoken = manifest[manifest["speaker"] != ""]
+    voices = (spoken["accent"] + "+" + spoken["variant"]).groupby(spoken["split"]).agg(set)
+    assert set(voices.index) == {"train", "val", "test"}
+    assert not (voices["train"] & voices["val"] or voices["train"] & voices["test"] or voices["val"] & voices["test"])
+    assert spoken.groupby("speaker")["split"].nunique().max() == 1  # voice-disjoint is speaker-disjoint too
+
+
+def test_an_unknown_split_unit_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"task.fetch.espeak.split_by='accent' is not a way to split; choose one of \['voice', 'speaker'\]"):
+        fetch_tiny(tmp_path / "raw", split_by="accent")
+    assert not (tmp_path / "raw").exists()
 
 
 def test_speaker_split_sizes_and_determinism() -> None:

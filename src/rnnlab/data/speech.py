@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +228,10 @@ def check_voices(binary: str, accents: Sequence[str], variants: Sequence[str]) -
             raise DataError(f"espeak-ng has no {kind} {unknown}; `{binary} --voices{'=variant' if kind == 'variant' else ''}` lists them.")
 
 
+# The unit a split is drawn over, per task.fetch.espeak.split_by.
+SPLIT_UNITS: dict[str, Callable[[Speaker], str]] = {"voice": lambda speaker: speaker.voice, "speaker": lambda speaker: speaker.name}
+
+
 @dataclass(frozen=True)
 class Synthesis:
     """Who says what: speakers drawn from accents x variants x rates x pitches, and how many clips."""
@@ -242,6 +246,9 @@ class Synthesis:
     takes: int  # clips of each command word per speaker (same voice, new shift, gain and noise)
     silence_clips: int
     binary: str = "espeak-ng"
+    # What no two splits share: "voice" (accent x variant: a test voice is never heard in training, at any rate
+    # or pitch) or "speaker" (one accent x variant x rate x pitch: test speakers may share a training speaker's voice).
+    split_by: str = "voice"
 
     def sample_speakers(self, rng: np.random.Generator) -> list[Speaker]:
         """`num_speakers` distinct accent x variant x rate x pitch combinations."""
@@ -277,10 +284,15 @@ def synthesize(
             f"Need takes ({settings.takes}) and silence_clips ({settings.silence_clips}) positive and unknown_per_speaker "
             f"({settings.unknown_per_speaker}) between 0 and the {len(settings.unknown_words)} unknown words."
         )
+    if settings.split_by not in SPLIT_UNITS:
+        raise DataError(f"task.fetch.espeak.split_by={settings.split_by!r} is not a way to split; choose one of {list(SPLIT_UNITS)}.")
     check_voices(settings.binary, settings.accents, settings.variants)
     rng = np.random.default_rng(seed)
     speakers = settings.sample_speakers(rng)
-    speaker_split = assign_splits([s.name for s in speakers], val_fraction, test_fraction, rng)
+    unit_of = SPLIT_UNITS[settings.split_by]
+    units = list(dict.fromkeys(unit_of(speaker) for speaker in speakers))  # in speaker order: split_by=speaker draws as it always did
+    unit_split = assign_splits(units, val_fraction, test_fraction, rng, f"{settings.split_by}s")
+    speaker_split = {speaker.name: unit_split[unit_of(speaker)] for speaker in speakers}
     plan = []  # (speaker, word, label, take)
     for speaker in speakers:
         plan += [(speaker, word, word, take) for word in commands for take in range(settings.takes)]
