@@ -4,6 +4,7 @@ statistics + logistic regression (speech), each on the networks' splits and test
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ A, B, C, D = range(4)  # a 4-character vocabulary; "d" never occurs in training
 
 
 def probability(model: KneserNey, context: list[int], target: int, order: int, history: int | None = None) -> float:
-    stream = np.array([*context, target])
+    stream = np.array([*context, target], dtype=np.int64)
     position = np.array([len(context)])
     usable = np.array([len(context) if history is None else history])
     return float(np.exp(model.log_probabilities(stream, position, usable, order))[0])
@@ -90,6 +91,44 @@ def test_kneser_ney_distributions_sum_to_one_for_every_context_and_order() -> No
                 assert total == pytest.approx(1.0), (context, order, history)
 
 
+def reference_probability(train: list[int], vocab_size: int, order: int, context: list[int], target: int) -> float:
+    """Interpolated Kneser-Ney by its textbook recursion, one probability at a time with Counters: raw counts at the
+    highest order the context allows, continuation counts below, a uniform floor, D = n1 / (n1 + 2 n2) per table."""
+    grams = {n: Counter(tuple(train[i : i + n]) for i in range(len(train) - n + 1)) for n in range(1, order + 1)}
+    continuation = {n: Counter(gram[1:] for gram in grams[n + 1]) for n in range(1, order)}
+
+    def discount(counts: Counter) -> float:
+        n1, n2 = sum(c == 1 for c in counts.values()), sum(c == 2 for c in counts.values())
+        return n1 / (n1 + 2 * n2) if n1 + 2 * n2 else 0.5
+
+    def probability(history: tuple[int, ...] | None, highest: bool) -> float:
+        if history is None:
+            return 1 / vocab_size
+        counts = grams[len(history) + 1] if highest else continuation[len(history) + 1]
+        lower = probability(history[1:] if history else None, highest=False)
+        following = {gram: count for gram, count in counts.items() if gram[:-1] == history}
+        total = sum(following.values())
+        if not total:
+            return lower
+        d = discount(counts)
+        return (max(following.get((*history, target), 0) - d, 0) + d * len(following) * lower) / total
+
+    used = min(len(context), order - 1)
+    return probability(tuple(context[len(context) - used :]), highest=True)
+
+
+def test_kneser_ney_agrees_with_the_textbook_recursion_on_random_text() -> None:
+    rng = np.random.default_rng(1)
+    # Skewed, with repeats: continuation counts differ from raw counts at every order.
+    train = rng.choice(5, size=300, p=[0.4, 0.3, 0.15, 0.1, 0.05]).tolist()
+    model = KneserNey(np.array(train), vocab_size=6, max_order=4)  # id 5 never occurs
+    for _ in range(60):
+        context = rng.choice(6, size=int(rng.integers(0, 5))).tolist()
+        target, order = int(rng.integers(6)), int(rng.integers(1, 5))
+        expected = reference_probability(train, 6, order, context, target)
+        assert probability(model, context, target, order) == pytest.approx(expected, rel=1e-12), (context, target, order)
+
+
 def test_an_order_that_does_not_fit_an_int64_key_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"baselines.textgen.orders: order 12 with 100 characters does not fit .*from 1 to 9"):
         KneserNey(np.arange(50), vocab_size=100, max_order=12)
@@ -111,6 +150,13 @@ def test_ngram_baseline_scores_the_language_models_test_chunk_rows(textgen_root:
     assert np.average(predictions["loss"], weights=predictions["characters"]) == pytest.approx(metrics["test_loss"])
     assert metrics["order"] in (1, 2, 3, 4) and metrics["val_loss"] == min(metrics[f"val_loss_order{n}"] for n in (1, 2, 3, 4))
     assert metrics["test_loss"] < np.log(len(data.vocabulary))  # better than guessing uniformly
+    # Row 1 of chunk 0 (unit 1): its first 10 characters after the row's start, each from the row's text before it.
+    streams = {split: data.chunks[split].stream.numpy() for split in ("train", "test")}
+    model = KneserNey(streams["train"], len(data.vocabulary), 4)
+    start = int(data.chunks["test"].row_starts()[1])
+    history = np.arange(1, 11)
+    nats = -model.log_probabilities(streams["test"], start + history, history, metrics["order"])
+    assert predictions.loc[1, "loss"] == pytest.approx(nats.mean(), rel=1e-5) and predictions.loc[1, "characters"] == 10
     assert metrics["test_bpc"] == pytest.approx(metrics["test_loss"] / np.log(2))
 
 

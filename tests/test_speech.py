@@ -102,6 +102,18 @@ def test_the_default_split_holds_whole_voices_out_of_training(tmp_path: Path, co
     assert set(voices.index) == {"train", "val", "test"}
     assert not (voices["train"] & voices["val"] or voices["train"] & voices["test"] or voices["val"] & voices["test"])
     assert spoken.groupby("speaker")["split"].nunique().max() == 1  # voice-disjoint is speaker-disjoint too
+    # Clips of one held-out voice are not independent: compare resamples test clips by voice.
+    preprocess(str(tmp_path / "raw"), str(tmp_path / "processed"))
+    data = SpeechDataModule(str(tmp_path / "processed"))
+    data.setup()
+    assert data.metadata["held_out"] == "voice"
+    by_file = manifest.set_index("file")
+    expected = [
+        f"{by_file.at[f, 'accent']}+{by_file.at[f, 'variant']}" if by_file.at[f, "speaker"] else "(silence)"
+        for f in data.test_units()["unit"]
+    ]
+    assert data.test_units()["group"].tolist() == expected
+    assert set(expected) - {"(silence)"} == voices["test"]
 
 
 def test_an_unknown_split_unit_is_refused(tmp_path: Path) -> None:
@@ -148,7 +160,8 @@ def test_features_are_log_mel_frames_normalised_with_train_statistics(speech_dir
     units = data.test_units()
     assert units["unit"].tolist() == splits["test"][:7]
     speakers = manifest.loc[splits["test"][:7], "speaker"].replace("", "(silence)")
-    assert units["group"].tolist() == speakers.tolist() and units["group"].nunique() > 1
+    assert units["group"].tolist() == speakers.tolist() and units["group"].nunique() > 1  # split_by=speaker: speakers
+    assert metadata["held_out"] == "speaker"
 
 
 class BatchRecorder(L.Callback):

@@ -183,9 +183,10 @@ class KneserNey:
 
     def __init__(self, train: np.ndarray, vocab_size: int, max_order: int) -> None:
         if max_order < 1 or vocab_size**max_order >= 2**62:
+            longest = max(n for n in range(1, 63) if vocab_size**n < 2**62)
             raise ConfigError(
                 f"baselines.textgen.orders: order {max_order} with {vocab_size} characters does not fit an int64 key; "
-                f"choose orders from 1 to {int(62 / np.log2(vocab_size))}."
+                f"choose orders from 1 to {longest}."
             )
         self.vocab_size, self.max_order = vocab_size, max_order
         self.raw = {n: _NgramCounts.of(*np.unique(self._grams(train, n), return_counts=True), vocab_size) for n in range(1, max_order + 1)}
@@ -261,7 +262,6 @@ BASELINES = {
     "textgen": ("kn_ngram", kneser_ney_ngram),
     "speech": ("mel_logreg", mel_statistics_logistic_regression),
 }
-BASELINES = {"sentiment": ("tfidf_logreg", tfidf_logistic_regression)}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

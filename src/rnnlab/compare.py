@@ -329,9 +329,9 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
     for path in sorted(baselines_dir.glob("*_predictions.csv")):
         predictions = pd.read_csv(path)
         scored = inference.unit_scores(predictions, metric).sort_values("unit", kind="stable")
-        same_targets = targets is None or targets.equals(_unit_targets(predictions))
-        if not (units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True)) and same_targets):
-            what = "other test examples" if same_targets else "the same test examples with other targets"
+        same_units = units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True))
+        if not (same_units and (targets is None or targets.equals(_unit_targets(predictions)))):
+            what = "the same test examples with other targets" if same_units else "other test examples"
             raise DataError(
                 f"{path} scores {what} than the runs of {task_runs['task'].iloc[0]} (other processed data or "
                 "task.data.limit_test): rerun its baseline stage with the runs' profile (`dvc repro`)."
