@@ -655,8 +655,8 @@ def markdown(report: dict[str, Any]) -> str:
         "memory are means over seeds; — means the runs did not log it.",
         f"- Per pair (effect = first - second, in the metric's units): a {level} interval from a two-level bootstrap "
         f"({report['resamples']:,} resamples, seed {report['seed']}) over the seeds both share and over groups of test units "
-        "(reviews, speakers, works, blocks of forecast origins); a p-value from a test on the test units, each unit's score "
-        "averaged over the shared seeds: exact McNemar for classifiers (a unit counts as right when most seeds get it right), "
+        "(reviews, held-out voices or speakers, works, blocks of forecast origins); a p-value from a test on the test units, each "
+        "unit's score averaged over the shared seeds: for classifiers a paired t-test with variance clustered by those groups, "
         "Diebold-Mariano for forecasts (uniform-kernel variance at lag horizon - 1, Harvey-Leybourne-Newbold correction; also "
         "each network against each baseline), a t-test with Newey-West variance for per-chunk text losses; Holm's "
         f"correction over all {report['tests']} tests of the report.",
