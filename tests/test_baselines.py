@@ -1,20 +1,26 @@
-"""The baseline stage: TF-IDF + logistic regression on the networks' sentiment splits and test units."""
+"""The baseline stages: TF-IDF + logistic regression (sentiment), Kneser-Ney character n-grams (textgen) and log-mel
+statistics + logistic regression (speech), each on the networks' splits and test units."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from helpers import run_main
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from test_textgen import archive, textgen_overrides, textgen_root  # noqa: F401 (the textgen fixtures)
 
+from rnnlab.baselines import KneserNey, run
 from rnnlab.baselines import main as baselines_main
-from rnnlab.baselines import run
 from rnnlab.config import config_dir
 from rnnlab.data.sentiment import SentimentDataModule
+from rnnlab.data.speech import SpeechDataModule
+from rnnlab.data.textgen import TextStreamDataModule
 from rnnlab.errors import ConfigError
 
 
@@ -36,13 +42,148 @@ def test_tfidf_baseline_scores_the_networks_test_reviews(sentiment_root: Path, t
     assert list(predictions.columns) == ["unit", "group", "target", "prediction", "score", "loss"]
     assert metrics["test_acc"] == pytest.approx((predictions["prediction"] == predictions["target"]).mean())
     assert metrics["test_acc"] >= 0.9  # three sentiment words per synthetic review: an easy bar
-    assert metrics["C"] in cfg.baselines.tfidf_logreg.c_grid and metrics["features"] > 0
+    assert metrics["C"] in cfg.baselines.sentiment.c_grid and metrics["features"] > 0
     assert ((predictions["score"] > 0.5) == predictions["prediction"]).all()
 
 
 def test_a_task_without_a_baseline_stage_is_a_clear_error(sentiment_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(ConfigError, match=r"task speech has no baseline stage \(tasks with one: sentiment\)"):
-        run(compose_baselines(f"paths.root={sentiment_root}", "task=speech", f"paths.baselines_dir={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"task forecast has no baseline stage \(tasks with one: sentiment, textgen, speech\)"):
+        run(compose_baselines(f"paths.root={sentiment_root}", "task=forecast", f"paths.baselines_dir={tmp_path}"))
     result = run_main(baselines_main, f"paths.root={tmp_path}", run_dir=tmp_path / "hydra", capsys=capsys)
     assert result.returncode == 2 and "splits.json is missing: run the preprocess stage first" in result.stderr
     assert not list(tmp_path.glob("metrics/**/*.csv"))
+
+
+# --- textgen: interpolated Kneser-Ney character n-grams ------------------------------------------------------
+
+A, B, C, D = range(4)  # a 4-character vocabulary; "d" never occurs in training
+
+
+def probability(model: KneserNey, context: list[int], target: int, order: int, history: int | None = None) -> float:
+    stream = np.array([*context, target], dtype=np.int64)
+    position = np.array([len(context)])
+    usable = np.array([len(context) if history is None else history])
+    return float(np.exp(model.log_probabilities(stream, position, usable, order))[0])
+
+
+def test_kneser_ney_gives_the_hand_computed_probabilities() -> None:
+    # Training text "abcab". Bigrams ab x2, bc, ca: counts of counts n1 = 2, n2 = 1, so D2 = 2 / (2 + 2) = 0.5.
+    # Continuation unigrams (distinct predecessors): a, b, c once each, so D1 = 3 / 3 = 1 and P_cont is uniform, 1/4.
+    # Raw unigrams a2 b2 c1 (the order-1 model): n1 = 1, n2 = 2, D = 1 / 5.
+    model = KneserNey(np.array([A, B, C, A, B]), vocab_size=4, max_order=2)
+    assert probability(model, [A], B, order=2) == pytest.approx((2 - 0.5) / 2 + 0.5 * 1 / 2 * 1 / 4)  # 0.8125
+    assert probability(model, [A], C, order=2) == pytest.approx(0.5 * 1 / 2 * 1 / 4)  # unseen after a: 0.0625
+    assert probability(model, [D], A, order=2) == pytest.approx(1 / 4)  # unseen context: the lower order alone
+    # No history allowed (the start of a row): the order-1 model, raw unigram counts over a uniform floor.
+    assert probability(model, [A], B, order=2, history=0) == pytest.approx((2 - 0.2) / 5 + 0.2 * 3 / 5 * 1 / 4)  # 0.39
+    assert probability(model, [A], D, order=1) == pytest.approx(0.2 * 3 / 5 * 1 / 4)
+
+
+def test_kneser_ney_distributions_sum_to_one_for_every_context_and_order() -> None:
+    rng = np.random.default_rng(0)
+    train = rng.choice(4, size=400, p=[0.5, 0.3, 0.15, 0.05])  # id 4 of a 5-character vocabulary never occurs
+    model = KneserNey(train, vocab_size=5, max_order=4)
+    contexts = [list(train[10:13]), list(train[200:203]), [4, 4, 4], [0, 4, 1], [3, 3, 3]]
+    for context in contexts:
+        for order in range(1, 5):
+            for history in range(4):
+                total = sum(probability(model, context, target, order, history) for target in range(5))
+                assert total == pytest.approx(1.0), (context, order, history)
+
+
+def reference_probability(train: list[int], vocab_size: int, order: int, context: list[int], target: int) -> float:
+    """Interpolated Kneser-Ney by its textbook recursion, one probability at a time with Counters: raw counts at the
+    highest order the context allows, continuation counts below, a uniform floor, D = n1 / (n1 + 2 n2) per table."""
+    grams = {n: Counter(tuple(train[i : i + n]) for i in range(len(train) - n + 1)) for n in range(1, order + 1)}
+    continuation = {n: Counter(gram[1:] for gram in grams[n + 1]) for n in range(1, order)}
+
+    def discount(counts: Counter) -> float:
+        n1, n2 = sum(c == 1 for c in counts.values()), sum(c == 2 for c in counts.values())
+        return n1 / (n1 + 2 * n2) if n1 + 2 * n2 else 0.5
+
+    def probability(history: tuple[int, ...] | None, highest: bool) -> float:
+        if history is None:
+            return 1 / vocab_size
+        counts = grams[len(history) + 1] if highest else continuation[len(history) + 1]
+        lower = probability(history[1:] if history else None, highest=False)
+        following = {gram: count for gram, count in counts.items() if gram[:-1] == history}
+        total = sum(following.values())
+        if not total:
+            return lower
+        d = discount(counts)
+        return (max(following.get((*history, target), 0) - d, 0) + d * len(following) * lower) / total
+
+    used = min(len(context), order - 1)
+    return probability(tuple(context[len(context) - used :]), highest=True)
+
+
+def test_kneser_ney_agrees_with_the_textbook_recursion_on_random_text() -> None:
+    rng = np.random.default_rng(1)
+    # Skewed, with repeats: continuation counts differ from raw counts at every order.
+    train = rng.choice(5, size=300, p=[0.4, 0.3, 0.15, 0.1, 0.05]).tolist()
+    model = KneserNey(np.array(train), vocab_size=6, max_order=4)  # id 5 never occurs
+    for _ in range(60):
+        context = rng.choice(6, size=int(rng.integers(0, 5))).tolist()
+        target, order = int(rng.integers(6)), int(rng.integers(1, 5))
+        expected = reference_probability(train, 6, order, context, target)
+        assert probability(model, context, target, order) == pytest.approx(expected, rel=1e-12), (context, target, order)
+
+
+def test_an_order_that_does_not_fit_an_int64_key_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"baselines.textgen.orders: order 12 with 100 characters does not fit .*from 1 to 9"):
+        KneserNey(np.arange(50), vocab_size=100, max_order=12)
+
+
+def test_ngram_baseline_scores_the_language_models_test_chunk_rows(textgen_root: Path, archive: Path, tmp_path: Path) -> None:  # noqa: F811
+    overrides = [o for o in textgen_overrides(textgen_root, archive) if not o.startswith("task.fetch")]
+    data_overrides = ["task.data.batch_size=4", "task.data.seq_len=10"]
+    cfg = compose_baselines(*overrides, *data_overrides, f"paths.baselines_dir={tmp_path}", "baselines.textgen.orders=[1,2,3,4]")
+    metrics = run(cfg)
+    predictions = pd.read_csv(tmp_path / "kn_ngram_predictions.csv")
+    assert json.loads((tmp_path / "kn_ngram.json").read_text()) == metrics
+    data = TextStreamDataModule(textgen_root / "data" / "processed" / "textgen", batch_size=4, seq_len=10)
+    data.setup()
+    pd.testing.assert_frame_equal(predictions[["unit", "group"]], data.test_units())
+    # Each row predicts what the language model's test chunk row predicts: one character per input but the first.
+    lengths = [len(row) - 1 for chunk in data.test_dataloader() for row in chunk]
+    assert predictions["characters"].tolist() == lengths
+    assert np.average(predictions["loss"], weights=predictions["characters"]) == pytest.approx(metrics["test_loss"])
+    assert metrics["order"] in (1, 2, 3, 4) and metrics["val_loss"] == min(metrics[f"val_loss_order{n}"] for n in (1, 2, 3, 4))
+    assert metrics["test_loss"] < np.log(len(data.vocabulary))  # better than guessing uniformly
+    # Row 1 of chunk 0 (unit 1): its first 10 characters after the row's start, each from the row's text before it.
+    streams = {split: data.chunks[split].stream.numpy() for split in ("train", "test")}
+    model = KneserNey(streams["train"], len(data.vocabulary), 4)
+    start = int(data.chunks["test"].row_starts()[1])
+    history = np.arange(1, 11)
+    nats = -model.log_probabilities(streams["test"], start + history, history, metrics["order"])
+    assert predictions.loc[1, "loss"] == pytest.approx(nats.mean(), rel=1e-5) and predictions.loc[1, "characters"] == 10
+    assert metrics["test_bpc"] == pytest.approx(metrics["test_loss"] / np.log(2))
+
+
+# --- speech: log-mel statistics + logistic regression ----------------------------------------------------------
+
+
+def test_mel_statistics_baseline_scores_the_networks_test_clips(speech_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    _, processed_dir = speech_dirs
+    cfg = compose_baselines("task=speech", f"paths.processed={processed_dir}", f"paths.baselines_dir={tmp_path}")
+    metrics = run(cfg)
+    predictions = pd.read_csv(tmp_path / "mel_logreg_predictions.csv", keep_default_na=False)
+    data = SpeechDataModule(str(processed_dir))
+    data.setup()
+    pd.testing.assert_frame_equal(predictions[["unit", "group"]], data.test_units())
+    assert predictions["target"].tolist() == data.datasets["test"].tensors[1].tolist()
+    assert metrics["test_acc"] == pytest.approx((predictions["prediction"] == predictions["target"]).mean())
+    assert metrics["test_loss"] == pytest.approx(predictions["loss"].mean())
+    num_classes = data.head_dims["num_classes"]
+    assert predictions["score"].between(1 / num_classes, 1).all()  # the predicted class's probability
+    assert metrics["C"] in cfg.baselines.speech.c_grid and metrics["features"] == 5 * data.metadata["num_features"]
+
+
+def test_unknown_mel_statistics_are_refused(speech_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    _, processed_dir = speech_dirs
+    cfg = compose_baselines(
+        "task=speech", f"paths.processed={processed_dir}", f"paths.baselines_dir={tmp_path}", "baselines.speech.statistics=[mean,median]"
+    )
+    with pytest.raises(ConfigError, match=r"baselines.speech.statistics \['mean', 'median'\] is invalid; choose one or more of"):
+        run(cfg)
+    assert not list(tmp_path.iterdir())

@@ -222,15 +222,19 @@ def test_paired_tests_and_verdicts(report: dict[str, Any], store: Path) -> None:
     for other in ("lstm", "rnn"):
         pair = sentiment["gru", other]
         assert pair["effect"] == pytest.approx(np.mean(GRU_SENTIMENT) - np.mean(VALUES["sentiment", other]))
-        assert pair["ci"][0] <= pair["effect"] <= pair["ci"][1] and pair["test"] == "McNemar (exact)"
+        assert pair["ci"][0] <= pair["effect"] <= pair["ci"][1] and pair["test"] == "paired t (clustered)"
         assert pair["shared_seeds"] == [1, 2, 3, 4, 5] and pair["margin"] == MARGINS["sentiment"]
     # The LSTM's seeds scatter around the GRU's: equivalent within the task's 0.02, not a winner.
     assert sentiment["gru", "lstm"]["verdict"] == "equivalent within ±0.02" and sentiment["gru", "lstm"]["p_holm"] > 0.05
     assert -0.02 < sentiment["gru", "lstm"]["equivalence_interval"][0] < sentiment["gru", "lstm"]["equivalence_interval"][1] < 0.02
     assert sentiment["gru", "rnn"]["verdict"] == "gru better" and sentiment["gru", "rnn"]["p_holm"] < 1e-6
-    # McNemar on the majority over seeds: most GRU seeds get the 900 easiest reviews right, most RNN seeds the 801
-    # easiest, so 99 reviews are right for the GRU alone and none for the RNN alone.
-    assert sentiment["gru", "rnn"]["p_value"] == pytest.approx(stats.binomtest(0, 99).pvalue)
+    # The paired t-test of each review's correctness averaged over the seeds (a review is its own group, so the
+    # clustered variance is the classical one).
+    right = {
+        model: np.mean([synthetic_predictions("sentiment", v).eval("prediction == target") for v in VALUES["sentiment", model]], axis=0)
+        for model in ("gru", "rnn")
+    }
+    assert sentiment["gru", "rnn"]["p_value"] == pytest.approx(stats.ttest_1samp(right["gru"] - right["rnn"], 0).pvalue)
 
     forecast = {(p["first"], p["second"]): p for p in report["tasks"]["forecast"]["pairs"]}
     # The configured pair with runs (no rnn runs), then each network against the persistence baseline of the test outputs.
@@ -247,7 +251,7 @@ def test_paired_tests_and_verdicts(report: dict[str, Any], store: Path) -> None:
     assert forecast["gru", "persistence"]["test"] == "Diebold-Mariano (HLN)"
 
     assert sentiment["rnn", "tfidf_logreg"]["verdict"] == "tfidf_logreg better"
-    assert sentiment["rnn", "tfidf_logreg"]["test"] == "McNemar (exact)"  # a classifier baseline: 0/1 scores too
+    assert sentiment["rnn", "tfidf_logreg"]["test"] == "paired t (clustered)"  # a classifier baseline: 0/1 scores too
     # Holm over every test of the report: 5 sentiment, 3 forecast (textgen has one seed).
     tested = [p for result in report["tasks"].values() for p in result["pairs"] if p["p_value"] is not None]
     assert report["tests"] == len(tested) == 8
@@ -269,12 +273,19 @@ def test_the_same_runs_give_the_same_report_byte_for_byte(store: Path, tmp_path:
         assert (tmp_path / "first" / "reports" / report).read_bytes() == (tmp_path / "second" / "reports" / report).read_bytes()
 
 
-def test_a_baseline_of_other_test_examples_is_a_clear_error(store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        (lambda frame: frame.head(500), "other test examples"),  # a smaller test set
+        (lambda frame: frame.assign(target=1 - frame["target"]), "the same test examples with other targets"),  # other labels
+    ],
+)
+def test_a_baseline_of_other_test_examples_is_a_clear_error(store: Path, tmp_path: Path, change: Any, what: str) -> None:
     baselines = tmp_path / "metrics" / "sentiment" / "baselines"
     baselines.mkdir(parents=True)
-    synthetic_predictions("sentiment", 0.9).head(500).to_csv(baselines / "tfidf_logreg_predictions.csv", index=False)  # a smaller test set
+    change(synthetic_predictions("sentiment", 0.9)).to_csv(baselines / "tfidf_logreg_predictions.csv", index=False)
     overrides = [*store_overrides(store, tmp_path), NO_ALIAS, f"metrics_dir={tmp_path}/metrics", "tasks=[sentiment]"]
-    with pytest.raises(DataError, match=r"tfidf_logreg_predictions\.csv scores other test examples than the runs of sentiment"):
+    with pytest.raises(DataError, match=rf"tfidf_logreg_predictions\.csv scores {what} than the runs of sentiment"):
         compare(compose_compare(*overrides))
     assert not (tmp_path / "reports").exists()
 

@@ -44,6 +44,7 @@ TINY_ESPEAK = {
     "unknown_per_speaker": 1,
     "takes": 1,
     "silence_clips": 3,
+    "split_by": "speaker",  # five speakers may share fewer than three voices; the voice split has its own test
 }
 TINY_COMMANDS = ["yes", "no"]
 
@@ -91,6 +92,36 @@ def test_splits_are_speaker_disjoint(speech_dirs: tuple[Path, Path]) -> None:
     assert set(manifest.loc[manifest["label"] == "silence", "split"]) == {"train", "val", "test"}
 
 
+def test_the_default_split_holds_whole_voices_out_of_training(tmp_path: Path, compose_cfg: Callable[..., DictConfig]) -> None:
+    assert compose_cfg("task=speech").task.fetch.espeak.split_by == "voice"
+    # Twelve speakers of six voices (2 accents x 3 variants) at several rates and pitches.
+    fetch_tiny(tmp_path / "raw", split_by="voice", num_speakers=12, variants=["m1", "f2", "m3"])
+    manifest = read_manifest(tmp_path / "raw")
+    spoken = manifest[manifest["speaker"] != ""]
+    voices = (spoken["accent"] + "+" + spoken["variant"]).groupby(spoken["split"]).agg(set)
+    assert set(voices.index) == {"train", "val", "test"}
+    assert not (voices["train"] & voices["val"] or voices["train"] & voices["test"] or voices["val"] & voices["test"])
+    assert spoken.groupby("speaker")["split"].nunique().max() == 1  # voice-disjoint is speaker-disjoint too
+    # Clips of one held-out voice are not independent: compare resamples test clips by voice.
+    preprocess(str(tmp_path / "raw"), str(tmp_path / "processed"))
+    data = SpeechDataModule(str(tmp_path / "processed"))
+    data.setup()
+    assert data.metadata["held_out"] == "voice"
+    by_file = manifest.set_index("file")
+    expected = [
+        f"{by_file.at[f, 'accent']}+{by_file.at[f, 'variant']}" if by_file.at[f, "speaker"] else "(silence)"
+        for f in data.test_units()["unit"]
+    ]
+    assert data.test_units()["group"].tolist() == expected
+    assert set(expected) - {"(silence)"} == voices["test"]
+
+
+def test_an_unknown_split_unit_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"task.fetch.espeak.split_by='accent' is not a way to split; choose one of \['voice', 'speaker'\]"):
+        fetch_tiny(tmp_path / "raw", split_by="accent")
+    assert not (tmp_path / "raw").exists()
+
+
 def test_speaker_split_sizes_and_determinism() -> None:
     speakers = [f"speaker{i}" for i in range(200)]
     first = assign_splits(speakers, 0.1, 0.15, np.random.default_rng(1))
@@ -129,7 +160,8 @@ def test_features_are_log_mel_frames_normalised_with_train_statistics(speech_dir
     units = data.test_units()
     assert units["unit"].tolist() == splits["test"][:7]
     speakers = manifest.loc[splits["test"][:7], "speaker"].replace("", "(silence)")
-    assert units["group"].tolist() == speakers.tolist() and units["group"].nunique() > 1
+    assert units["group"].tolist() == speakers.tolist() and units["group"].nunique() > 1  # split_by=speaker: speakers
+    assert metadata["held_out"] == "speaker"
 
 
 class BatchRecorder(L.Callback):

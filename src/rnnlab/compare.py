@@ -302,7 +302,7 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
     `<name>_predictions.csv` of baseline stages in `baselines_dir`), its per-unit scores of the primary metric over its
     seeds, units sorted by name (for forecasts and text: time or text order); and the forecast horizon, for a
     forecast task (None otherwise)."""
-    metric, per_model, baselines, units, horizon = task_runs["metric"].iloc[0], {}, {}, None, None
+    metric, per_model, baselines, units, horizon, targets = task_runs["metric"].iloc[0], {}, {}, None, None, None
     with tempfile.TemporaryDirectory() as scratch, _quiet_downloads():
         for model, group in task_runs.sort_values("seed").groupby("model"):
             rows = []
@@ -313,6 +313,7 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
                 scored = inference.unit_scores(predictions, metric, scale).sort_values("unit", kind="stable")
                 if units is None:
                     units = scored[["unit", "group", "weight"]].reset_index(drop=True)
+                    targets = _unit_targets(predictions)
                     horizon = int(predictions["horizon"].max()) if "horizon" in predictions else None
                     baselines = {
                         name: inference.unit_scores(predictions, metric, scale, forecast=name).sort_values("unit", kind="stable")["score"]
@@ -326,10 +327,13 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
                 rows.append(scored["score"].to_numpy())
             per_model[model] = (np.stack(rows), tuple(int(seed) for seed in group["seed"]))
     for path in sorted(baselines_dir.glob("*_predictions.csv")):
-        scored = inference.unit_scores(pd.read_csv(path), metric).sort_values("unit", kind="stable")
-        if not units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True)):
+        predictions = pd.read_csv(path)
+        scored = inference.unit_scores(predictions, metric).sort_values("unit", kind="stable")
+        same_units = units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True))
+        if not (same_units and (targets is None or targets.equals(_unit_targets(predictions)))):
+            what = "the same test examples with other targets" if same_units else "other test examples"
             raise DataError(
-                f"{path} scores other test examples than the runs of {task_runs['task'].iloc[0]} (other processed data or "
+                f"{path} scores {what} than the runs of {task_runs['task'].iloc[0]} (other processed data or "
                 "task.data.limit_test): rerun its baseline stage with the runs' profile (`dvc repro`)."
             )
         baselines[path.name.removesuffix("_predictions.csv")] = scored["score"]
@@ -339,6 +343,14 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
     for name, values in baselines.items():  # a baseline does not depend on the seed: the same scores for every seed
         scores[name] = inference.Scores(np.tile(values.to_numpy(), (len(all_seeds), 1)), weights, groups, all_seeds, metric == "test_acc")
     return scores, horizon
+
+
+def _unit_targets(predictions: pd.DataFrame) -> pd.Series | None:
+    """Each test unit's target, in unit order, for outputs with one row per unit and a target (classifiers): a baseline
+    must be scored against the runs' labels, not only on their units. None for other outputs."""
+    if "target" not in predictions or "horizon" in predictions:
+        return None
+    return predictions.sort_values("unit", kind="stable")["target"].reset_index(drop=True)
 
 
 def champion(group: pd.DataFrame) -> dict[str, Any]:
@@ -643,8 +655,8 @@ def markdown(report: dict[str, Any]) -> str:
         "memory are means over seeds; — means the runs did not log it.",
         f"- Per pair (effect = first - second, in the metric's units): a {level} interval from a two-level bootstrap "
         f"({report['resamples']:,} resamples, seed {report['seed']}) over the seeds both share and over groups of test units "
-        "(reviews, speakers, works, blocks of forecast origins); a p-value from a test on the test units, each unit's score "
-        "averaged over the shared seeds: exact McNemar for classifiers (a unit counts as right when most seeds get it right), "
+        "(reviews, held-out voices or speakers, works, blocks of forecast origins); a p-value from a test on the test units, each "
+        "unit's score averaged over the shared seeds: for classifiers a paired t-test with variance clustered by those groups, "
         "Diebold-Mariano for forecasts (uniform-kernel variance at lag horizon - 1, Harvey-Leybourne-Newbold correction; also "
         "each network against each baseline), a t-test with Newey-West variance for per-chunk text losses; Holm's "
         f"correction over all {report['tests']} tests of the report.",

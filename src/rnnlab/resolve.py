@@ -95,10 +95,11 @@ def data_params(cfg: DictConfig) -> dict[str, Any]:
 
 
 def baseline_params(cfg: DictConfig) -> dict[str, Any]:
-    """A baseline stage's DVC params: its settings, the data limits that decide its splits, its code."""
-    settings = OmegaConf.to_container(cfg.baselines, resolve=True)
-    limits = {key: cfg.task.data.get(key) for key in ("limit_train", "limit_val", "limit_test")}
-    return {"baselines": settings, "limits": limits, "code": code_of("rnnlab.baselines", settings)}
+    """A baseline stage's DVC params: the task's baseline settings, the data module's (its limits decide the splits,
+    its layout the test units), its code."""
+    settings = OmegaConf.to_container(cfg.baselines[cfg.task.name], resolve=True)
+    data = {key: value for key, value in OmegaConf.to_container(cfg.task.data, resolve=True).items() if key != "processed_dir"}
+    return {"baselines": settings, "data": data, "code": code_of("rnnlab.baselines", [settings, data])}
 
 
 def compare_params(profile: str, tasks: Iterable[str]) -> dict[str, Any]:

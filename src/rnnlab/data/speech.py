@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +228,10 @@ def check_voices(binary: str, accents: Sequence[str], variants: Sequence[str]) -
             raise DataError(f"espeak-ng has no {kind} {unknown}; `{binary} --voices{'=variant' if kind == 'variant' else ''}` lists them.")
 
 
+# The unit a split is drawn over, per task.fetch.espeak.split_by.
+SPLIT_UNITS: dict[str, Callable[[Speaker], str]] = {"voice": lambda speaker: speaker.voice, "speaker": lambda speaker: speaker.name}
+
+
 @dataclass(frozen=True)
 class Synthesis:
     """Who says what: speakers drawn from accents x variants x rates x pitches, and how many clips."""
@@ -242,6 +246,9 @@ class Synthesis:
     takes: int  # clips of each command word per speaker (same voice, new shift, gain and noise)
     silence_clips: int
     binary: str = "espeak-ng"
+    # What no two splits share: "voice" (accent x variant: a test voice is never heard in training, at any rate
+    # or pitch) or "speaker" (one accent x variant x rate x pitch: test speakers may share a training speaker's voice).
+    split_by: str = "voice"
 
     def sample_speakers(self, rng: np.random.Generator) -> list[Speaker]:
         """`num_speakers` distinct accent x variant x rate x pitch combinations."""
@@ -277,10 +284,15 @@ def synthesize(
             f"Need takes ({settings.takes}) and silence_clips ({settings.silence_clips}) positive and unknown_per_speaker "
             f"({settings.unknown_per_speaker}) between 0 and the {len(settings.unknown_words)} unknown words."
         )
+    if settings.split_by not in SPLIT_UNITS:
+        raise DataError(f"task.fetch.espeak.split_by={settings.split_by!r} is not a way to split; choose one of {list(SPLIT_UNITS)}.")
     check_voices(settings.binary, settings.accents, settings.variants)
     rng = np.random.default_rng(seed)
     speakers = settings.sample_speakers(rng)
-    speaker_split = assign_splits([s.name for s in speakers], val_fraction, test_fraction, rng)
+    unit_of = SPLIT_UNITS[settings.split_by]
+    units = list(dict.fromkeys(unit_of(speaker) for speaker in speakers))  # in speaker order: split_by=speaker draws as it always did
+    unit_split = assign_splits(units, val_fraction, test_fraction, rng, f"{settings.split_by}s")
+    speaker_split = {speaker.name: unit_split[unit_of(speaker)] for speaker in speakers}
     plan = []  # (speaker, word, label, take)
     for speaker in speakers:
         plan += [(speaker, word, word, take) for word in commands for take in range(settings.takes)]
@@ -461,6 +473,16 @@ def clip_features(paths: Sequence[Path], description: str, chunk: int = 512, **l
     return torch.cat(parts)
 
 
+def clip_groups(rows: pd.DataFrame, held_out: str) -> list[str]:
+    """Per clip, the unit its split holds out: its voice (accent+variant) or its speaker; "" for silence."""
+    if held_out == "voice":
+        return [
+            f"{accent}+{variant}" if speaker else ""
+            for speaker, accent, variant in zip(rows["speaker"], rows["accent"], rows["variant"], strict=True)
+        ]
+    return rows["speaker"].tolist()
+
+
 def preprocess(
     raw_dir: str, out_dir: str, n_mels: int = 40, window_ms: float = 25.0, hop_ms: float = 20.0, shuffle_seed: int = 1234
 ) -> None:
@@ -471,7 +493,11 @@ def preprocess(
     source_file = raw_dir / "source.json"
     if not source_file.is_file():
         raise DataError(f"{source_file} is missing: run the fetch stage first (`python -m rnnlab.fetch task=speech`).")
-    classes = json.loads(source_file.read_text())["classes"]
+    source = json.loads(source_file.read_text())
+    classes = source["classes"]
+    # What the splits hold out (the real archive's lists and earlier syntheses: speakers): each test clip's group
+    # for compare's resampling, as clips of one held-out voice are not independent of each other.
+    held_out = (source.get("espeak") or {}).get("split_by", "speaker")
     manifest = read_manifest(raw_dir, classes)
     index = {name: i for i, name in enumerate(classes)}
     rng = np.random.default_rng(shuffle_seed)
@@ -493,8 +519,8 @@ def preprocess(
             labels = torch.tensor([index[label] for label in rows[split]["label"]], dtype=torch.int64)
             save_split(tmp, split, {"features": ((features[split] - mean) / std).contiguous(), "labels": labels})
         io.write_json(tmp / "splits.json", {split: rows[split]["file"].tolist() for split in SPLITS})
-        # Who speaks each clip, row by row: the groups of the per-speaker resampling in compare ("" for silence).
-        io.write_json(tmp / "speakers.json", {split: rows[split]["speaker"].tolist() for split in SPLITS})
+        # The held-out unit of each clip, row by row: the groups of the resampling in compare ("" for silence).
+        io.write_json(tmp / "groups.json", {split: clip_groups(rows[split], held_out) for split in SPLITS})
         metadata = {
             "class_names": list(classes),
             "num_classes": len(classes),
@@ -504,6 +530,7 @@ def preprocess(
             "normalisation": {"mean": mean.tolist(), "std": std.tolist()},
             "sizes": {split: len(rows[split]) for split in SPLITS},
             "speakers": {split: int(rows[split].loc[rows[split]["speaker"] != "", "speaker"].nunique()) for split in SPLITS},
+            "held_out": held_out,
             "labels": {split: dict(sorted(Counter(rows[split]["label"]).items())) for split in SPLITS},
         }
         io.write_json(tmp / "metadata.json", metadata)
@@ -555,14 +582,15 @@ class SpeechDataModule(SplitTensorDataModule):
         return [masked, labels]
 
     def test_units(self) -> pd.DataFrame:
-        """Each test example is one clip; its group is its speaker (silence clips, cut from background noise, form one)."""
+        """Each test example is one clip; its group is the unit the splits hold out, its voice or its speaker
+        (metadata `held_out`; silence clips, cut from background noise, form one group)."""
         size = len(self.datasets["test"])
         files = json.loads((self.processed_dir / "splits.json").read_text())["test"][:size]
-        path = self.processed_dir / "speakers.json"
+        path = self.processed_dir / "groups.json"
         if not path.is_file():
             raise DataError(f"{path} is missing (processed by an older rnnlab): run the preprocess stage again.")
-        speakers = json.loads(path.read_text())["test"][:size]
-        return pd.DataFrame({"unit": files, "group": [speaker or "(silence)" for speaker in speakers]})
+        groups = json.loads(path.read_text())["test"][:size]
+        return pd.DataFrame({"unit": files, "group": [group or "(silence)" for group in groups]})
 
     @property
     def front_end_dims(self) -> dict[str, int]:
