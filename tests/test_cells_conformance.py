@@ -16,12 +16,25 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
-from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
 
 from rnnlab.errors import RnnlabError
 from rnnlab.models import cells
 
-INFOS = {info.module_cls.__name__: info for info in module_db if info.module_cls in (nn.RNN, nn.GRU, nn.LSTM)}
+
+def torch_module_db() -> tuple[Any, Any]:
+    """torch's ModuleInfo database and its error enum. Importing them runs torch.testing._internal.common_utils, which
+    freezes torch.backends' global flags for torch's own suite; unfrozen again here, or every later Trainer with
+    deterministic=True in this test session fails to set them."""
+    frozen = torch.backends.flags_frozen()
+    from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
+
+    if not frozen:
+        torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True  # the flag flags_frozen() reads
+    return module_db, ModuleErrorEnum
+
+
+MODULE_DB, ModuleErrorEnum = torch_module_db()
+INFOS = {info.module_cls.__name__: info for info in MODULE_DB if info.module_cls in (nn.RNN, nn.GRU, nn.LSTM)}
 KINDS = ["RNN", "GRU", "LSTM"]
 # rnnlab's message where it words a torch error differently (the class is torch's all the same).
 OWN_MESSAGES = {
@@ -115,6 +128,6 @@ def test_torchs_error_inputs_raise_torchs_exception_class(kind: str, index: int)
 
 def test_the_suite_covers_what_torchs_does() -> None:
     # So that a torch upgrade that drops or renames the entries cannot empty this suite unnoticed.
-    assert set(INFOS) == set(KINDS)
+    assert set(INFOS) == set(KINDS) and not torch.backends.flags_frozen()
     counts = {kind: len(samples(kind, True)) for kind in KINDS}
     assert counts == {"RNN": 64, "GRU": 32, "LSTM": 32} and len(ERROR_CASES) >= 3 * 10
