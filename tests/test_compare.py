@@ -23,7 +23,7 @@ from scipy import stats
 from statsmodels.regression.linear_model import OLS
 from statsmodels.stats.multitest import multipletests
 
-from rnnlab.compare import compare, learning_curve
+from rnnlab.compare import compare, forecast_accuracy, learning_curve, baselines_to_test, with_owa
 from rnnlab.compare import main as compare_main
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError, DataError
@@ -62,6 +62,8 @@ N_REVIEWS, N_ORIGINS, HORIZON, CHUNKS = 1000, 40, 3, 30
 ERROR_PATTERN = np.tile([0.7, 1.3, 0.9, 1.1], N_ORIGINS // 4)
 BASELINE_SENTIMENT = 0.95
 PERSISTENCE_MASE = 1.0  # the baseline in every forecast run's test outputs: between the GRU (1.1) and the LSTM (0.9)
+NAIVE2_MASE = 1.2  # a weaker baseline of the test outputs: scored, not tested (compare's baseline_tests: strongest)
+LEVEL = 10.0  # every forecast target
 
 
 def synthetic_predictions(task: str, value: float) -> pd.DataFrame:
@@ -81,9 +83,10 @@ def synthetic_predictions(task: str, value: float) -> pd.DataFrame:
                 "unit": [f"2020-01-{o + 1:02d} 00:00" for o in origin],
                 "group": origin // HORIZON,
                 "horizon": np.tile(np.arange(1, HORIZON + 1), N_ORIGINS),
-                "target": 0.0,
-                "prediction": value * error,  # MASE scale 1: the run's test_mae is its test_mase
-                "persistence": PERSISTENCE_MASE * np.repeat(ERROR_PATTERN[::-1], HORIZON),
+                "target": LEVEL,
+                "prediction": LEVEL + value * error,  # MASE scale 1: the run's test_mae is its test_mase
+                "persistence": LEVEL + PERSISTENCE_MASE * np.repeat(ERROR_PATTERN[::-1], HORIZON),
+                "naive2": LEVEL - NAIVE2_MASE * error,
             }
         )
     units = np.arange(CHUNKS) * 100
@@ -237,9 +240,24 @@ def test_paired_tests_and_verdicts(report: dict[str, Any], store: Path) -> None:
     assert sentiment["gru", "rnn"]["p_value"] == pytest.approx(stats.ttest_1samp(right["gru"] - right["rnn"], 0).pvalue)
 
     forecast = {(p["first"], p["second"]): p for p in report["tasks"]["forecast"]["pairs"]}
-    # The configured pair with runs (no rnn runs), then each network against the persistence baseline of the test outputs.
+    # The configured pair with runs (no rnn runs), then each network against the strongest baseline of the test outputs.
     assert list(forecast) == [("gru", "lstm"), ("gru", "persistence"), ("lstm", "persistence")]
-    assert report["tasks"]["forecast"]["baselines"] == {"persistence": pytest.approx(PERSISTENCE_MASE)}
+    assert report["tasks"]["forecast"]["baselines"] == {
+        "persistence": pytest.approx(PERSISTENCE_MASE),
+        "naive2": pytest.approx(NAIVE2_MASE),
+    }
+    # M4's measures of every model (means over seeds) and baseline; OWA relative to naive2.
+    accuracy = report["tasks"]["forecast"]["forecast_accuracy"]
+    errors = NAIVE2_MASE * np.repeat(ERROR_PATTERN, HORIZON)
+    naive2_smape = np.mean(200 * errors / (LEVEL + LEVEL - errors))
+    assert accuracy["naive2"] == pytest.approx({"smape": naive2_smape, "mase": NAIVE2_MASE, "owa": 1.0, "mae_1": NAIVE2_MASE})
+    gru = [
+        np.mean(200 * v * np.repeat(ERROR_PATTERN, HORIZON) / (2 * LEVEL + v * np.repeat(ERROR_PATTERN, HORIZON)))
+        for v in VALUES["forecast", "gru"]
+    ]
+    gru_mase = np.mean(VALUES["forecast", "gru"])
+    assert accuracy["gru"]["smape"] == pytest.approx(np.mean(gru)) and accuracy["gru"]["mase"] == pytest.approx(gru_mase)
+    assert accuracy["gru"]["owa"] == pytest.approx((np.mean(gru) / naive2_smape + gru_mase / NAIVE2_MASE) / 2)
     assert forecast["gru", "lstm"]["verdict"] == "lstm better"  # lower MASE wins
     assert forecast["gru", "lstm"]["effect"] == pytest.approx(np.mean(VALUES["forecast", "gru"]) - np.mean(VALUES["forecast", "lstm"]))
     # Diebold-Mariano on the per-origin differences: uniform kernel at lag horizon - 1, Harvey-Leybourne-Newbold's factor.
@@ -262,6 +280,8 @@ def test_paired_tests_and_verdicts(report: dict[str, Any], store: Path) -> None:
     assert "| **gru** better |" in md and "| **lstm** better |" in md
     assert "(higher is better)" in md and "(lower is better)" in md and "Holm's correction over all 8 tests" in md
     assert "| tfidf_logreg (baseline) | 0.9500 |" in md and "| persistence (baseline) | 1.0000 |" in md
+    assert f"| naive2 (baseline) | {naive2_smape:.3f} | 1.2000 | 1.0000 | 1.2 |" in md  # the M4 table
+    assert "against its task's strongest baseline" in md
     assert "| — | — |" in md  # latency and peak memory the runs did not log
     assert json.loads((store / "reports" / "comparison.json").read_text()) == report
 
@@ -581,3 +601,20 @@ def test_champion_alias_and_figures_from_real_runs(
     back = compare_seeds(str(both["seed"]), "back")["tasks"]["sentiment"]["models"]["gru"]["champion"]
     assert champion_run() == runs[both["seed"]] and back["version"] == both["version"]  # the alias moved, no new version
     assert client.get_registered_model("rnnlab-sentiment-gru").aliases == {"champion-smoke": both["version"]}
+
+
+def test_networks_are_tested_against_the_strongest_baseline_or_all() -> None:
+    baselines = {"persistence": 1.0, "naive2": 1.2, "arima": 0.9}
+    assert baselines_to_test(baselines, "min", "strongest") == ["arima"]
+    assert baselines_to_test({"tfidf": 0.9, "other": 0.8}, "max", "strongest") == ["tfidf"]
+    assert baselines_to_test(baselines, "min", "all") == ["persistence", "naive2", "arima"]
+    assert baselines_to_test({}, "min", "strongest") == []
+
+
+def test_m4_measures_by_hand() -> None:
+    predictions = pd.DataFrame({"horizon": [1, 2, 1, 2], "target": [10.0, 0.0, 4.0, 2.0], "prediction": [12.0, 0.0, 4.0, 1.0]})
+    # sMAPE terms: 200*2/22, 0/0 counted as 0, 0, 200*1/3; MASE: mean |error| 0.75 over the scale 0.5; MAE at step 1: 1.
+    assert forecast_accuracy(predictions, scale=0.5) == pytest.approx({"smape": (400 / 22 + 200 / 3) / 4, "mase": 1.5, "mae_1": 1.0})
+    owa = with_owa({"naive2": {"smape": 10.0, "mase": 2.0}, "gru": {"smape": 5.0, "mase": 3.0}})
+    assert owa["gru"]["owa"] == pytest.approx((0.5 + 1.5) / 2) and owa["naive2"]["owa"] == 1.0
+    assert "owa" not in with_owa({"gru": {"smape": 5.0, "mase": 3.0}})["gru"]  # no naive2: no OWA

@@ -19,23 +19,29 @@ from statsmodels.tsa.arima.model import ARIMA
 
 from rnnlab.data.forecast import (
     ForecastDataModule,
-    arima_forecasts,
     fetch,
     fourier_features,
     input_windows,
-    persistence_forecasts,
     preprocess,
     read_series_csv,
-    seasonal_naive_forecasts,
     seasonal_naive_scale,
     target_windows,
     window_origins,
 )
+from rnnlab.data.forecast_baselines import arima_forecasts, persistence_forecasts, seasonal_naive_forecasts
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.models.forecaster import Forecaster, forecast_metrics
 from rnnlab.train import build, train
 
-TINY = {"lookback": 8, "horizon": 3, "season": 7, "fourier_terms": 1, "arima": {"order": [1, 0, 0], "trend": "c"}}
+TINY = {
+    "lookback": 8,
+    "horizon": 3,
+    "season": 7,
+    "fourier_terms": 1,
+    "m4_period": 7,
+    "baselines": {"seasonal_periods": [7], "arima": {"order": [1, 0, 0], "trend": "c"}},
+}
+BASELINES = ["persistence", "seasonal_naive_7", "naive2", "arima", "ets"]
 
 
 def make_series(n: int = 160, seed: int = 0) -> pd.DataFrame:
@@ -86,12 +92,13 @@ def test_fetch_reads_the_packaged_series(tmp_path: Path, source: str, columns: l
 def test_preprocess_writes_windows_metadata_and_baselines(processed: Path) -> None:
     meta = json.loads((processed / "metadata.json").read_text())
     assert meta["num_features"] == 1 + 2  # the target plus one sin/cos pair
-    assert meta["baselines"] == ["persistence", "seasonal_naive", "arima"]
+    assert meta["baselines"] == BASELINES
+    assert meta["fitted_baselines"]["arima"]["order"] == [1, 0, 0] and meta["fitted_baselines"]["naive2"]["seasonal"]
     # 160 rows: 112 train, 24 val, 24 test; train windows start after the lookback, all end inside their split.
     assert meta["sizes"] == {"train": 112 - 8 - 3 + 1, "val": 24 - 3 + 1, "test": 24 - 3 + 1}
     test = load(processed, "test")
     n = meta["sizes"]["test"]
-    assert test["inputs"].shape == (n, 8, 3) and test["targets"].shape == (n, 3) and test["baselines"].shape == (n, 3, 3)
+    assert test["inputs"].shape == (n, 8, 3) and test["targets"].shape == (n, 3) and test["baselines"].shape == (n, len(BASELINES), 3)
     assert load(processed, "train")["inputs"].shape == (meta["sizes"]["train"], 8, 3)
 
 
@@ -113,14 +120,18 @@ def test_scaling_is_fitted_on_train_only(tmp_path: Path) -> None:
     train_values = frame["value"].to_numpy()[:112]
     meta = json.loads((first / "metadata.json").read_text())
     assert meta["target_scale"] == pytest.approx(train_values.std())
-    history = frame["value"].to_numpy()[:136]  # MASE's scale: the seasonal naive error on train + val (M4's in-sample)
+    history = frame["value"].to_numpy()[:136]  # MASE's scale: the error at lag m4_period on train + val (M4's in-sample)
     assert meta["mase_scale"] == pytest.approx(np.abs(history[7:] - history[:-7]).mean())
+    recent = json.loads((fetch_and_preprocess(tmp_path / "c", frame, mase_history=30, m4_period=1) / "metadata.json").read_text())
+    assert recent["mase_scale"] == pytest.approx(np.abs(np.diff(history[-30:])).mean())  # the last 30 rows before test, lag 1
     assert json.loads((second / "metadata.json").read_text())["target_scale"] == pytest.approx(meta["target_scale"])
     expected = (train_values[:8] - train_values.mean()) / train_values.std()
     assert load(first, "train")["inputs"][0, :, 0].numpy() == pytest.approx(expected, abs=1e-5)
     assert torch.equal(load(first, "train")["inputs"], load(second, "train")["inputs"])
     # Val and test windows use the train mean and std, so the shift shows in their inputs.
     assert load(second, "test")["inputs"][:, :, 0].mean() > load(first, "test")["inputs"][:, :, 0].mean() + 100
+    # Targets are relative to each window's last value (the network forecasts changes), whatever the input scaling.
+    assert load(first, "train")["offsets"][:3].numpy() == pytest.approx(frame["value"].to_numpy()[7:10], abs=1e-4)
 
 
 def test_last_value_normalisation_is_relative_to_each_window(tmp_path: Path) -> None:
@@ -152,7 +163,7 @@ def test_datamodule_batches_and_dims(processed: Path) -> None:
     inputs, targets, offsets = next(iter(dm.train_dataloader()))
     assert inputs.shape == (4, 8, 3) and targets.shape == (4, 3) and offsets.shape == (4,)
     test_batch = next(iter(dm.test_dataloader()))
-    assert [t.shape for t in test_batch[3:]] == [(4, 3, 3), (4, 3)]
+    assert [t.shape for t in test_batch[3:]] == [(4, len(BASELINES), 3), (4, 3)]
     assert len(dm.datasets["test"]) == 5
     assert dm.front_end_dims == {"num_features": 3}
     assert dm.head_dims["horizon"] == 3 and dm.head_dims["series"] == "csv: value"
@@ -227,7 +238,7 @@ def make_forecaster(**overrides) -> Forecaster:
         "horizon": 3,
         "target_scale": 2.0,
         "mase_scale": 2.5,
-        "baselines": ["persistence", "seasonal_naive", "arima"],
+        "baselines": BASELINES,
     }
     return Forecaster(**{**settings, **overrides})
 
@@ -260,13 +271,20 @@ def test_forecaster_overfits_one_batch(processed: Path) -> None:
     assert (forecasts - targets).abs().mean() < 0.1 * targets.std()  # in the series' units
 
 
+def test_an_untrained_forecaster_is_persistence(processed: Path) -> None:
+    test = load(processed, "test")
+    module = make_forecaster()
+    forecasts = test["offsets"][:, None] + module.hparams.target_scale * module(test["inputs"]).detach()
+    assert torch.equal(forecasts, test["baselines"][:, BASELINES.index("persistence")])
+
+
 def test_test_step_scores_model_and_baselines_on_the_same_windows(processed: Path, tmp_path: Path) -> None:
     dm = ForecastDataModule(processed, batch_size=8, limit_test=10)
     module = make_forecaster(target_scale=json.loads((processed / "metadata.json").read_text())["target_scale"])
     result = quiet_trainer(tmp_path).test(module, datamodule=dm, verbose=False)[0]
     test = load(processed, "test")
     targets, baselines = test["targets"][:10], test["baselines"][:10]
-    for index, name in enumerate(("persistence", "seasonal_naive", "arima")):
+    for index, name in enumerate(BASELINES):
         assert result[f"test_mae_{name}"] == pytest.approx((baselines[:, index] - targets).abs().mean().item(), rel=1e-5)
         assert result[f"test_mase_{name}"] == pytest.approx(result[f"test_mae_{name}"] / 2.5)  # the module's mase_scale
     assert {"test_mae", "test_rmse", "test_mase", "test_loss"} <= result.keys()
@@ -306,10 +324,11 @@ def test_train_writes_forecast_metrics_beside_the_baselines(
 ) -> None:
     metrics = train(tiny_run(compose_cfg, processed, tmp_path))
     assert json.loads((tmp_path / "metrics.json").read_text()) == {**metrics, "mlflow_run_id": ANY}
-    expected = {f"test_{m}{b}" for m in ("mae", "rmse", "mase") for b in ("", "_persistence", "_seasonal_naive", "_arima")}
+    names = ["", *(f"_{name}" for name in BASELINES)]
+    expected = {f"test_{m}{b}" for m in ("mae", "rmse", "mase") for b in names}
     assert expected <= metrics.keys()
     scale = json.loads((processed / "metadata.json").read_text())["mase_scale"]
-    for name in ("", "_persistence", "_seasonal_naive", "_arima"):
+    for name in names:
         assert metrics[f"test_mase{name}"] == pytest.approx(metrics[f"test_mae{name}"] / scale, rel=1e-5)
     test = load(processed, "test")
     persistence_mae = (test["baselines"][:, 0] - test["targets"]).abs().mean().item()
@@ -318,7 +337,7 @@ def test_train_writes_forecast_metrics_beside_the_baselines(
     # One row per test origin and step ahead, with the baselines' forecasts of the same targets: Diebold-Mariano's input.
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     horizon = test["targets"].shape[1]
-    assert list(predictions.columns) == ["unit", "group", "horizon", "target", "prediction", "persistence", "seasonal_naive", "arima"]
+    assert list(predictions.columns) == ["unit", "group", "horizon", "target", "prediction", *BASELINES]
     assert len(predictions) == test["targets"].numel() and predictions["horizon"].tolist()[:horizon] == list(range(1, horizon + 1))
     assert predictions["group"].tolist() == [i // horizon for i in range(len(test["targets"])) for _ in range(horizon)]
     assert (predictions["prediction"] - predictions["target"]).abs().mean() == pytest.approx(metrics["test_mae"], rel=1e-4)
@@ -402,4 +421,11 @@ def test_unknown_source_column_and_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="normalize"):
         fetch_and_preprocess(tmp_path / "b", make_series(60), season=2, normalize="minmax")
     with pytest.raises(DataError, match="not more than one season"):
-        fetch_and_preprocess(tmp_path / "c", make_series(60), season=365, fourier_terms=0)
+        fetch_and_preprocess(tmp_path / "c", make_series(60), m4_period=365, fourier_terms=0)
+    with pytest.raises(ConfigError, match="mase_history"):
+        fetch_and_preprocess(tmp_path / "d", make_series(60), mase_history=5)
+    with pytest.raises(ConfigError, match="seasonal_periods must be periods > 1"):
+        fetch_and_preprocess(tmp_path / "e", make_series(60), baselines={"seasonal_periods": [1]})
+    with pytest.raises(ConfigError, match=r"arima.order must be auto or \[p, d, q\]"):
+        fetch_and_preprocess(tmp_path / "f", make_series(60), baselines={"arima": {"order": [1, 0]}})
+    assert not any((tmp_path / name / "processed").exists() for name in "cdef")

@@ -5,9 +5,10 @@ seed and profile), optionally only those of some seeds, and writes under reports
 
 - comparison.md and comparison.json: per model the primary test metric as mean ± std over seeds with a
   Student t-interval, parameters, seconds per epoch, latency and memory where logged, and its champion
-  (the run with the best validation value of the task's monitor metric); per pair of models (and, for
-  forecasts, each network against each baseline) the paired inference of rnnlab.inference on the runs'
-  per-example test outputs: bootstrap interval, test, Holm's correction, equivalence verdict, power;
+  (the run with the best validation value of the task's monitor metric); per pair of models (and each network
+  against the task's strongest baseline, or every baseline) the paired inference of rnnlab.inference on the runs'
+  per-example test outputs: bootstrap interval, test, Holm's correction, equivalence verdict, power; for
+  forecasts, M4's sMAPE, MASE and OWA of every model and baseline;
 - comparison_metrics.json: the numbers alone, nested task -> model -> value (a DVC metrics file);
 - figures/*.png: learning curves, the metric with its CI, the metric against the parameter count, the
   champions' own figures fetched from their runs (confusion matrix, forecast) and text samples;
@@ -29,7 +30,7 @@ import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -70,6 +71,14 @@ SAMPLE = re.compile(r"epoch(\d+)\.txt")
 # MLflow's own rule for alias names (mlflow.utils.validation), checked before anything is written.
 ALIAS = re.compile(r"[\w-]+")
 RESERVED_ALIAS = re.compile(r"latest|[vV]\d+", re.IGNORECASE)
+
+
+class TaskScores(NamedTuple):
+    """What compare reads from one task's test outputs (task_scores)."""
+
+    scores: dict[str, inference.Scores]  # per model and baseline: per-unit scores of the primary metric
+    horizon: int | None  # a forecast task's steps ahead
+    forecast_accuracy: dict[str, dict[str, float]] | None  # a forecast task's: per model and baseline, M4's measures
 
 
 def choices(group: str, requested: Any) -> list[str]:
@@ -297,12 +306,35 @@ def run_predictions(client: MlflowClient, run: pd.Series, scratch: Path) -> pd.D
     return pd.read_csv(_download(client, run["run_id"], tracking.PREDICTIONS_ARTIFACT, scratch))
 
 
-def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Path) -> tuple[dict[str, inference.Scores], int | None]:
+def forecast_accuracy(predictions: pd.DataFrame, scale: float, forecast: str = "prediction") -> dict[str, float]:
+    """M4's accuracy measures of one column of forecasts over every test origin and step ahead: sMAPE (in percent),
+    MASE (`scale`: the series' MASE scale), and the MAE one step ahead (where persistence is hardest to beat)."""
+    errors = (predictions[forecast] - predictions["target"]).abs()
+    # M4's sMAPE: 200 |error| / (|actual| + |forecast|), averaged; a 0/0 term (both zero) counts as 0.
+    smape = (200 * errors / (predictions["target"].abs() + predictions[forecast].abs())).fillna(0.0)
+    first = predictions["horizon"] == 1
+    return {"smape": float(smape.mean()), "mase": float(errors.mean() / scale), "mae_1": float(errors[first].mean())}
+
+
+def with_owa(accuracy: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """`accuracy` with M4's overall weighted average, OWA = (sMAPE / Naive2's + MASE / Naive2's) / 2, where a naive2
+    baseline was scored (below 1: better than Naive2)."""
+    naive2 = accuracy.get("naive2")
+    if naive2 is None:
+        return accuracy
+    return {
+        name: {**values, "owa": (values["smape"] / naive2["smape"] + values["mase"] / naive2["mase"]) / 2}
+        for name, values in accuracy.items()
+    }
+
+
+def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Path) -> TaskScores:
     """Per model of one task, and per baseline (the forecasts of baselines in the runs' test outputs, and the
     `<name>_predictions.csv` of baseline stages in `baselines_dir`), its per-unit scores of the primary metric over its
-    seeds, units sorted by name (for forecasts and text: time or text order); and the forecast horizon, for a
-    forecast task (None otherwise)."""
+    seeds, units sorted by name (for forecasts and text: time or text order); for a forecast task, the horizon and
+    M4's accuracy measures of every model (means over seeds) and baseline."""
     metric, per_model, baselines, units, horizon, targets = task_runs["metric"].iloc[0], {}, {}, None, None, None
+    accuracy: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as scratch, _quiet_downloads():
         for model, group in task_runs.sort_values("seed").groupby("model"):
             rows = []
@@ -311,14 +343,18 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
                 # MASE's scale is the series' (the same for every run): the run's own MAE over its MASE.
                 scale = (predictions["prediction"] - predictions["target"]).abs().mean() / run["value"] if metric == "test_mase" else 1.0
                 scored = inference.unit_scores(predictions, metric, scale).sort_values("unit", kind="stable")
+                if metric == "test_mase":
+                    accuracy.setdefault(model, []).append(forecast_accuracy(predictions, scale))
                 if units is None:
                     units = scored[["unit", "group", "weight"]].reset_index(drop=True)
                     targets = _unit_targets(predictions)
                     horizon = int(predictions["horizon"].max()) if "horizon" in predictions else None
+                    in_runs = predictions.columns.difference(PREDICTION_COLUMNS, sort=False)
                     baselines = {
                         name: inference.unit_scores(predictions, metric, scale, forecast=name).sort_values("unit", kind="stable")["score"]
-                        for name in predictions.columns.difference(PREDICTION_COLUMNS, sort=False)
+                        for name in in_runs
                     }
+                    accuracy |= {name: [forecast_accuracy(predictions, scale, name)] for name in in_runs}
                 elif not units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True)):
                     raise DataError(
                         f"{run['run_name']} ({run['run_id']}) was tested on other test examples than {task_runs['run_name'].iloc[0]}: "
@@ -342,7 +378,8 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
     all_seeds = tuple(sorted({int(seed) for seed in task_runs["seed"]}))
     for name, values in baselines.items():  # a baseline does not depend on the seed: the same scores for every seed
         scores[name] = inference.Scores(np.tile(values.to_numpy(), (len(all_seeds), 1)), weights, groups, all_seeds, metric == "test_acc")
-    return scores, horizon
+    means = {name: {key: float(np.mean([seed[key] for seed in seeds])) for key in seeds[0]} for name, seeds in accuracy.items()}
+    return TaskScores(scores, horizon, with_owa(means) if means else None)
 
 
 def _unit_targets(predictions: pd.DataFrame) -> pd.Series | None:
@@ -378,10 +415,18 @@ def _json_safe(value: Any) -> Any:
 
 
 def _pairs(models: list[str], pairs: list[list[str]], baselines: list[str]) -> list[tuple[str, str]]:
-    """The configured pairs whose models both have runs, then each of their models against each baseline."""
+    """The configured pairs whose models both have runs, then each of their models against each of `baselines`."""
     tested = [(a, b) for a, b in pairs if a in models and b in models]
     networks = list(dict.fromkeys(model for pair in tested for model in pair))
     return tested + [(model, baseline) for model in networks for baseline in baselines]
+
+
+def baselines_to_test(baselines: dict[str, float], mode: str, which: str) -> list[str]:
+    """The baselines the networks are tested against: `all`, or `strongest`, the one with the best primary metric (the
+    hardest bar; the others' scores are still reported, without tests that would dilute Holm's correction)."""
+    if which == "all" or not baselines:
+        return list(baselines)
+    return [(max if mode == "max" else min)(baselines, key=baselines.__getitem__)]
 
 
 def test_pair(
@@ -406,14 +451,16 @@ def _metric_value(scores: inference.Scores) -> float:
 
 def build_report(
     runs: pd.DataFrame,
-    scores: dict[str, tuple[dict[str, inference.Scores], int]],
+    scores: dict[str, TaskScores],
     pairs: list[list[str]],
     settings: dict[str, Any],
     profile: str,
     seeds: list[int] | None = None,
+    baseline_tests: str = "strongest",
 ) -> dict[str, Any]:
     """The comparison as JSON-ready data. `runs` carry best_val and best_epoch (best_validation) besides load_runs' columns;
-    `scores` are task_scores' per task; `settings` are compare_pair's confidence, alpha, resamples and seed."""
+    `scores` are task_scores' per task; `settings` are compare_pair's confidence, alpha, resamples and seed;
+    `baseline_tests` which baselines the networks are tested against (baselines_to_test)."""
     tasks = {}
     for task, task_runs in runs.groupby("task"):
         newest = task_runs.loc[task_runs["start_time"].idxmax()]  # its config decides the task's metrics, direction and margin
@@ -428,11 +475,12 @@ def build_report(
             }
             for model, group in by_model.items()
         }
-        task_scores_, horizon = scores[task]
+        task_scores_, horizon = scores[task].scores, scores[task].horizon
         baselines = {name: _metric_value(task_scores_[name]) for name in task_scores_ if name not in models}
+        against = baselines_to_test(baselines, newest["mode"], baseline_tests)
         tested = [
             {"first": a, "second": b, **test_pair(task_scores_[a], task_scores_[b], float(newest["margin"]), settings, horizon)}
-            for a, b in _pairs(list(models), pairs, list(baselines))
+            for a, b in _pairs(list(models), pairs, against)
         ]
         tasks[task] = {
             "metric": newest["metric"],
@@ -440,6 +488,7 @@ def build_report(
             "mode": newest["mode"],
             "margin": float(newest["margin"]),
             "baselines": baselines,
+            "forecast_accuracy": scores[task].forecast_accuracy,
             "models": models,
             "pairs": tested,
         }
@@ -447,7 +496,8 @@ def build_report(
     for (task, pair), adjusted in zip(tested, inference.holm([pair["p_value"] for _, pair in tested]), strict=True):
         pair["p_holm"] = adjusted
         pair["verdict"] = inference.verdict(pair, pair["first"], pair["second"], tasks[task]["mode"], settings["alpha"])
-    report = {"profile": profile, "seeds": seeds, **settings, "tests": len(tested), "champion_alias": None}
+    report = {"profile": profile, "seeds": seeds, **settings, "baseline_tests": baseline_tests, "tests": len(tested)}
+    report["champion_alias"] = None
     return _json_safe(report | {"tasks": tasks})
 
 
@@ -657,9 +707,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"({report['resamples']:,} resamples, seed {report['seed']}) over the seeds both share and over groups of test units "
         "(reviews, held-out voices or speakers, works, blocks of forecast origins); a p-value from a test on the test units, each "
         "unit's score averaged over the shared seeds: for classifiers a paired t-test with variance clustered by those groups, "
-        "Diebold-Mariano for forecasts (uniform-kernel variance at lag horizon - 1, Harvey-Leybourne-Newbold correction; also "
-        "each network against each baseline), a t-test with Newey-West variance for per-chunk text losses; Holm's "
-        f"correction over all {report['tests']} tests of the report.",
+        "Diebold-Mariano for forecasts (uniform-kernel variance at lag horizon - 1, Harvey-Leybourne-Newbold correction), "
+        "a t-test with Newey-West variance for per-chunk text losses; Holm's correction over all "
+        f"{report['tests']} tests of the report. Each network is also tested against "
+        + (
+            "every baseline of its task."
+            if report["baseline_tests"] == "all"
+            else "its task's strongest baseline (the best test score: the hardest bar); the other baselines are scored, not tested."
+        ),
         f"- Verdict: *<model> better* where Holm's p < {alpha} (and the interval excludes 0); *equivalent within ±δ* where "
         f"two one-sided tests at {alpha} reject (the {1 - 2 * alpha:.0%} bootstrap interval lies inside ±δ, the task's "
         "smallest effect of interest, fixed in its config before any result); otherwise *inconclusive*. One shared seed: "
@@ -684,6 +739,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {model} | {m['mean']:.4f} ± {_fmt(m['std'], '.4f')} | {ci} | {len(m['seeds'])} | {' | '.join(extras)} |")
         for name, value in result["baselines"].items():
             lines.append(f"| {name} (baseline) | {value:.4f} | — | — | {' | '.join('—' for _ in EXTRAS)} |")
+        if result.get("forecast_accuracy"):
+            lines += ["", *_accuracy_table(result["forecast_accuracy"], set(result["baselines"]))]
         if result["pairs"]:
             lines += [
                 "",
@@ -721,6 +778,23 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Learning curves as data: [curves/{task}.csv](curves/{task}.csv).", ""]
         lines += [f"![{task} {Path(name).stem.removeprefix(task + '_')}](figures/{name})" for name in result["figures"]]
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_table(accuracy: dict[str, dict[str, float]], baselines: set[str]) -> list[str]:
+    """A forecast task's M4 measures, one row per model (means over seeds) and baseline."""
+    lines = [
+        "M4's accuracy measures (sMAPE in percent; MASE as above; OWA relative to Naive2, below 1 is better; MAE one step "
+        "ahead in the series' units):",
+        "",
+        "| model | sMAPE | MASE | OWA | MAE 1 step ahead |",
+        "|---|---|---|---|---|",
+    ]
+    for name, values in accuracy.items():
+        label = f"{name} (baseline)" if name in baselines else name
+        lines.append(
+            f"| {label} | {values['smape']:.3f} | {values['mase']:.4f} | {_fmt(values.get('owa'), '.4f')} | {values['mae_1']:.4g} |"
+        )
+    return lines
 
 
 def log_report(cfg: DictConfig, client: MlflowClient, files: list[Path], folders: list[Path], seeds: list[int] | None) -> str:
@@ -768,6 +842,8 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
             f"resamples must be an integer >= 100 (default 2000) and bootstrap_seed an integer, got {cfg.resamples!r}, "
             f"{cfg.bootstrap_seed!r}."
         )
+    if cfg.baseline_tests not in ("strongest", "all"):
+        raise ConfigError(f"baseline_tests must be strongest (the best baseline of a task) or all, got {cfg.baseline_tests!r}.")
     pairs = OmegaConf.to_container(cfg.pairs, resolve=True)
     if not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
         raise ConfigError(f"pairs must be a list of [model, model], e.g. [[gru, lstm], [gru, rnn]], got {pairs}.")
@@ -793,7 +869,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     # Baseline stages write beside the runs' metrics files (conf/baselines.yaml: paths.baselines_dir).
     scores = {task: task_scores(client, task_runs, Path(cfg.metrics_dir, task, "baselines")) for task, task_runs in runs.groupby("task")}
     settings = {"confidence": cfg.confidence, "alpha": cfg.alpha, "resamples": cfg.resamples, "seed": cfg.bootstrap_seed}
-    report = build_report(runs, scores, pairs, settings, cfg.profile, seeds)
+    report = build_report(runs, scores, pairs, settings, cfg.profile, seeds, cfg.baseline_tests)
     curves = {
         task: {model: learning_curve(client, m["run_ids"]) for model, m in result["models"].items()}
         for task, result in report["tasks"].items()

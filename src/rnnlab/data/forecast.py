@@ -3,8 +3,8 @@
 Sources (no network needed): Seattle's daily weather 2012-2015 from the PyPI package
 `vega-datasets`, daily Microsoft prices 1986-2017 and half-hourly electricity demand of
 England and Wales (summer 2000) from `pmdarima`'s datasets, or a CSV of your own with a
-date column and numeric value columns. Preprocess also computes three baselines on the
-test windows (persistence, seasonal naive, ARIMA) so that the model is scored beside them.
+date column and numeric value columns. Preprocess also computes the statistical baselines' forecasts of the
+test windows (rnnlab.data.forecast_baselines) so that every run scores them beside the network.
 """
 
 from __future__ import annotations
@@ -21,16 +21,15 @@ import pandas as pd
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from pandas.tseries.frequencies import to_offset
-from threadpoolctl import threadpool_limits
 from torch.utils.data import TensorDataset
 
 from rnnlab import io
 from rnnlab.console import summary
 from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, read_csv, save_split
+from rnnlab.data.forecast_baselines import baseline_forecasts
 from rnnlab.errors import ConfigError, DataError
 
 RAW_FILE = "series.csv"
-BASELINES = ("persistence", "seasonal_naive", "arima")
 NORMALIZATIONS = ("standard", "last_value")
 FILL_STRATEGIES = ("error", "forward_fill")
 # The test batch also carries the baselines' forecasts and the target dates (for the plot).
@@ -246,88 +245,24 @@ def seasonal_naive_scale(history: np.ndarray, season: int) -> float:
     return scale
 
 
-def persistence_forecasts(target: np.ndarray, origins: np.ndarray, horizon: int) -> np.ndarray:
-    """[N, horizon]: the last observed value, repeated."""
-    return np.repeat(target[origins - 1, None], horizon, axis=1)
-
-
-def seasonal_naive_forecasts(target: np.ndarray, origins: np.ndarray, horizon: int, season: int) -> np.ndarray:
-    """[N, horizon]: the value one season before each target, from the last observed season for horizons beyond it."""
-    steps = np.arange(1, horizon + 1)
-    rows = origins[:, None] - 1 + steps - season * np.ceil(steps / season).astype(int)
-    if rows.min() < 0:
-        raise DataError(
-            f"The first test forecast needs {season} rows of history before it for the seasonal naive baseline; there are fewer."
-        )
-    return target[rows]
-
-
-def _at_times(matrix: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """A state-space system matrix at the given times: its last axis is time, or of length 1 if time-invariant."""
-    return matrix[..., times] if matrix.shape[-1] > 1 else np.repeat(matrix, len(times), axis=-1)
-
-
-def arima_forecasts(
-    target: np.ndarray,
-    exog: np.ndarray | None,
-    train_end: int,
-    origins: np.ndarray,
-    horizon: int,
-    order: Sequence[int] = (1, 0, 0),
-    trend: str | None = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """[N, horizon] forecasts of an ARIMA (with `exog` regressors) fitted once on rows [0, train_end).
-
-    The fitted model is run over the whole series with its parameters fixed; the forecasts from
-    every origin then follow from the Kalman filter's one-step state predictions, all origins at
-    once (the same numbers statsmodels' `forecast` gives from each origin, without refitting).
-    """
-    # Imported here: statsmodels takes seconds to import and only preprocess needs it.
-    from statsmodels.tools.sm_exceptions import ConvergenceWarning, EstimationWarning
-    from statsmodels.tsa.arima.model import ARIMA
-
-    with (
-        warnings.catch_warnings(),
-        threadpool_limits(1),
-    ):  # on a busy 2-core machine, BLAS threads made the weather fit take 10 s instead of 0.3 s
-        # Non-stationary start parameters and convergence are reported in the metadata instead.
-        warnings.simplefilter("ignore", (EstimationWarning, ConvergenceWarning))
-        exog_train = None if exog is None else exog[:train_end]
-        fitted = ARIMA(target[:train_end], exog=exog_train, order=tuple(order), trend=trend).fit()
-        states = fitted.apply(target, exog=exog).filter_results
-    predicted = states.predicted_state[:, origins]  # state at each origin given the rows before it
-    forecasts = np.empty((len(origins), horizon))
-    for step in range(horizon):
-        times = origins + step
-        design, obs_intercept = _at_times(states.design[0], times), _at_times(states.obs_intercept[0], times)
-        forecasts[:, step] = np.einsum("kn,kn->n", design, predicted) + obs_intercept
-        transition, state_intercept = _at_times(states.transition, times), _at_times(states.state_intercept, times)
-        predicted = np.einsum("ijn,jn->in", transition, predicted) + state_intercept
-    info = {
-        "order": list(order),
-        "trend": trend,
-        "exog_columns": 0 if exog is None else exog.shape[1],
-        "converged": bool(fitted.mle_retvals.get("converged", True)),
-        "aic": float(fitted.aic),
-    }
-    return forecasts, info
-
-
 def normalised_inputs(
     values: np.ndarray, origins: np.ndarray, lookback: int, train_end: int, mode: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Input windows [N, lookback, F] scaled with statistics of the train rows only, the per-window
     target offsets [N] and the per-column scales [F]: a target is `offset + scales[0] * its scaled value`.
 
-    standard: (x - train mean) / train std. last_value: (x - the window's last value) / std of the
-    train rows' one-step changes, for series that leave their training range (prices).
+    The offset is the window's last target value whatever the input scaling, so the network forecasts changes from
+    it: a network whose output is 0 is persistence. standard: inputs (x - train mean) / train std. last_value:
+    (x - the window's last value) / std of the train rows' one-step changes, for series that leave their training
+    range (prices).
     """
     train = values[:train_end]
     scales = train.std(axis=0) if mode == "standard" else np.diff(train, axis=0).std(axis=0)
     if (scales == 0).any():
         raise DataError(f"Column(s) {np.flatnonzero(scales == 0).tolist()} do not vary over the train split; they cannot be scaled.")
-    centers = np.broadcast_to(train.mean(axis=0), (len(origins), values.shape[1])) if mode == "standard" else values[origins - 1]
-    return (input_windows(values, origins, lookback) - centers[:, None, :]) / scales, centers[:, 0].copy(), scales
+    last = values[origins - 1]
+    centers = np.broadcast_to(train.mean(axis=0), (len(origins), values.shape[1])) if mode == "standard" else last
+    return (input_windows(values, origins, lookback) - centers[:, None, :]) / scales, last[:, 0].copy(), scales
 
 
 def preprocess(
@@ -339,17 +274,27 @@ def preprocess(
     horizon: int = 7,
     season: int = 1,
     fourier_terms: int = 0,
+    m4_period: int = 1,
+    mase_history: int | None = None,
     normalize: str = "standard",
     fill_missing: str = "error",
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
-    arima: dict[str, Any] | None = None,
+    baselines: dict[str, Any] | None = None,
 ) -> None:
-    """Split chronologically, fit the scaling on train only, cut windows, and add the baselines' test forecasts."""
-    if lookback <= 0 or horizon <= 0 or season <= 0 or fourier_terms < 0:
+    """Split chronologically, fit the scaling on train only, cut windows, and add the baselines' test forecasts.
+
+    `season` is the Fourier terms' period; `m4_period` is M4's seasonal period of the data's frequency, the lag of
+    MASE's scale (over the last `mase_history` rows before the test split; None: all, as M4) and the seasonality of
+    Naive2 and ETS; `baselines` are forecast_baselines.baseline_forecasts' seasonal_periods and arima settings.
+    """
+    if lookback <= 0 or horizon <= 0 or season <= 0 or m4_period <= 0 or fourier_terms < 0:
         raise ConfigError(
-            f"lookback ({lookback}), horizon ({horizon}) and season ({season}) must be positive, fourier_terms ({fourier_terms}) >= 0."
+            f"lookback ({lookback}), horizon ({horizon}), season ({season}) and m4_period ({m4_period}) must be positive, "
+            f"fourier_terms ({fourier_terms}) >= 0."
         )
+    if mase_history is not None and mase_history <= m4_period:
+        raise ConfigError(f"task.preprocess.mase_history ({mase_history}) must exceed m4_period ({m4_period}), or be null (all rows).")
     if normalize not in NORMALIZATIONS:
         raise ConfigError(f"task.preprocess.normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}.")
     if target in covariates:
@@ -364,14 +309,10 @@ def preprocess(
     bounds = split_bounds(len(frame), val_fraction, test_fraction)
     train_end = bounds["train"][1]
     origins = {split: window_origins(*bounds[split], lookback, horizon, split) for split in SPLITS}
-    mase_scale = seasonal_naive_scale(series[: bounds["test"][0]], season)
+    test_start = bounds["test"][0]
+    mase_scale = seasonal_naive_scale(series[max(0, test_start - (mase_history or test_start)) : test_start], m4_period)
     fourier = fourier_features(len(frame), season, fourier_terms) if fourier_terms else None
-    test_origins = origins["test"]
-    baseline_forecasts = {
-        "persistence": persistence_forecasts(series, test_origins, horizon),
-        "seasonal_naive": seasonal_naive_forecasts(series, test_origins, horizon, season),
-    }
-    baseline_forecasts["arima"], arima_info = arima_forecasts(series, fourier, train_end, test_origins, horizon, **(arima or {}))
+    forecasts, fitted = baseline_forecasts(series, fourier, train_end, origins["test"], horizon, m4_period, **(baselines or {}))
     times = frame["date"].to_numpy(dtype="datetime64[ns]").astype(np.int64)
     source_file = Path(raw_dir) / "source.json"  # absent if the user wrote series.csv by hand
     source = json.loads(source_file.read_text())["source"] if source_file.is_file() else "csv"
@@ -389,7 +330,7 @@ def preprocess(
                 "target_times": torch.tensor(target_windows(times, split_origins, horizon)),
             }
             if split == "test":
-                tensors["baselines"] = torch.tensor(np.stack([baseline_forecasts[b] for b in BASELINES], axis=1), dtype=torch.float32)
+                tensors["baselines"] = torch.tensor(np.stack(list(forecasts.values()), axis=1), dtype=torch.float32)
             save_split(tmp, split, tensors)
         splits = {
             split: {
@@ -414,6 +355,8 @@ def preprocess(
             "horizon": horizon,
             "season": season,
             "fourier_terms": fourier_terms,
+            "m4_period": m4_period,
+            "mase_history": mase_history,
             # Row 0's date and the spacing of the rows: the Fourier terms count rows from row 0, so a served
             # model places new rows in the season by their date.
             "first_date": str(frame["date"].iloc[0]),
@@ -422,8 +365,8 @@ def preprocess(
             "target_scale": float(scales[0]),
             "mase_scale": mase_scale,
             "filled_missing": filled,
-            "baselines": list(BASELINES),
-            "arima": arima_info,
+            "baselines": list(forecasts),
+            "fitted_baselines": fitted,
             "sizes": {split: len(origins[split]) for split in SPLITS},
         }
         io.write_json(tmp / "metadata.json", metadata)
@@ -431,8 +374,10 @@ def preprocess(
         f"preprocess {metadata['series']}",
         {
             **{f"{s} windows": f"{splits[s]['windows']} ({splits[s]['first_date'][:10]} .. {splits[s]['last_date'][:10]})" for s in SPLITS},
-            "MASE scale": f"{mase_scale:.4g} (in-sample seasonal naive MAE, season {season})",
-            "ARIMA": f"order {arima_info['order']}, {arima_info['exog_columns']} Fourier regressors, converged {arima_info['converged']}",
+            "MASE scale": f"{mase_scale:.4g} (in-sample seasonal naive MAE at lag {m4_period}, M4's period)",
+            "baselines": ", ".join(forecasts),
+            "ARIMA": "order {order}, {exog_columns} Fourier regressors, converged {converged}".format(**fitted["arima"]),
+            "ETS": f"trend {fitted['ets']['trend']}, seasonal period {fitted['ets']['seasonal']}",
             "written": out_dir,
         },
     )
@@ -442,7 +387,7 @@ class ForecastDataModule(SplitTensorDataModule):
     """Batches of (input windows [B, lookback, F], targets [B, horizon] in the series' units, offsets [B]).
 
     Windows stay in time order (a limit keeps the oldest); test batches also carry the
-    baselines' forecasts [B, 3, horizon] and the target dates [B, horizon] (ns since 1970).
+    baselines' forecasts [B, baselines, horizon] and the target dates [B, horizon] (ns since 1970).
     """
 
     batch_keys = ("inputs", "targets", "offsets")

@@ -46,8 +46,8 @@ class Forecaster(RecurrentModule):
     """Direct multi-step forecasts: the head emits all `horizon` steps at once.
 
     The network (what MLflow stores) works in normalised units; a forecast in the series' units
-    is `offset + target_scale * output`, with the per-window offset the data module provides
-    and `target_scale` from the processed metadata.json.
+    is `offset + target_scale * output`, with the per-window offset the data module provides (the window's last
+    value: the network forecasts changes, and starts as persistence) and `target_scale` from the processed metadata.json.
     The test step scores the baselines' forecasts of the same windows with the same metrics
     (`test_mase_<baseline>`) and plots forecast against actual for the test period.
     """
@@ -69,6 +69,10 @@ class Forecaster(RecurrentModule):
         if loss not in LOSSES:
             raise ConfigError(f"task.module.loss must be one of {list(LOSSES)}, got {loss!r}.")
         self.net = self.build_net(horizon)
+        # The targets are changes from the window's last value: a zero head starts the network as persistence, and
+        # training moves it away only as far as the loss rewards.
+        nn.init.zeros_(self.net.head.weight)
+        nn.init.zeros_(self.net.head.bias)
         self.loss_fn = LOSSES[loss]
         self.val_metrics = forecast_metrics(mase_scale).clone(prefix="val_")
         self.test_metrics = forecast_metrics(mase_scale).clone(prefix="test_")

@@ -65,8 +65,8 @@ class SeriesPredictor(TaskPredictor):
         net.eval()
         with torch.no_grad():
             outputs = net(inputs)[0].double().numpy()
-        window = rows[self.state["columns"]].to_numpy(dtype=np.float64)[-self.state["lookback"] :]
-        offset, scale = self.offset(window), self.state["scales"][0]
+        # Forecasts are changes from the last value of the target (as normalised_inputs' offsets).
+        offset, scale = float(rows[self.state["target"]].iloc[-1]), self.state["scales"][0]
         # Dates in nanoseconds, the unit of MLflow's datetime schema (pandas 3 infers microseconds from text).
         dates = self.future_dates(rows["date"]).astype("datetime64[ns]")
         return pd.DataFrame({"step": np.arange(1, len(outputs) + 1, dtype=np.int64), "date": dates, "forecast": offset + scale * outputs})
@@ -128,10 +128,6 @@ class SeriesPredictor(TaskPredictor):
         head = f"{state['target']}, {state['horizon']} steps after {when} (from the last {state['lookback']} rows):"
         table = outputs.rename(columns={"forecast": state["target"]}).to_string(index=False, float_format=lambda v: f"{v:.6g}")
         return f"{head}\n{table}"
-
-    def offset(self, window: np.ndarray) -> float:
-        """What a forecast is relative to: the train mean of the target (standard) or the window's last value."""
-        return float(self.state["centers"][0]) if self.state["normalize"] == "standard" else float(window[-1, 0])
 
     def check_spacing(self, dates: pd.Series, name: str) -> None:
         """The rows the model reads must be consecutive steps of the series' frequency (trading days: weekdays)."""
