@@ -23,7 +23,7 @@ from scipy import stats
 from statsmodels.regression.linear_model import OLS
 from statsmodels.stats.multitest import multipletests
 
-from rnnlab.compare import compare, forecast_accuracy, learning_curve, baselines_to_test, with_owa
+from rnnlab.compare import baselines_to_test, compare, forecast_accuracy, learning_curve, with_owa
 from rnnlab.compare import main as compare_main
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError, DataError
@@ -394,6 +394,11 @@ def test_metrics_file_holds_only_numbers(report: dict[str, Any], store: Path) ->
     assert gru["ci_low"] < gru["test_acc_mean"] < gru["ci_high"] and "peak_memory_mb" not in gru  # not logged: left out
     assert "ci_low" not in metrics["textgen"]["gru"]  # one seed: no interval
     assert metrics["sentiment"]["baseline_tfidf_logreg"] == {"test_acc": pytest.approx(BASELINE_SENTIMENT)}
+    accuracy = report["tasks"]["forecast"]["forecast_accuracy"]  # M4's sMAPE and OWA beside each forecast model's MASE
+    assert metrics["forecast"]["baseline_naive2"] == pytest.approx(
+        {"test_mase": NAIVE2_MASE, "test_smape": accuracy["naive2"]["smape"], "test_owa": 1.0}
+    )
+    assert metrics["forecast"]["gru"]["test_owa"] == pytest.approx(accuracy["gru"]["owa"])
     gru_vs_rnn = report["tasks"]["sentiment"]["pairs"][1]
     assert metrics["sentiment"]["gru_vs_rnn"] == pytest.approx(
         {"effect": gru_vs_rnn["effect"], "shared_seeds": 5, "ci_low": gru_vs_rnn["ci"][0], "ci_high": gru_vs_rnn["ci"][1]}
@@ -418,6 +423,14 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
     assert from_file["tasks"] == narrowed["tasks"]
     single = compare(compose_compare(*store_overrides(store, tmp_path / "one"), NO_ALIAS, "seeds=4", "tasks=[sentiment]"))
     assert single["seeds"] == [4] and list(single["tasks"]["sentiment"]["models"]) == ["gru", "lstm", "rnn"]
+    # The models a pipeline's params file trains: gru_tuned's runs (no longer in `tuned`) are left out.
+    params.write_text("seeds: [1, 2, 3]\nmodels: [gru, lstm]\nsingle_seed_models: []\ntuned: {}\n")
+    from_params = (NO_ALIAS, f"models_from={params}", "tasks=[sentiment]")
+    pipeline = compare(compose_compare(*store_overrides(store, tmp_path / "models"), *from_params))
+    assert list(pipeline["tasks"]["sentiment"]["models"]) == ["gru", "lstm"]
+    params.write_text("models: [gru]\ntuned: {sentiment-gru: {task: sentiment, model: gru}}\n")
+    tuned = compare(compose_compare(*store_overrides(store, tmp_path / "tuned"), *from_params))
+    assert list(tuned["tasks"]["sentiment"]["models"]) == ["gru", "gru_tuned"]
 
 
 @pytest.mark.parametrize(
@@ -437,6 +450,7 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
         ),
         (["seeds=[1]", "seeds_from=params.yaml"], ConfigError, r"give seeds or seeds_from, not both"),
         (["seeds_from=/nonexistent/params.yaml"], ConfigError, r"seeds_from=/nonexistent/params.yaml: cannot read"),
+        (["models=[gru]", "models_from=params.yaml"], ConfigError, r"give models or models_from, not both"),
         (["models=[gru,nosuch]"], ConfigError, r"unknown model 'nosuch'; known: gru, gru_scratch, gru_tuned, lstm, .*models with runs"),
         (
             ["models=[lstm_scratch]"],

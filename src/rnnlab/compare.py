@@ -112,6 +112,18 @@ def check_seeds(value: Any, where: str = "seeds") -> list[int] | None:
     return sorted(set(seeds))
 
 
+def _params_file(cfg: DictConfig, key: str, needs: str) -> DictConfig:
+    """The YAML file that `cfg[key]` names (relative to the project root), holding the top-level keys `needs` says."""
+    path = Path(cfg.paths.root, cfg[key])  # an absolute path stays as it is
+    try:
+        params = OmegaConf.load(path)
+    except (OSError, ValueError) as err:  # missing, or not YAML (yaml's errors are ValueErrors)
+        raise ConfigError(f"{key}={cfg[key]}: cannot read {path} ({err}); name a YAML file with {needs}.") from err
+    if not isinstance(params, DictConfig):
+        raise ConfigError(f"{key}={cfg[key]}: {path} is not a YAML mapping with {needs}.")
+    return params
+
+
 def requested_seeds(cfg: DictConfig) -> list[int] | None:
     """`seeds`, or the `seeds` list of the YAML file `seeds_from` (the DVC stage passes params.yaml: DVC cannot put a list
     into a command line)."""
@@ -119,14 +131,24 @@ def requested_seeds(cfg: DictConfig) -> list[int] | None:
         return check_seeds(cfg.seeds)
     if cfg.seeds is not None:
         raise ConfigError(f"give seeds or seeds_from, not both (seeds={_plain(cfg.seeds)}, seeds_from={cfg.seeds_from}).")
-    path = Path(cfg.paths.root, cfg.seeds_from)  # an absolute seeds_from stays as it is
-    try:
-        params = OmegaConf.load(path)
-    except (OSError, ValueError) as err:  # missing, or not YAML (yaml's errors are ValueErrors)
-        raise ConfigError(f"seeds_from={cfg.seeds_from}: cannot read {path} ({err}); name a YAML file with a `seeds` list.") from err
-    if not isinstance(params, DictConfig) or "seeds" not in params:
-        raise ConfigError(f"seeds_from={cfg.seeds_from}: {path} has no top-level `seeds` list, e.g. `seeds: [42, 43, 44]`.")
-    return check_seeds(params.seeds, f"seeds in {path}")
+    params = _params_file(cfg, "seeds_from", "a `seeds` list")
+    if "seeds" not in params:
+        raise ConfigError(f"seeds_from={cfg.seeds_from}: it has no top-level `seeds` list, e.g. `seeds: [42, 43, 44]`.")
+    return check_seeds(params.seeds, f"seeds in {cfg.seeds_from}")
+
+
+def requested_models(cfg: DictConfig) -> Any:
+    """`models`, or the models a pipeline's params file trains (`models_from`): its `models`, `single_seed_models` and
+    `<model>_tuned` of each `tuned` entry, so that metrics files of models it no longer trains are not compared."""
+    if cfg.models_from is None:
+        return cfg.models
+    if cfg.models is not None:
+        raise ConfigError(f"give models or models_from, not both (models={_plain(cfg.models)}, models_from={cfg.models_from}).")
+    params = _params_file(cfg, "models_from", "`models` (and optionally `single_seed_models`, `tuned`)")
+    if "models" not in params:
+        raise ConfigError(f"models_from={cfg.models_from}: it has no top-level `models` list, e.g. `models: [gru, lstm, rnn]`.")
+    tuned = [f"{entry.model}_tuned" for entry in (params.get("tuned") or {}).values()]
+    return list(dict.fromkeys([*params.models, *(params.get("single_seed_models") or []), *tuned]))
 
 
 def check_alias(alias: Any) -> str | None:
@@ -657,6 +679,9 @@ def metrics_summary(report: dict[str, Any]) -> dict[str, Any]:
             values |= {key: m[key] for key in EXTRAS} | {f"champion_{m['champion']['monitor']}": m["champion"]["best_value"]}
             entries[model] = {key: value for key, value in values.items() if value is not None}
         entries |= {f"baseline_{name}": {metric: value} for name, value in result["baselines"].items()}
+        for name, measures in (result.get("forecast_accuracy") or {}).items():  # M4's sMAPE and OWA beside the primary metric
+            entry = entries[name if name in result["models"] else f"baseline_{name}"]
+            entry |= {f"test_{key}": value for key, value in measures.items() if key in ("smape", "owa") and value is not None}
         for p in (p for p in result["pairs"] if p["effect"] is not None):
             values = {"effect": p["effect"], "shared_seeds": len(p["shared_seeds"])}
             if p["p_value"] is not None:
@@ -857,7 +882,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         where = f"named by {cfg.metrics_dir}/<task>/<model>/seed<seed>.json for tasks {', '.join(tasks)}"
     else:
         found = load_runs(client, tasks, cfg.profile)
-    runs = select_runs(found, cfg.models, seeds, where)
+    runs = select_runs(found, requested_models(cfg), seeds, where)
     best = [best_validation(client, run) for _, run in runs.iterrows()]
     runs = runs.assign(best_val=[value for value, _ in best], best_epoch=[epoch for _, epoch in best])
     unmargined = runs.loc[runs["margin"].isna(), "run_name"].tolist()
