@@ -534,3 +534,18 @@ def test_bench_refuses_bad_settings_with_the_fix(tmp_path: Path, override: str, 
     with pytest.raises(ConfigError, match=message):
         bench.run_benchmark(cfg)
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN"])
+def test_under_cpu_autocast_a_cell_runs_at_its_weights_precision(kind: str) -> None:
+    torch.manual_seed(0)
+    cell = getattr(cells, kind)(3, 4, batch_first=True)
+    inputs = torch.randn(2, 5, 3)
+    expected, _ = cell(inputs.bfloat16().float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, _state = cell(inputs.bfloat16())  # autocast hands lower-precision activations to the next layer
+    assert output.dtype == torch.float32 and torch.equal(output, expected)
+    output.sum().backward()
+    assert cell.weight_ih_l0.grad is not None
+    with pytest.raises(ValueError, match=r"input dtype \(torch.bfloat16\) does not match weight dtype"):  # outside autocast
+        cell(inputs.bfloat16())

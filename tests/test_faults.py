@@ -28,6 +28,7 @@ from rnnlab import run_paths
 from rnnlab.callbacks import StopOnSignal
 from rnnlab.config import config_dir, project_root
 from rnnlab.errors import ConfigError, TrainingError
+from rnnlab.tracking import ContinuedRunLogger
 from rnnlab.train import main as train_main
 from rnnlab.train import train
 
@@ -170,8 +171,28 @@ def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(compose_cfg, tiny_ov
     )
     run = only_run(interrupted)  # the interrupted MLflow run, continued
     assert run.info.status == "FINISHED"
-    steps = [m.step for m in MlflowClient(f"sqlite:///{interrupted}/mlflow.db").get_metric_history(run.info.run_id, "val_acc")]
+    client = MlflowClient(f"sqlite:///{interrupted}/mlflow.db")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
     assert len(steps) == 3 and len(set(steps)) == 3
+    for key in run.data.metrics:  # the learning rate at the resumed epoch's start too: one value per step
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {steps}"
+
+
+def test_a_continued_run_logs_each_metric_once_per_step(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))).info.run_id
+    client.log_metric(run_id, "test_acc", 0.9, step=5)  # logged before the run was killed
+    client.log_metric(run_id, "lr-AdamW", 0.01, step=3)
+    logger = ContinuedRunLogger(experiment_name="e", tracking_uri=uri, run_id=run_id)
+    logger.log_metrics({"test_acc": 0.9, "test_loss": 0.3}, step=5)  # the resumed run tests again
+    logger.log_metrics({"lr-AdamW": 0.01}, step=3)  # the interrupted epoch starts again
+    logger.log_metrics({"lr-AdamW": 0.005, "test_loss": 0.3}, step=4)
+    logger.log_metrics({"test_loss": 0.3}, step=4)
+    keys = ("test_acc", "test_loss", "lr-AdamW")
+    history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
+    assert history == {"test_acc": [(5, 0.9)], "test_loss": [(4, 0.3), (5, 0.3)], "lr-AdamW": [(3, 0.01), (4, 0.005)]}
 
 
 def test_resume_without_a_checkpoint_says_there_is_none(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:

@@ -50,6 +50,34 @@ def test_masked_pooling_ignores_padding_for_both_directions() -> None:
     assert encoder._pool(outputs, mask, "max")[:, 0].tolist() == [4.0, 2.0]
 
 
+def test_attention_pooling_weights_the_real_steps_only() -> None:
+    torch.manual_seed(0)
+    encoder = RecurrentEncoder(1, "torch.nn.GRU", hidden_size=3, pooling="attention")
+    assert encoder.output_size == 3
+    outputs = torch.randn(2, 5, 3, requires_grad=True)
+    mask = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    pooled = encoder._pool(outputs, mask, "attention")
+    scores = encoder.attention(outputs).squeeze(-1).detach()
+    weights = torch.softmax(scores[0, 2:], dim=0)  # row 0: a softmax over its three real steps
+    assert torch.allclose(pooled[0], weights @ outputs[0, 2:].detach(), atol=1e-6)
+    changed = outputs.detach().clone()
+    changed[0, :2] = 100.0  # padding: no effect on row 0
+    assert torch.allclose(encoder._pool(changed, mask, "attention"), pooled.detach())
+    pooled.sum().backward()  # the scorer and the outputs learn
+    assert encoder.attention[0].weight.grad is not None and outputs.grad[0, :2].abs().sum() == 0
+    empty = encoder._pool(outputs.detach(), torch.zeros(2, 5, dtype=torch.bool), "attention")
+    assert torch.equal(empty, torch.zeros(2, 3))  # no real step: zeros, as masked mean and max give
+
+
+def test_attention_draws_its_weights_after_the_cells() -> None:
+    torch.manual_seed(3)
+    plain = RecurrentEncoder(2, "torch.nn.LSTM", hidden_size=4, pooling=["mean", "last"])
+    torch.manual_seed(3)
+    attentive = RecurrentEncoder(2, "torch.nn.LSTM", hidden_size=4, pooling=["attention", "last"])
+    assert all(torch.equal(a, b) for a, b in zip(plain.rnn.state_dict().values(), attentive.rnn.state_dict().values(), strict=True))
+    assert attentive.output_size == 8 and not hasattr(plain, "attention")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"hidden_size": 0}, "hidden_size"), ({"dropout": -0.5}, "dropout"), ({"pooling": ["median"]}, "pooling")],
@@ -109,6 +137,21 @@ def test_forget_bias_shifts_only_the_forget_gates_of_every_layer_and_direction(c
     for name, bias in shifted.items():
         added = 1.0 if name.startswith("bias_ih") else 0.0  # i, f, g, o: only f moves, by 1 in total
         assert torch.equal(bias - torch_init[name], torch.tensor([0.0, added, 0.0, 0.0]).expand(4, 4).T)
+
+
+def test_forget_bias_with_layer_norm_shifts_the_normalised_forget_gates() -> None:
+    def parameters(forget_bias: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(5)
+        encoder = RecurrentEncoder(
+            3, "rnnlab.models.cells.LSTM", hidden_size=4, num_layers=2, forget_bias=forget_bias, cell_options={"layer_norm": True}
+        )
+        return {name: p.detach().view(4, 4) for name, p in encoder.rnn.named_parameters() if "bias" in name}
+
+    torch_init, shifted = parameters(0.0), parameters(1.0)
+    # Layer norm removes b_ih's offset from the gates: the forget bias goes to the input path's layer-norm bias.
+    for name, bias in shifted.items():
+        added = 1.0 if name.startswith("ln_bias_ih") else 0.0
+        assert torch.equal(bias - torch_init[name], torch.tensor([0.0, added, 0.0, 0.0]).expand(4, 4).T), name
 
 
 def test_the_lstm_models_start_with_forget_bias_one_and_zero_gives_torchs_initialisation(compose_cfg: Callable[..., DictConfig]) -> None:

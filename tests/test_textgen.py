@@ -478,3 +478,14 @@ def test_generate_without_a_registered_model_says_what_to_do(trained: Path, text
     cfg = compose_generate(f"paths.root={textgen_root}", f"tracking.uri=sqlite:///{trained}/mlflow.db", "model=rnn")
     with pytest.raises(DataError, match=r"No model at models:/rnnlab-textgen-rnn/latest.*checkpoint=<path>"):
         sample(cfg)
+
+
+def test_predicted_names_each_target_of_the_unrotated_chunks() -> None:
+    chunks = StreamChunks(torch.arange(23), rows=2, seq_len=4)  # the stream holds its own positions
+    positions, history, unit = chunks.predicted(len(chunks))
+    for i in range(len(chunks)):
+        targets = chunks[0, i][:, 1:]  # row r of chunk i predicts these characters
+        for r in range(chunks.rows):
+            assert positions[unit == i * chunks.rows + r].tolist() == targets[r].tolist()
+    assert history.tolist() == [*range(1, 12)] * 2  # characters since the row's start: 11 per row
+    assert len(chunks.predicted(1)[0]) == 2 * 4  # the first chunk only

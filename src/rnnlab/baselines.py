@@ -234,15 +234,9 @@ def kneser_ney_ngram(raw_dir: Path, data: SplitTensorDataModule, orders: list[in
     val_positions = np.arange(1, len(stream["val"]))
     val_loss = {n: float(-model.log_probabilities(stream["val"], val_positions, val_positions, n).mean()) for n in orders}
     order = min(orders, key=lambda n: (val_loss[n], n))
-    # The test loader's chunk rows (rnnlab.data.textgen.StreamChunks, unrotated): row r predicts the characters
-    # row_start[r] + 1 .. row_start[r] + per_row of its limited chunks; unit i * rows + r is chunk i of row r.
-    chunks, seq_len = data.chunks["test"], data.seq_len
-    n_chunks = len(data.test_dataloader())
-    read = min(n_chunks * seq_len, chunks.per_row)  # characters predicted per row
-    history = np.tile(np.arange(1, read + 1), chunks.rows)
-    row = np.repeat(np.arange(chunks.rows), read)
-    positions = chunks.row_starts().numpy()[row] + history
-    unit = ((history - 1) // seq_len) * chunks.rows + row
+    # The characters the test loader's chunk rows ask for, each from its row's text since the row's start.
+    chunks, n_chunks = data.chunks["test"], len(data.test_dataloader())
+    positions, history, unit = chunks.predicted(n_chunks)
     nats = -model.log_probabilities(stream["test"], positions, history, order)
     characters = np.bincount(unit, minlength=n_chunks * chunks.rows)
     units = data.test_units()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,26 @@ def open_store(uri: str) -> MlflowClient:
     return client
 
 
+class ContinuedRunLogger(MLFlowLogger):
+    """An MLFlowLogger that continues a run (resume=true) and never logs a metric twice at one step: what the
+    interrupted attempt already logged (the learning rate at the start of the epoch it was stopped in, test metrics
+    logged before a kill during model logging) keeps its first value, so each metric's history has one value per step."""
+
+    def __init__(self, *args: Any, run_id: str, **kwargs: Any) -> None:
+        super().__init__(*args, run_id=run_id, **kwargs)
+        client = self.experiment
+        self._logged = {
+            (key, metric.step) for key in client.get_run(run_id).data.metrics for metric in client.get_metric_history(run_id, key)
+        }
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        fresh = {key: value for key, value in metrics.items() if (key, step or 0) not in self._logged}  # MLFlowLogger's step: step or 0
+        self._logged |= {(key, step or 0) for key in fresh}
+        if fresh:
+            super().log_metrics(fresh, step)
+
+
 def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
     """A Lightning MLFlowLogger on the project's SQLite store (never the ./mlruns file store);
     with `run_id`, one that continues that run (resume=true)."""
@@ -66,17 +86,18 @@ def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
         tags |= {"mlflow.parentRunId": cfg.search.parent_run_id, "optuna.study": cfg.search.study, "optuna.trial": str(cfg.search.trial)}
     if rank_zero_only.rank == 0:  # MLFlowLogger itself logs from rank zero only
         ensure_experiment(cfg.tracking)
-    logger = MLFlowLogger(
-        experiment_name=cfg.tracking.experiment,
-        run_name=cfg.tracking.run_name,
-        tracking_uri=cfg.tracking.uri,
-        artifact_location=cfg.tracking.artifact_location,
-        tags=tags,
-        log_model=False,
-        run_id=run_id,
-    )
-    if run_id is not None:
-        logger.experiment.update_run(run_id, status="RUNNING")  # it was KILLED when interrupted
+    settings = {
+        "experiment_name": cfg.tracking.experiment,
+        "run_name": cfg.tracking.run_name,
+        "tracking_uri": cfg.tracking.uri,
+        "artifact_location": cfg.tracking.artifact_location,
+        "tags": tags,
+        "log_model": False,
+    }
+    if run_id is None:
+        return MLFlowLogger(**settings)
+    logger = ContinuedRunLogger(**settings, run_id=run_id)
+    logger.experiment.update_run(run_id, status="RUNNING")  # it was KILLED when interrupted
     return logger
 
 

@@ -180,6 +180,11 @@ def assign_splits(
 # --- espeak-ng synthesis -----------------------------------------------------------------
 
 
+def voice_name(accent: str, variant: str) -> str:
+    """An espeak-ng voice as espeak-ng's -v option takes it, accent+variant: what split_by=voice holds out."""
+    return f"{accent}+{variant}"
+
+
 @dataclass(frozen=True)
 class Speaker:
     accent: str  # an espeak-ng English voice, e.g. en-gb-scotland
@@ -189,11 +194,11 @@ class Speaker:
 
     @property
     def voice(self) -> str:
-        return f"{self.accent}+{self.variant}"
+        return voice_name(self.accent, self.variant)
 
     @property
     def name(self) -> str:
-        return f"{self.accent}+{self.variant}-r{self.rate}-p{self.pitch}"
+        return f"{self.voice}-r{self.rate}-p{self.pitch}"
 
 
 def run_espeak(command: list[str]) -> str:
@@ -477,7 +482,7 @@ def clip_groups(rows: pd.DataFrame, held_out: str) -> list[str]:
     """Per clip, the unit its split holds out: its voice (accent+variant) or its speaker; "" for silence."""
     if held_out == "voice":
         return [
-            f"{accent}+{variant}" if speaker else ""
+            voice_name(accent, variant) if speaker else ""
             for speaker, accent, variant in zip(rows["speaker"], rows["accent"], rows["variant"], strict=True)
         ]
     return rows["speaker"].tolist()

@@ -220,6 +220,15 @@ class StreamChunks(Dataset):
     def row_starts(self) -> torch.Tensor:
         return torch.arange(self.rows) * self.per_row
 
+    def predicted(self, n_chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the first `n_chunks` unrotated chunks ask a model to predict, one entry per character: its position in
+        the stream, how many characters of its row precede it (the context a stateful model has read), and its unit,
+        chunk i of row r being unit i * rows + r (the order of test_units)."""
+        read = min(n_chunks * self.seq_len, self.per_row)  # characters predicted per row
+        history = np.tile(np.arange(1, read + 1), self.rows)
+        row = np.repeat(np.arange(self.rows), read)
+        return self.row_starts().numpy()[row] + history, history, ((history - 1) // self.seq_len) * self.rows + row
+
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         shift, index = key
         start = index * self.seq_len

@@ -556,6 +556,13 @@ class _RecurrentBase(nn.Module):
                 f"Function that tracing does not follow. Trace a model built with torch.nn.{type(self).__name__} instead "
                 "(the state_dict loads into it unchanged)."
             )
+        device_type = (input.data if isinstance(input, PackedSequence) else input).device.type
+        if torch.is_autocast_enabled(device_type):
+            # The hand-derived backward assumes one dtype throughout: run at the weights' precision, as autocast runs
+            # the ops it keeps in float32.
+            dtype = self.weight_ih_l0.dtype
+            with torch.autocast(device_type, enabled=False):
+                return self.forward(input.to(dtype), self._map_state(hx, lambda state: state.to(dtype)), lengths)
         if lengths is not None:
             if isinstance(input, PackedSequence):
                 raise CellInputValueError("Pass either a PackedSequence or a padded batch with lengths, not both.")
@@ -657,7 +664,7 @@ class _RecurrentBase(nn.Module):
         if input.shape[-1] != self.input_size:
             raise CellInputError(f"{cell}: input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.shape[-1]}.")
         weight = self.weight_ih_l0
-        if input.dtype != weight.dtype and not torch.is_autocast_enabled():
+        if input.dtype != weight.dtype:
             raise CellValueError(
                 f"{cell}: input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}); "
                 f"convert the input with input.to({weight.dtype}) or the model with model.to({input.dtype})."

@@ -6,6 +6,7 @@ is identical for GRU, LSTM and RNN so that comparisons are fair.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from rnnlab.errors import ConfigError
 
-POOLINGS = ("last", "mean", "max")
+POOLINGS = ("last", "mean", "max", "attention")
 # h_n of GRU/RNN, (h_n, c_n) of LSTM: [num_layers * directions, B, hidden] each.
 RecurrentState = torch.Tensor | tuple[torch.Tensor, ...]
 SHIPPED_CELLS = (
@@ -66,6 +67,7 @@ def match_parameters(encoder: Mapping[str, Any], build: Callable[[dict[str, Any]
         with torch.random.fork_rng(devices=[]):
             return count_parameters(build(candidate))
 
+    @functools.cache  # the bisection and the checks after it ask for the same widths again
     def at_width(width: int) -> int:
         return parameters({**settings, "hidden_size": width})
 
@@ -97,6 +99,9 @@ class RecurrentEncoder(nn.Module):
     initialisation, which draws the same numbers whatever its value: 0 keeps torch's
     initialisation, 1 is Jozefowicz et al.'s (2015) advice.
 
+    Pooling: `last`, `mean`, `max`, or `attention`, additive attention over time (Bahdanau et al., 2015):
+    a score v . tanh(W h_t + b) per step, softmax over the real steps, and the weighted mean of the
+    outputs; its parameters are drawn after the cell's, so other poolings draw the same weights.
     With a padding mask, pooling ignores padded steps and "last" takes the forward
     direction at the last real step and the backward direction at the first one, so
     left and right padding both work.
@@ -155,6 +160,9 @@ class RecurrentEncoder(nn.Module):
         self.hidden_size = hidden_size
         self.directions = 2 if bidirectional else 1
         self.output_size = hidden_size * self.directions * len(pooling)
+        if "attention" in pooling:
+            width = hidden_size * self.directions
+            self.attention = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1, bias=False))
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (pooled [B, output_size], per-step outputs [B, T, directions * hidden])."""
@@ -174,6 +182,13 @@ class RecurrentEncoder(nn.Module):
     def _pool(self, outputs: torch.Tensor, mask: torch.Tensor | None, kind: str) -> torch.Tensor:
         if kind == "last":
             return self._last(outputs, mask)
+        if kind == "attention":
+            scores = self.attention(outputs).squeeze(-1)  # [B, T]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            # An all-padding row gets uniform weights over nothing: zeros, as the masked mean and max give.
+            weights = torch.softmax(scores, dim=1).nan_to_num(0.0)
+            return torch.einsum("bt,btd->bd", weights, outputs)
         if mask is None:
             return outputs.mean(dim=1) if kind == "mean" else outputs.amax(dim=1)
         weights = mask.unsqueeze(-1).to(outputs.dtype)
@@ -198,10 +213,12 @@ class RecurrentEncoder(nn.Module):
 
 
 def _add_forget_bias(rnn: nn.Module, forget_bias: float, cell: str | type[nn.Module]) -> None:
-    """Add `forget_bias` to the forget gate's slice (the second of the four, torch's i, f, g, o order) of every b_ih."""
+    """Add `forget_bias` to the forget gate's slice (the second of the four, torch's i, f, g, o order) of every b_ih;
+    with rnnlab's layer_norm, of every input-path layer-norm bias instead (normalisation removes b_ih's offset)."""
     if getattr(rnn, "mode", None) != "LSTM":
         raise ConfigError(f"model.encoder.forget_bias={forget_bias} needs an LSTM cell, not {cell}: remove it or use model=lstm.")
-    biases = [parameter for name, parameter in rnn.named_parameters() if name.startswith("bias_ih")]
+    prefix = "ln_bias_ih" if getattr(rnn, "layer_norm", False) else "bias_ih"
+    biases = [parameter for name, parameter in rnn.named_parameters() if name.startswith(prefix)]
     if not biases:
         raise ConfigError(f"model.encoder.forget_bias={forget_bias} needs the cell's biases: remove it or drop bias=false.")
     with torch.no_grad():
