@@ -43,7 +43,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, OverrideType, RangeSweep, Transformer
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
 from hydra.errors import HydraException
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -142,12 +142,13 @@ def parse_search_space(
 
 
 def _add(override: Override, where: str, line: str, config: DictConfig, searched: dict[str, Param], fixed: dict[str, str]) -> None:
-    name = override.get_key_element()
+    # The key without its +, ++ or ~ (get_key_element keeps them): `+x` and `x` name one key.
+    name = override.key_or_group if override.package is None else f"{override.key_or_group}@{override.package}"
     if not override.is_sweep_override():
         searched.pop(name, None)
         fixed[name] = line
         return
-    add = override.override_type in (OverrideType.ADD, OverrideType.FORCE_ADD)
+    add = override.is_add() or override.is_force_add()
     # A config group (model=gru,lstm) is not a key of the composed config; Hydra checks it in the trial.
     if not add and "/" not in name and OmegaConf.select(config, name, default=_ABSENT, throw_on_resolution_failure=False) is _ABSENT:
         raise ConfigError(f"{where}: `{name}` is not a key of the config; check its spelling, or write `+{name}` to add a new key.")
