@@ -1,21 +1,26 @@
 """Hyperparameter search: an Optuna study run through Hydra multirun.
 
     python -m rnnlab.train -m hparams_search=sentiment_gru
+    python my_app.py -m hydra/sweeper=rnnlab_optuna 'x=interval(-5.0, 5.0)' 'y=range(0, 10)'
 
-rnnlab has its own small Hydra sweeper (hydra_plugins/rnnlab_optuna_sweeper) because the
-released hydra-optuna-sweeper (1.3.0) pins optuna<3, cannot prune, cannot resume and breaks
-on SQLAlchemy 2 storages. The plugin is a thin shell around `Search` below; the trial side
-(`open_trial`) runs inside `rnnlab.train`, wherever the Hydra launcher put the job.
+rnnlab has its own Hydra sweeper (hydra_plugins/rnnlab_optuna_sweeper) because the released
+hydra-optuna-sweeper pins an old Optuna, cannot prune, cannot resume and breaks on SQLAlchemy 2
+storages. It keeps hydra-optuna-sweeper's config: the same keys under hydra.sweeper, the same
+sampler presets (hydra/sweeper/sampler=...), the same mapping of sweep syntax to Optuna
+distributions, and the objective is the task function's return value (a float, or a list of
+floats for several directions), so any Hydra app can use it. The plugin is a thin shell around
+`Search` below; the trial side (`open_trial`) runs inside `rnnlab.train`, wherever the Hydra
+launcher put the job.
 
-- The study lives in a journal file (optuna/<search>.log) or an RDB URL, so re-running the
-  command resumes it and several workers, on one machine or many, can share it.
-- Every trial reports its validation metric each epoch; the configured pruner stops bad
-  trials (optuna-integration's Lightning callback). The objective is the best value reported.
-- A trial whose process died (killed, power cut) is marked FAIL and its parameters are
-  enqueued again, so a re-run finishes it; finished trials are never repeated.
-- MLflow: one parent run per study, a nested child run per trial; at the end the parent
-  holds the best value and parameters, the trial table, fANOVA importances and plots, and
-  the best parameters become conf/experiment/<task>_<model>_tuned.yaml.
+What it adds, for any app: a journal-file storage (optuna/<search>.log) so re-running the command
+resumes the study and several workers can share it; `total_trials`, the size of the study all
+runs and workers fill together; a trial whose process died (killed, power cut) is marked FAIL
+and its parameters run again; finished trials are never repeated. For rnnlab.train (a config
+with a `search` node), also: every trial reports its validation metric each epoch and the
+configured pruner stops bad trials (optuna-integration's Lightning callback); the trial returns
+the best value it reported; MLflow holds one parent run per study and a nested child run per
+trial; at the end the parent holds the best value and parameters, the trial table, fANOVA
+importances and plots, and the best parameters become conf/experiment/<task>_<model>_tuned.yaml.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,24 +43,38 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
 from hydra.errors import HydraException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from rnnlab import io, tracking
 from rnnlab.console import console, summary
-from rnnlab.errors import ConfigError
+from rnnlab.errors import ConfigError, RnnlabError
 from rnnlab.validation import is_number
 
-SYNTAX_HELP = "write e.g. tag(log, interval(1e-4, 1e-2)), interval(0.0, 0.5), range(1, 4) or choice(64, 128, 256)"
+SYNTAX_HELP = (
+    "write e.g. tag(log, interval(1e-4, 1e-2)), interval(0.0, 0.5), int(interval(8, 64)), "
+    "range(1, 3) (1, 2 and 3: the stop is included) or choice(64, 128, 256)"
+)
+DIRECTIONS = ("minimize", "maximize")
 # Trial attributes: which process runs the trial, its MLflow run, and whether it was cut short.
 WORKER_ATTR, RUN_ID_ATTR, INTERRUPTED_ATTR, PARENT_RUN_ATTR = "worker", "mlflow_run_id", "interrupted", "mlflow_parent_run_id"
+GRID_SAMPLER = "optuna.samplers.GridSampler"
+# Samplers whose only state across trials is their random generator: reseeded per trial, so that
+# parallel workers draw distinct values. Others (CMA-ES, NSGA-II, QMC...) keep state of their own
+# and are built once per worker.
+RESEEDABLE = ("optuna.samplers.TPESampler", "optuna.samplers.RandomSampler")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Optuna flags its matplotlib plots experimental; the report uses them knowingly.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class SweepFailed(RnnlabError):
+    """More trials of a batch failed than hydra.sweeper.max_failure_rate allows."""
 
 
 # ---------------------------------------------------------------------------- search space
@@ -66,7 +85,7 @@ class Param:
     """One searched config key and its Optuna distribution; `add` for a `+key` not in the config."""
 
     name: str
-    distribution: optuna.distributions.BaseDistribution
+    distribution: BaseDistribution
     add: bool = False
 
     def override(self, value: Any) -> str:
@@ -74,97 +93,190 @@ class Param:
         return f"{'+' if self.add else ''}{self.name}={shown}"
 
 
-def parse_search_space(params: Mapping[str, str], config: DictConfig) -> list[Param]:
-    """The search space from Hydra's sweep syntax, checked before any trial runs. An entry set to
-    null is not searched: a search config narrows the space of the one it extends that way."""
-    params = {key: spec for key, spec in params.items() if spec is not None}
-    if not params:
-        raise ConfigError("The search space (hydra.sweeper.params) is empty; list the config keys to tune, " + SYNTAX_HELP + ".")
+@dataclass(frozen=True)
+class Space:
+    """The searched keys, and the fixed overrides every trial gets (fixed values of hydra.sweeper.params
+    and the command line's non-sweep overrides), as hydra-optuna-sweeper splits them."""
+
+    params: list[Param]
+    fixed: list[str] = field(default_factory=list)
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {param.name: param.distribution for param in self.params}
+
+
+def parse_search_space(
+    params: Mapping[str, str | None] | None, config: DictConfig, arguments: Sequence[str] = (), *, allow_empty: bool = False
+) -> Space:
+    """The search space from hydra.sweeper.params and the command line, in Hydra's sweep syntax,
+    checked before any trial runs. As in hydra-optuna-sweeper, the command line comes after the
+    params (a sweep there adds to the space or replaces an entry) and a key given a fixed value
+    anywhere is not searched. An entry set to null is not searched either: a search config narrows
+    the space of the one it extends that way."""
     parser = OverridesParser.create()
-    space = []
-    for key, spec in params.items():
-        where = f"search space entry `{key}: {spec}`"
+    searched: dict[str, Param] = {}
+    fixed: dict[str, str] = {}
+    for key, spec in (params or {}).items():
+        if spec is None:
+            continue
         try:
-            value = parser.parse_override(f"{key}={spec}").value()
+            override = parser.parse_override(f"{key}={spec}")
         except HydraException as err:
-            raise ConfigError(f"{where} is not valid sweep syntax ({err}); {SYNTAX_HELP}.") from None
-        name, add = key.lstrip("+"), key.startswith("+")
-        if not add and OmegaConf.select(config, name, default=_ABSENT, throw_on_resolution_failure=False) is _ABSENT:
-            raise ConfigError(f"{where}: `{name}` is not a key of the config; check its spelling, or write `+{name}` to add a new key.")
-        space.append(Param(name, _distribution(where, value), add))
-    return space
-
-
-_ABSENT = object()
-
-
-def _distribution(where: str, value: Any) -> optuna.distributions.BaseDistribution:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    if isinstance(value, ChoiceSweep):
-        if not value.list:
-            raise ConfigError(f"{where} has no choices; {SYNTAX_HELP}.")
-        return CategoricalDistribution(list(value.list))
-    if isinstance(value, RangeSweep):
-        if not all(isinstance(x, int) for x in (value.start, value.stop, value.step)):
-            raise ConfigError(f"{where}: range() takes integers; for a float range use interval(low, high).")
-        values = list(range(value.start, value.stop, value.step))
-        if not values:
-            raise ConfigError(f"{where} is empty (the stop of a range is excluded); write e.g. range(1, 4) for 1, 2, 3.")
-        return IntDistribution(values[0], values[-1], step=abs(value.step)) if value.step > 0 else CategoricalDistribution(values)
-    if isinstance(value, IntervalSweep):
-        low, high, log = value.start, value.end, "log" in value.tags
-        if not low < high:
-            raise ConfigError(
-                f"{where}: the low end {low} is not below the high end {high}; write interval({min(low, high)}, {max(low, high)})."
-            )
-        if log and low <= 0:
-            raise ConfigError(f"{where}: a log-scaled interval needs a positive low end, not {low}.")
-        return FloatDistribution(low, high, log=log)
-    raise ConfigError(f"{where} is a fixed value, not a range to search; {SYNTAX_HELP} (fixed overrides go on the command line).")
-
-
-def default_params(space: list[Param], config: DictConfig) -> dict[str, Any]:
-    """The config's own values of the searched keys that lie in the space: enqueued as the first
-    trial, so that a search starts from the default and its best is never worse on validation."""
-    values = {param.name: OmegaConf.select(config, param.name, default=None) for param in space}
-    return {param.name: values[param.name] for param in space if _in_space(param.distribution, values[param.name])}
-
-
-def _in_space(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
-    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
-        return value in distribution.choices
-    return is_number(value) and distribution.low <= value <= distribution.high
-
-
-def fixed_overrides(arguments: Sequence[str]) -> list[str]:
-    """The command line's overrides, passed to every trial; sweeps belong in the search space."""
-    parser = OverridesParser.create()
+            raise ConfigError(f"search space entry `{key}: {spec}` is not valid sweep syntax ({err}); {SYNTAX_HELP}.") from None
+        _add(override, f"search space entry `{key}: {spec}`", f"{key}={spec}", config, searched, fixed)
     try:
         overrides = parser.parse_overrides(list(arguments))
     except HydraException as err:
         raise ConfigError(f"Cannot parse the command line ({err}).") from None
     for override in overrides:
-        if override.is_sweep_override():
+        _add(override, f"command-line sweep `{override.input_line}`", str(override.input_line), config, searched, fixed)
+    for name in fixed:
+        searched.pop(name, None)
+    if not searched and not allow_empty:
+        raise ConfigError(
+            "The search space is empty; list the config keys to tune under hydra.sweeper.params or as sweeps on the command line, "
+            + SYNTAX_HELP
+            + "."
+        )
+    return Space(list(searched.values()), list(fixed.values()))
+
+
+def _add(override: Override, where: str, line: str, config: DictConfig, searched: dict[str, Param], fixed: dict[str, str]) -> None:
+    # The key without its +, ++ or ~ (get_key_element keeps them): `+x` and `x` name one key.
+    name = override.key_or_group if override.package is None else f"{override.key_or_group}@{override.package}"
+    if not override.is_sweep_override():
+        searched.pop(name, None)
+        fixed[name] = line
+        return
+    add = override.is_add() or override.is_force_add()
+    # A config group (model=gru,lstm) is not a key of the composed config; Hydra checks it in the trial.
+    if not add and "/" not in name and OmegaConf.select(config, name, default=_ABSENT, throw_on_resolution_failure=False) is _ABSENT:
+        raise ConfigError(f"{where}: `{name}` is not a key of the config; check its spelling, or write `+{name}` to add a new key.")
+    fixed.pop(name, None)
+    searched[name] = Param(name, distribution_of(override, where), add)
+
+
+_ABSENT = object()
+
+
+def distribution_of(override: Override, where: str = "") -> BaseDistribution:
+    """The Optuna distribution of one sweep override, as hydra-optuna-sweeper maps it:
+
+    - choice(a, b, ...) and shuffle(range(...)): CategoricalDistribution of the values;
+    - range(start, stop, step): IntDistribution(start, stop, step), the stop included, or a
+      FloatDistribution with that step if any of the three is a float;
+    - interval(low, high): FloatDistribution(low, high), or IntDistribution when both ends are
+      ints (int(interval(...))); tag(log, ...) makes either log-scaled.
+
+    What hydra-optuna-sweeper would fail on with an assertion or Optuna's error, or read silently
+    differently from what was written (tag(log, ...) on a range), is refused here with the fix."""
+    where = where or f"`{override.input_line}`"
+    value = override.value()
+    if isinstance(value, ChoiceSweep) or (isinstance(value, RangeSweep) and value.shuffle):
+        choices = list(override.sweep_iterator(transformer=Transformer.encode))
+        if not choices:
+            raise ConfigError(f"{where} has no choices; {SYNTAX_HELP}.")
+        for choice in choices:
+            if not isinstance(choice, str | int | float | bool):
+                raise ConfigError(f"{where}: a choice must be a string, number or boolean, not {choice!r}; {SYNTAX_HELP}.")
+        return CategoricalDistribution(choices)
+    if isinstance(value, RangeSweep):
+        start, stop, step = value.start, value.stop, value.step
+        if "log" in value.tags:
             raise ConfigError(
-                f"`{override.input_line}` is a sweep; a search runs one study, so give fixed values on the command line "
-                "and list searched keys under hydra.sweeper.params of the hparams_search config."
+                f"{where}: a range cannot be log-scaled; write tag(log, int(interval({start}, {stop}))) for a log-scaled integer."
             )
-    return list(arguments)
+        if step <= 0:
+            raise ConfigError(
+                f"{where}: the step must be positive (the stop is included); "
+                f"write range({min(start, stop)}, {max(start, stop)}, {abs(step) or 1})."
+            )
+        if stop < start:
+            raise ConfigError(
+                f"{where} is empty: the start {start} is above the stop {stop}; write range({stop}, {start}) (the stop is included)."
+            )
+        if any(isinstance(x, float) for x in (start, stop, step)):
+            return FloatDistribution(start, stop, step=step)
+        return IntDistribution(int(start), int(stop), step=int(step))
+    if isinstance(value, IntervalSweep):
+        low, high, log = value.start, value.end, "log" in value.tags
+        if low > high:
+            raise ConfigError(f"{where}: the low end {low} is not below the high end {high}; write interval({high}, {low}).")
+        if log and low <= 0:
+            raise ConfigError(f"{where}: a log-scaled interval needs a positive low end, not {low}.")
+        if isinstance(low, int) and isinstance(high, int):
+            return IntDistribution(low, high, log=log)
+        return FloatDistribution(low, high, log=log)
+    raise ConfigError(f"{where} is a sweep the Optuna sweeper cannot search; {SYNTAX_HELP}.")
+
+
+def default_params(space: Space, config: DictConfig) -> dict[str, Any]:
+    """The config's own values of the searched keys that lie in the space: enqueued as the first
+    trial (enqueue_defaults), so that a search starts from the default and its best is never worse on validation."""
+    values = {param.name: OmegaConf.select(config, param.name, default=None) for param in space.params}
+    return {param.name: values[param.name] for param in space.params if _in_space(param.distribution, values[param.name])}
+
+
+def _in_space(distribution: BaseDistribution, value: Any) -> bool:
+    if isinstance(distribution, CategoricalDistribution):
+        return value in distribution.choices
+    if not (is_number(value) and distribution.low <= value <= distribution.high):
+        return False
+    if isinstance(distribution, IntDistribution):
+        return float(value).is_integer() and (int(value) - distribution.low) % distribution.step == 0
+    step = getattr(distribution, "step", None)
+    return step is None or math.isclose(round((value - distribution.low) / step) * step, value - distribution.low, abs_tol=1e-9)
+
+
+def directions_of(direction: Any) -> list[str]:
+    """hydra.sweeper.direction as Optuna's list of directions: a name, an Enum such as
+    hydra-optuna-sweeper's Direction, or a list of them for several objectives."""
+    values = list(direction) if isinstance(direction, list | tuple | ListConfig) else [direction]
+    names = [str(getattr(value, "name", value)) for value in values]
+    if not names or any(name not in DIRECTIONS for name in names):
+        raise ConfigError(
+            f"hydra.sweeper.direction is {direction!r}; write minimize or maximize, "
+            "or a list such as [minimize, maximize] for several objectives."
+        )
+    return names
+
+
+def grid_choices(distribution: BaseDistribution, name: str) -> list[Any]:
+    """The values GridSampler walks for one searched key: every value the distribution holds."""
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    if isinstance(distribution, IntDistribution) and not distribution.log:
+        return list(range(distribution.low, distribution.high + 1, distribution.step))
+    if isinstance(distribution, FloatDistribution) and distribution.step is not None:
+        n = round((distribution.high - distribution.low) / distribution.step)
+        return [distribution.low + i * distribution.step for i in range(n + 1)]
+    raise ConfigError(
+        f"hydra/sweeper/sampler=grid needs a finite set of values, but `{name}` is {distribution}; "
+        "write choice(...) or range(...) for it, or pick another sampler."
+    )
 
 
 # ---------------------------------------------------------------------------- storage
 
 
-def open_storage(spec: str) -> optuna.storages.BaseStorage | str:
-    """An RDB URL (postgresql://..., sqlite:///...) as is; anything else is a journal file path."""
+def open_storage(spec: str | None) -> optuna.storages.BaseStorage:
+    """An RDB URL (postgresql://..., sqlite:///...) as Optuna's RDBStorage; null in memory (one
+    process only, as in hydra-optuna-sweeper); anything else is a journal file path."""
+    if spec is None:
+        return optuna.storages.InMemoryStorage()
     if "://" in spec:
-        return spec
+        return optuna.storages.RDBStorage(spec)
     path = Path(spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
+    # Optuna has no public way from a trial number to its Trial: the storage's own (public) methods
+    # give the id that optuna.Trial's constructor and the storage's setters take.
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
 
 
 def open_trial(cfg: DictConfig) -> optuna.Trial | None:
@@ -173,9 +285,24 @@ def open_trial(cfg: DictConfig) -> optuna.Trial | None:
     if search.trial is None:
         return None
     pruner = instantiate(search.pruner) if search.pruner else optuna.pruners.NopPruner()
-    study = optuna.load_study(study_name=search.study, storage=open_storage(search.storage), pruner=pruner)
-    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(search.trial))
-    return optuna.Trial(study, trial_id)
+    storage = open_storage(search.storage)
+    study = optuna.load_study(study_name=search.study, storage=storage, pruner=pruner)
+    return optuna.Trial(study, _trial_id(storage, study.study_name, int(search.trial)))
+
+
+def best_reported(trial: FrozenTrial, direction: str) -> float | None:
+    """A trial's objective: the best of the values it reported after each epoch."""
+    values = [v for v in trial.intermediate_values.values() if math.isfinite(v)]
+    if not values:
+        return None
+    return max(values) if direction == "maximize" else min(values)
+
+
+def trial_objective(trial: optuna.Trial) -> float:
+    """What a training job returns to the sweeper: the best validation value it reported (nan if none was finite)."""
+    frozen = trial.study.get_trials(deepcopy=False)[trial.number]
+    value = best_reported(frozen, trial.study.direction.name.lower())
+    return math.nan if value is None else value
 
 
 # ---------------------------------------------------------------------------- the study
@@ -201,73 +328,146 @@ def _is_dead(worker: str | None) -> bool:
     return False
 
 
-def best_reported(trial: FrozenTrial, direction: str) -> float | None:
-    """A trial's objective: the best of the values it reported after each epoch."""
-    values = [v for v in trial.intermediate_values.values() if math.isfinite(v)]
-    if not values:
-        return None
-    return max(values) if direction == "maximize" else min(values)
+def is_rnnlab_app(config: DictConfig) -> bool:
+    """rnnlab.train's config (its `search` node): trials prune, report to MLflow and open the study themselves."""
+    return OmegaConf.select(config, "search.parent_run_id", default=_ABSENT, throw_on_resolution_failure=False) is not _ABSENT
+
+
+def _quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 class Search:
-    """The sweeper's side of a study: ask for trials, launch them as Hydra jobs, tell the results."""
+    """The sweeper's side of a study: ask for trials, launch them as Hydra jobs, tell Optuna their return values."""
 
-    def __init__(self, config: DictConfig, launcher: Any, sweeper: Any) -> None:
-        search = config.search
-        if not search.study:
-            raise ConfigError("search.study is not set; run a search through a config in conf/hparams_search/ (hparams_search=<name>).")
-        if search.direction not in ("maximize", "minimize"):
-            raise ConfigError(f"search.direction is {search.direction!r}; write maximize or minimize.")
-        n_trials, timeout = sweeper.n_trials, sweeper.timeout
-        if n_trials < 1 or (timeout is not None and timeout <= 0):
-            raise ConfigError(f"hydra.sweeper needs n_trials >= 1 and a positive timeout in seconds or null (got {n_trials}, {timeout}).")
+    def __init__(self, config: DictConfig, launcher: Any, sweeper: Any, arguments: Sequence[str] = ()) -> None:
         self.config, self.launcher, self.sweeper = config, launcher, sweeper
-        self.n_trials, self.timeout = n_trials, timeout
-        self.name, self.metric, self.direction = str(search.study), str(search.metric), str(search.direction)
-        self.space = parse_search_space(sweeper.params, config)
+        self.rnnlab = is_rnnlab_app(config)
+        self.directions = directions_of(sweeper.direction)
+        self.n_trials, self.timeout, self.n_jobs = sweeper.n_trials, sweeper.timeout, sweeper.n_jobs
+        self.total_trials, self.max_failure_rate = sweeper.total_trials, sweeper.max_failure_rate
+        self._check_numbers()
+        if sweeper.search_space:
+            raise ConfigError(
+                "hydra.sweeper.search_space is hydra-optuna-sweeper's deprecated form; write the space under hydra.sweeper.params "
+                "in sweep syntax instead, e.g. lr: tag(log, interval(1e-4, 1e-2))."
+            )
+        self.extender = self._extender(sweeper.custom_search_space)
+        self.space = parse_search_space(sweeper.params, config, arguments, allow_empty=self.extender is not None)
+        self.name: str | None = sweeper.study_name
+        self.storage_label = "in memory" if sweeper.storage is None else str(sweeper.storage)
+        if self.rnnlab:
+            self._check_rnnlab()
+            self.metric = str(config.search.metric)
+            self.client = tracking.open_store(config.tracking.uri)
+            self.report_dir = Path(config.search.report_dir)
         self.sampler_cfg = sweeper.sampler
-        self.storage_label = str(search.storage)
-        self.storage = open_storage(self.storage_label)
-        self.client = tracking.open_store(config.tracking.uri)
-        self.report_dir = Path(search.report_dir)
+        self.grid = self.sampler_cfg.get("_target_") == GRID_SAMPLER
+        if self.grid:
+            grid = {p.name: grid_choices(p.distribution, p.name) for p in self.space.params}
+            self.n_trials = min(self.n_trials, math.prod(len(values) for values in grid.values()))
+            self._grid = grid
+        self.sampler = self._build_sampler(0)  # built now, so that a bad sampler setting fails before any trial
+        self.storage = open_storage(sweeper.storage)
         self.study, self.parent_run_id = self._open_study()
+        self.name = self.study.study_name
 
     # -- setup
 
-    def _open_study(self) -> tuple[optuna.Study, str]:
-        """Create the study and its MLflow parent run, or join the ones a previous run or another worker made."""
+    def _check_numbers(self) -> None:
+        if self.n_trials < 1 or (self.timeout is not None and self.timeout <= 0):
+            raise ConfigError(
+                f"hydra.sweeper needs n_trials >= 1 and a positive timeout in seconds or null (got {self.n_trials}, {self.timeout})."
+            )
+        if self.n_jobs < 1:
+            raise ConfigError(f"hydra.sweeper.n_jobs is {self.n_jobs}; write the number of trials to launch at once, 1 or more.")
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise ConfigError(
+                f"hydra.sweeper.max_failure_rate is {self.max_failure_rate}; "
+                "write a fraction from 0.0 (stop at the first failure) to 1.0 (never stop)."
+            )
+        if self.total_trials is not None and self.total_trials < 1:
+            raise ConfigError(f"hydra.sweeper.total_trials is {self.total_trials}; write the size of the study (1 or more) or null.")
+
+    def _check_rnnlab(self) -> None:
+        if len(self.directions) != 1:
+            raise ConfigError(
+                f"hydra.sweeper.direction lists {len(self.directions)} objectives, but rnnlab.train returns one (the best search.metric); "
+                "write one direction, maximize or minimize."
+            )
+        if self.sweeper.storage is None:
+            raise ConfigError(
+                "hydra.sweeper.storage is null, but rnnlab.train's trials open the study from its storage; "
+                "write a journal file path or an RDB URL (the hparams_search configs use search.storage)."
+            )
+        if not self.name:
+            raise ConfigError(
+                "hydra.sweeper.study_name (search.study) is not set; "
+                "run a search through a config in conf/hparams_search/ (hparams_search=<name>)."
+            )
+
+    @staticmethod
+    def _extender(path: str | None) -> Callable[[DictConfig, optuna.Trial], None] | None:
+        if not path:
+            return None
         try:
-            study = optuna.create_study(study_name=self.name, storage=self.storage, direction=self.direction)
+            return get_method(path)
+        except Exception as err:
+            raise ConfigError(
+                f"hydra.sweeper.custom_search_space={path} is not a function that can be imported ({' '.join(str(err).split())}); "
+                "write the dotted path of a function (config, trial) -> None."
+            ) from None
+
+    def _build_sampler(self, offset: int) -> optuna.samplers.BaseSampler:
+        seed = self.sampler_cfg.get("seed")
+        target = self.sampler_cfg.get("_target_")
+        reseed = {"seed": seed + offset} if seed is not None and target in RESEEDABLE else {}
+        try:
+            sampler = instantiate(self.sampler_cfg, **reseed)
+            return sampler(self._grid) if self.grid else sampler
+        except Exception as err:
+            raise ConfigError(
+                f"hydra.sweeper.sampler ({target}) cannot be built: {' '.join(str(err).split())}; remove the settings it does not take "
+                "(~hydra.sweeper.sampler.<key> on the command line) or pick another preset (hydra/sweeper/sampler=tpe, random, cmaes, ...)."
+            ) from None
+
+    def _open_study(self) -> tuple[optuna.Study, str | None]:
+        """Create the study (and for rnnlab.train its MLflow parent run), or join the ones a previous run or another worker made."""
+        try:
+            study = optuna.create_study(study_name=self.name, storage=self.storage, sampler=self.sampler, directions=self.directions)
         except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=self.name, storage=self.storage)
-            if study.direction.name.lower() != self.direction:
+            study = optuna.load_study(study_name=self.name, storage=self.storage, sampler=self.sampler)
+            existing = [d.name.lower() for d in study.directions]
+            if existing != self.directions:
                 raise ConfigError(
-                    f"The study {self.name!r} in {self.storage_label} was created to {study.direction.name.lower()}, "
-                    f"not {self.direction}; delete that study or give this search another name."
+                    f"The study {self.name!r} in {self.storage_label} was created to {', '.join(existing)}, "
+                    f"not {', '.join(self.directions)}; delete that study or give this search another name."
                 ) from None
-            return study, self._await_parent_run(study)
-        run_id = self._create_parent_run()
-        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+            return study, (self._await_parent_run(study) if self.rnnlab else None)
+        run_id = None
+        if self.rnnlab:
+            run_id = self._create_parent_run(study.study_name)
+            study.set_user_attr(PARENT_RUN_ATTR, run_id)
         if self.sweeper.enqueue_defaults:
             study.enqueue_trial(default_params(self.space, self.config))
         return study, run_id
 
-    def _create_parent_run(self) -> str:
+    def _create_parent_run(self, name: str) -> str:
         experiment_id = tracking.ensure_experiment(self.config.tracking)
         run = self.client.create_run(
             experiment_id,
-            run_name=f"{self.name}-study",
+            run_name=f"{name}-study",
             tags={
-                "optuna.study": self.name,
+                "optuna.study": name,
                 "optuna.storage": self.storage_label,
                 "task": self.config.task.name,
                 "model": self.config.model.name,
             },
         )
-        for param in self.space:
+        for param in self.space.params:
             self.client.log_param(run.info.run_id, f"space.{param.name}", repr(param.distribution))
         self.client.log_param(run.info.run_id, "metric", self.metric)
-        self.client.log_param(run.info.run_id, "direction", self.direction)
+        self.client.log_param(run.info.run_id, "direction", self.directions[0])
         return run.info.run_id
 
     @staticmethod
@@ -284,31 +484,44 @@ class Search:
 
     # -- the loop
 
-    def run(self, fixed_overrides: Sequence[str]) -> None:
-        started = time.monotonic()
-        self.client.update_run(self.parent_run_id, status="RUNNING")
-        trial = None
+    def run(self) -> None:
+        """Launch batches of n_jobs trials until this run launched n_trials (or the study holds total_trials,
+        or the timeout passed), telling Optuna each trial's return value."""
+        started, launched = time.monotonic(), 0
+        if self.rnnlab:
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+        pending: list[optuna.Trial] = []
         try:
             while True:
                 self._recover_dead_trials()
-                missing = self.n_trials - self._counted()
+                missing = self.n_trials - launched
+                if self.total_trials is not None:
+                    missing = min(missing, self.total_trials - self._counted())
                 if missing <= 0 or (self.timeout is not None and time.monotonic() - started > self.timeout):
                     break
-                trial = self._ask()
-                batch = [[*fixed_overrides, *self._trial_overrides(trial)]]
+                for _ in range(min(self.n_jobs, missing)):
+                    pending.append(self._ask())
+                batch = [[*self.space.fixed, *self._trial_overrides(trial)] for trial in pending]
                 self.sweeper.validate_batch_is_legal(batch)
-                (result,) = self.launcher.launch(batch, initial_job_idx=trial.number)
-                self._tell(trial, result)
-                trial = None
-        except BaseException:
-            if trial is not None:
+                results = self.launcher.launch(batch, initial_job_idx=pending[0].number)
+                launched += len(pending)
+                failed = [error for trial, result in zip(pending, results, strict=True) if (error := self._tell(trial, result))]
+                pending = []
+                if failed and len(failed) / len(results) > self.max_failure_rate:
+                    raise SweepFailed(
+                        f"{len(failed)} of {len(results)} trials failed ({failed[0]}), more than hydra.sweeper.max_failure_rate="
+                        f"{self.max_failure_rate} allows; fix the task, or raise max_failure_rate (1.0 never stops)."
+                    )
+        except BaseException as err:
+            for trial in pending:
                 self._interrupt(trial.number)
-            self.client.set_terminated(self.parent_run_id, "KILLED")
+            if self.rnnlab:
+                self.client.set_terminated(self.parent_run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         self.finish()
 
     def _counted(self) -> int:
-        """Trials that count towards n_trials: finished ones (not interrupted ones) and those running now."""
+        """Trials that count towards total_trials: finished ones (not interrupted ones) and those running now."""
         return sum(
             1
             for t in self.study.get_trials(deepcopy=False)
@@ -317,39 +530,71 @@ class Search:
         )
 
     def _ask(self) -> optuna.Trial:
-        # Reseeded per trial: reproducible for one worker, distinct draws for parallel workers.
-        seed = self.sampler_cfg.get("seed")
-        offset = len(self.study.get_trials(deepcopy=False))
-        self.study.sampler = instantiate(self.sampler_cfg, **({"seed": seed + offset} if seed is not None else {}))
-        trial = self.study.ask({param.name: param.distribution for param in self.space})
+        if self.sampler_cfg.get("_target_") in RESEEDABLE:
+            # Reseeded per trial: reproducible for one worker, distinct draws for parallel workers.
+            self.study.sampler = self._build_sampler(len(self.study.get_trials(deepcopy=False)))
+        trial = self.study.ask(self.space.distributions())
         trial.set_user_attr(WORKER_ATTR, _this_worker())
+        if self.extender is not None:
+            try:
+                self.extender(self.config, trial)
+            except BaseException:
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
         return trial
 
     def _trial_overrides(self, trial: optuna.Trial) -> list[str]:
-        return [
-            *(param.override(trial.params[param.name]) for param in self.space),
-            f"search.trial={trial.number}",
-            f"search.parent_run_id={self.parent_run_id}",
-        ]
+        searched = {param.name: param for param in self.space.params}
+        overrides = [searched[name].override(value) if name in searched else f"{name}={value}" for name, value in trial.params.items()]
+        if self.rnnlab:
+            overrides += [f"search.trial={trial.number}", f"search.parent_run_id={self.parent_run_id}"]
+            # The trial opens the study the sweeper runs, also when hydra.sweeper names another than search.*.
+            if self.name != self.config.search.study:
+                overrides.append(f"search.study={_quoted(str(self.name))}")
+            if self.storage_label != str(self.config.search.storage):
+                overrides.append(f"search.storage={_quoted(self.storage_label)}")
+        return overrides
 
-    def _tell(self, trial: optuna.Trial, result: Any) -> None:
-        error = None
+    def _objective(self, returned: Any) -> list[float]:
+        """The task function's return value as Optuna's values: a float, or one per direction."""
+        if len(self.directions) == 1:
+            try:
+                values = [float(returned)]
+            except (TypeError, ValueError):
+                raise ValueError(f"Return value must be float-castable. Got {returned!r}.") from None
+        else:
+            try:
+                values = [float(v) for v in returned]
+            except (TypeError, ValueError):
+                raise ValueError(f"Return value must be a list or tuple of float-castable values. Got {returned!r}.") from None
+            if len(values) != len(self.directions):
+                raise ValueError(f"The task returned {len(values)} values for {len(self.directions)} directions (hydra.sweeper.direction).")
+        if not all(math.isfinite(v) for v in values):
+            hint = "; check search.metric names a logged validation metric" if self.rnnlab else ""
+            raise ValueError(f"the task returned {returned!r}, not a finite objective{hint}")
+        return values
+
+    def _tell(self, trial: optuna.Trial, result: Any) -> str | None:
+        """Tell Optuna how the trial ended; its error if it failed."""
+        values, state, error = None, TrialState.COMPLETE, None
         try:
-            result.return_value  # noqa: B018 -- re-raises the job's exception
-            state = TrialState.COMPLETE
+            values = self._objective(result.return_value)  # re-raises the job's exception
         except optuna.TrialPruned:
             state = TrialState.PRUNED
         except Exception as err:
             state, error = TrialState.FAIL, f"{type(err).__name__}: {err}"
-        frozen = self.study._storage.get_trial(trial._trial_id)
-        value = best_reported(frozen, self.direction)
-        if state == TrialState.COMPLETE and value is None:
-            state, error = TrialState.FAIL, f"no finite {self.metric} was reported; check search.metric names a logged validation metric"
         if error:
             trial.set_user_attr("error", error)
-        self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-        self._mark_child_run(frozen, state)
-        self._print_trial(trial.number, state, value, error)
+        try:
+            self.study.tell(trial, values, state=state)
+        except RuntimeError as err:
+            # GridSampler stops the study when its grid is done, which Optuna refuses outside optimize().
+            if not (self.grid and "Study.stop" in str(err)):
+                raise
+        if self.rnnlab:
+            self._mark_child_run(self.storage.get_trial(_trial_id(self.storage, str(self.name), trial.number)), state)
+        self._print_trial(trial.number, state, values, error)
+        return error
 
     def _mark_child_run(self, trial: FrozenTrial, state: TrialState) -> None:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
@@ -358,15 +603,18 @@ class Search:
             if state != TrialState.COMPLETE:
                 self.client.set_terminated(run_id, "KILLED" if state == TrialState.PRUNED else "FAILED")
 
-    def _print_trial(self, number: int, state: TrialState, value: float | None, error: str | None) -> None:
-        done = self._counted()
-        shown = f"best {self.metric} {value:.4f}" if value is not None else "no value"
-        line = f"[bold]{self.name}[/] trial {number}: {state.name} ({shown}); {done}/{self.n_trials} trials"
-        try:
-            best = self.study.best_trial
-            line += f"; study best {best.value:.4f} (trial {best.number})"
-        except ValueError:
-            pass
+    def _print_trial(self, number: int, state: TrialState, values: list[float] | None, error: str | None) -> None:
+        label = f"best {self.metric}" if self.rnnlab else "value"
+        shown = "no value" if values is None else f"{label} " + ", ".join(f"{v:.4f}" for v in values)
+        line = f"[bold]{self.name}[/] trial {number}: {state.name} ({shown})"
+        if self.total_trials is not None:
+            line += f"; {self._counted()}/{self.total_trials} trials"
+        if len(self.directions) == 1:
+            try:
+                best = self.study.best_trial
+                line += f"; study best {best.value:.4f} (trial {best.number})"
+            except ValueError:
+                pass
         console.print(line + (f"\n  [red]{error}[/]" if error else ""), soft_wrap=True)
 
     # -- dead and interrupted trials
@@ -375,13 +623,13 @@ class Search:
         """Mark an unfinished trial FAIL (interrupted) and enqueue its parameters for the next run."""
         frozen = self.study.get_trials(deepcopy=False)[number]
         try:
-            self.study._storage.set_trial_user_attr(frozen._trial_id, INTERRUPTED_ATTR, True)
+            self.storage.set_trial_user_attr(_trial_id(self.storage, str(self.name), number), INTERRUPTED_ATTR, True)
             self.study.tell(number, state=TrialState.FAIL)
         except (RuntimeError, ValueError):
             return  # finished meanwhile, or another worker recovered it first
         self.study.enqueue_trial(frozen.params)
         run_id = frozen.user_attrs.get(RUN_ID_ATTR)
-        if run_id:
+        if run_id and self.rnnlab:
             self.client.set_tag(run_id, "optuna.state", "INTERRUPTED")
             self.client.set_terminated(run_id, "KILLED")
 
@@ -396,15 +644,27 @@ class Search:
     # -- the report
 
     def finish(self) -> None:
-        """Write the study's report and best config, and log them to the parent run."""
+        """Write optimization_results.yaml (as hydra-optuna-sweeper does) and, for rnnlab.train, the
+        study's report and best config, logged to the parent run."""
         trials = self.study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        self.report_dir.mkdir(parents=True, exist_ok=True)
-        self.study.trials_dataframe().to_csv(self.report_dir / "trials.csv", index=False)
         rows: dict[str, object] = {
             "trials": ", ".join(f"{n} {s.name.lower()}" for s, n in _state_counts(trials).items()),
             "storage": self.storage_label,
         }
+        if complete:
+            results = self._write_results()
+            rows["results"] = results
+            if len(self.directions) > 1:
+                rows["best trials (Pareto front)"] = ", ".join(str(t.number) for t in self.study.best_trials)
+        if not self.rnnlab:
+            if complete and len(self.directions) == 1:
+                best = self.study.best_trial
+                rows |= {"best value": f"{best.value:.6g} (trial {best.number})", **best.params}
+            summary(f"hyperparameter search {self.name}", rows)
+            return
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        self.study.trials_dataframe().to_csv(self.report_dir / "trials.csv", index=False)
         if complete:
             best = self.study.best_trial
             self.client.log_metric(self.parent_run_id, f"best_{self.metric}", best.value)
@@ -421,9 +681,22 @@ class Search:
         rows["report"] = self.report_dir
         rows["MLflow parent run"] = f"{self.config.tracking.experiment} / {self.name}-study ({self.parent_run_id})"
         running = any(t.state == TrialState.RUNNING for t in trials)
-        if not running and self._counted() >= self.n_trials:
+        if not running and self._counted() >= (self.total_trials or self.n_trials):
             self.client.set_terminated(self.parent_run_id, "FINISHED")
         summary(f"hyperparameter search {self.name}", rows)
+
+    def _write_results(self) -> Path:
+        """<sweep dir>/optimization_results.yaml, with hydra-optuna-sweeper's keys."""
+        if len(self.directions) == 1:
+            best = self.study.best_trial
+            results: dict[str, Any] = {"name": "optuna", "best_params": best.params, "best_value": best.value}
+        else:
+            front = [{"params": t.params, "values": t.values} for t in self.study.best_trials]
+            results = {"name": "optuna", "solutions": front}
+        path = Path(self.config.hydra.sweep.dir) / "optimization_results.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(results), path)
+        return path
 
     def _plots(self, complete: list[FrozenTrial]) -> None:
         from optuna.visualization import matplotlib as vis
@@ -445,7 +718,7 @@ class Search:
         """conf/experiment/<task>_<model>_tuned.yaml: the default config with the best trial's searched values."""
         task, model = self.config.task.name, self.config.model.name
         path = Path(self.config.search.experiment_file)
-        values = OmegaConf.from_dotlist([Param(k, None).override(v) for k, v in best.params.items()])
+        values = OmegaConf.from_dotlist([Param(k, CategoricalDistribution([v])).override(v) for k, v in best.params.items()])
         values.model = OmegaConf.merge(values.get("model", {}), {"name": f"{model}_tuned"})
         header = (
             "# @package _global_\n"

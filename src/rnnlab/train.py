@@ -72,7 +72,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test on the best checkpoint, log everything, and write the DVC outputs.
 
     As a trial of a hyperparameter search (search.trial set), fit only: the trial reports its
-    validation metric each epoch and may be pruned; the test set stays unseen.
+    validation metric each epoch and may be pruned; the test set stays unseen; `objective` is the
+    best value it reported.
 
     SIGINT and SIGTERM stop a run alike (RunInterrupted): its MLflow run is marked KILLED, no DVC
     output is written, and `resume=true` continues it from <run_dir>/checkpoints/last.ckpt, the
@@ -144,8 +145,10 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
                 "and the trainer.* overrides."
             )
         if trial is not None:
+            from rnnlab.search import trial_objective
+
             logger.finalize("success")
-            return {"train_seconds": round(train_seconds, 2), "epochs": len(history.rows)}
+            return {"train_seconds": round(train_seconds, 2), "epochs": len(history.rows), "objective": trial_objective(trial)}
         stop.check()  # a signal after the last batch
         tester = _tester(cfg, trainer, [cost, stop])
         if tester is None:
@@ -314,12 +317,14 @@ def _publish(
 
 
 @hydra_entry
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """A search trial returns its objective: a Hydra sweeper reads the task function's return value."""
     try:
-        train(cfg)
+        metrics = train(cfg)
     except RunInterrupted as stop:
         print(f"rnnlab: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
+    return metrics.get("objective") if cfg.search.trial is not None else None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,296 @@
+"""rnnlab's Optuna sweeper keeps hydra-optuna-sweeper's config meaning: the distribution each
+sweep override maps to, the sweeper keys it accepts (or refuses, naming the fix), and the
+objective as the task function's return value, for a plain Hydra app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.test_utils.test_utils import TSweepRunner
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from rnnlab.errors import ConfigError
+from rnnlab.search import Search, directions_of, distribution_of, open_storage, open_trial, parse_search_space, trial_objective
+
+# ---------------------------------------------------------------------------- sweep syntax -> distribution
+
+# hydra-optuna-sweeper's create_optuna_distribution_from_override, written out: a range's stop is
+# included (Optuna's high), a float anywhere in a range makes it a FloatDistribution with that step,
+# an interval of two ints is an IntDistribution, tag(log, ...) makes an interval log-scaled.
+HYDRA_OPTUNA_SWEEPER_MAPPING = [
+    ("choice(1, 2, 3)", CategoricalDistribution([1, 2, 3])),
+    ("choice(a, b)", CategoricalDistribution(["a", "b"])),
+    ("choice(false, true)", CategoricalDistribution([False, True])),
+    ("range(1, 3)", IntDistribution(1, 3)),
+    ("range(0, 10, 2)", IntDistribution(0, 10, step=2)),
+    ("range(0.0, 1.0, 0.25)", FloatDistribution(0.0, 1.0, step=0.25)),
+    ("range(1, 2.5, 0.5)", FloatDistribution(1.0, 2.5, step=0.5)),
+    ("float(range(1, 3))", FloatDistribution(1.0, 3.0, step=1.0)),
+    ("range(3, 3)", IntDistribution(3, 3)),
+    ("interval(0, 1)", FloatDistribution(0.0, 1.0)),  # Hydra reads interval's ends as floats
+    ("interval(0.1, 0.5)", FloatDistribution(0.1, 0.5)),
+    ("int(interval(8, 64))", IntDistribution(8, 64)),
+    ("tag(log, interval(1e-4, 1e-2))", FloatDistribution(1e-4, 1e-2, log=True)),
+    ("tag(log, int(interval(1, 64)))", IntDistribution(1, 64, log=True)),
+    ("int(tag(log, interval(1, 64)))", IntDistribution(1, 64, log=True)),
+]
+
+
+def parse(spec: str) -> Any:
+    return OverridesParser.create().parse_override(f"x={spec}")
+
+
+@pytest.mark.parametrize(("spec", "expected"), HYDRA_OPTUNA_SWEEPER_MAPPING)
+def test_each_sweep_maps_to_the_distribution_hydra_optuna_sweeper_gives(spec: str, expected: BaseDistribution) -> None:
+    got = distribution_of(parse(spec))
+    assert type(got) is type(expected) and got == expected
+
+
+def test_a_shuffled_range_is_a_categorical_of_the_values_hydra_sweeps() -> None:
+    got = distribution_of(parse("shuffle(range(1, 4))"))
+    # As in hydra-optuna-sweeper: shuffle() goes through Hydra's own iteration, which stops before 4.
+    assert isinstance(got, CategoricalDistribution) and sorted(got.choices) == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("spec", "fix"),
+    [
+        ("range(3, 1)", "write range(1, 3) (the stop is included)"),
+        ("range(1, 5, -1)", "the step must be positive"),
+        ("tag(log, range(1, 8))", "write tag(log, int(interval(1, 8)))"),
+        ("interval(1.0, 0.5)", "write interval(0.5, 1.0)"),
+        ("tag(log, interval(0.0, 1.0))", "a log-scaled interval needs a positive low end"),
+    ],
+)
+def test_a_sweep_no_distribution_holds_is_refused_in_one_line_with_the_fix(spec: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        distribution_of(parse(spec))
+    assert fix in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fixed_values_and_command_line_sweeps_split_as_hydra_optuna_sweeper_splits_them() -> None:
+    config = OmegaConf.create({"x": 0.0, "y": 0, "z": "a", "w": 1})
+    space = parse_search_space(
+        {"x": "interval(0, 1)", "y": "3", "z": "choice(a, b)", "w": "range(1, 4)"},
+        config,
+        ["y=choice(1, 2)", "z=b", "+extra=range(0, 2)"],
+    )
+    by_name = {p.name: p for p in space.params}
+    # The command line comes last: y becomes a searched choice, z a fixed value that leaves the space.
+    assert by_name["y"].distribution == CategoricalDistribution([1, 2])
+    assert "z" not in by_name and space.fixed == ["z=b"]
+    assert by_name["w"].distribution == IntDistribution(1, 4)
+    assert by_name["extra"].add and by_name["extra"].override(2) == "+extra=2"
+
+
+def test_directions_accept_names_enums_and_lists() -> None:
+    direction = SimpleNamespace(name="maximize")  # hydra-optuna-sweeper's Direction enum has .name
+    assert directions_of("minimize") == ["minimize"]
+    assert directions_of(direction) == ["maximize"]
+    assert directions_of(OmegaConf.create({"d": ["minimize", "maximize"]}).d) == ["minimize", "maximize"]
+    with pytest.raises(ConfigError, match=r"write minimize or maximize, or a list such as \[minimize, maximize\]"):
+        directions_of("up")
+
+
+# ---------------------------------------------------------------------------- sweeper settings refused
+
+
+def sweeper(**settings: Any) -> SimpleNamespace:
+    """The sweeper's keys as Hydra hands them to it: hydra-optuna-sweeper's defaults, then rnnlab's."""
+    defaults = {
+        "sampler": OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": None}),
+        "direction": "minimize",
+        "storage": None,
+        "study_name": None,
+        "n_trials": 20,
+        "n_jobs": 2,
+        "max_failure_rate": 0.0,
+        "search_space": None,
+        "params": {"x": "interval(0, 1)"},
+        "custom_search_space": None,
+        "timeout": None,
+        "total_trials": None,
+        "enqueue_defaults": False,
+    }
+    return SimpleNamespace(**{**defaults, **settings})
+
+
+def plain_config(tmp_path: Path, **extra: Any) -> DictConfig:
+    return OmegaConf.create({"x": 0.5, "y": 0, "hydra": {"sweep": {"dir": str(tmp_path)}}, **extra})
+
+
+@pytest.mark.parametrize(
+    ("settings", "fix"),
+    [
+        ({"search_space": {"x": {"type": "float", "low": 0, "high": 1}}}, "write the space under hydra.sweeper.params"),
+        ({"n_jobs": 0}, "hydra.sweeper.n_jobs is 0; write the number of trials to launch at once"),
+        ({"max_failure_rate": 1.5}, "write a fraction from 0.0"),
+        ({"custom_search_space": "no_such_module.extend"}, "write the dotted path of a function (config, trial) -> None"),
+        (
+            {"sampler": OmegaConf.create({"_target_": "optuna.samplers.RandomSampler", "n_startup_trials": 6})},
+            "remove the settings it does not take (~hydra.sweeper.sampler.<key>",
+        ),
+        ({"sampler": OmegaConf.create({"_target_": "optuna.samplers.GridSampler", "_partial_": True})}, "write choice(...) or range(...)"),
+        ({"params": {}}, "The search space is empty"),
+    ],
+)
+def test_settings_it_cannot_honour_are_refused_in_one_line_with_the_fix(tmp_path: Path, settings: dict[str, Any], fix: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        Search(plain_config(tmp_path), launcher=None, sweeper=sweeper(**settings))
+    assert fix in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "fix"),
+    [
+        ({"direction": ["minimize", "maximize"], "storage": "s.log", "study_name": "s"}, "write one direction"),
+        ({"storage": None, "study_name": "s"}, "write a journal file path or an RDB URL"),
+    ],
+)
+def test_what_rnnlab_train_cannot_do_is_refused_in_one_line(tmp_path: Path, settings: dict[str, Any], fix: str) -> None:
+    config = plain_config(tmp_path, search={"trial": None, "parent_run_id": None, "study": "s", "storage": "s.log"})
+    with pytest.raises(ConfigError) as err:
+        Search(config, launcher=None, sweeper=sweeper(**settings))
+    assert fix in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------- a plain Hydra app
+
+
+ConfigStore.instance().store(name="sweeper_semantics_app", node={"x": 0.0, "y": 0, "z": 0, "mode": "one"})
+
+
+def objective(cfg: DictConfig) -> Any:
+    """The app's return value is the objective: one float, or two for two directions, or garbage."""
+    first = (cfg.x - 0.5) ** 2 + cfg.y + cfg.z
+    if cfg.mode == "two":
+        return [first, cfg.x * 10]
+    if cfg.mode == "bad":
+        return "not a number"
+    return first
+
+
+def extend(config: DictConfig, trial: optuna.Trial) -> None:
+    """A custom_search_space function: suggests z itself."""
+    trial.suggest_int("z", 5, 7)
+
+
+def run_app(runner: TSweepRunner, tmp_path: Path, *overrides: str) -> tuple[optuna.Study, dict | None]:
+    storage = f"sqlite:///{tmp_path}/study.db"
+    sweep_dir = tmp_path / "sweep"
+    base = ["hydra/sweeper=rnnlab_optuna", f"hydra.sweeper.storage='{storage}'", "hydra.sweeper.study_name=app"]
+    with runner(
+        calling_file=__file__,
+        calling_module=None,
+        task_function=objective,
+        config_path=None,
+        config_name="sweeper_semantics_app",
+        overrides=[*base, *overrides],
+        temp_dir=sweep_dir,
+    ):
+        path = sweep_dir / "optimization_results.yaml"
+        results = yaml.safe_load(path.read_text()) if path.exists() else None
+    return optuna.load_study(study_name="app", storage=storage), results
+
+
+def test_a_plain_hydra_app_gets_complete_trials_valued_by_what_it_returns(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:
+    study, results = run_app(
+        hydra_sweep_runner,
+        tmp_path,
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=0",
+        "hydra.sweeper.n_trials=5",  # in batches of n_jobs=2 (hydra-optuna-sweeper's default): 2, 2, 1
+        "x=interval(0, 1)",
+        "y=range(0, 2)",
+    )
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
+    for trial in trials:
+        assert trial.distributions == {"x": FloatDistribution(0.0, 1.0), "y": IntDistribution(0, 2)}
+        assert trial.value == pytest.approx((trial.params["x"] - 0.5) ** 2 + trial.params["y"])
+    best = min(trials, key=lambda t: t.value)
+    assert results == {"name": "optuna", "best_params": best.params, "best_value": pytest.approx(best.value)}
+
+    # Run again: hydra-optuna-sweeper's n_trials is what each run launches, into the same study.
+    study, _ = run_app(hydra_sweep_runner, tmp_path, "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=2", "x=interval(0, 1)", "y=0")
+    assert len(study.trials) == 7 and all(t.params.keys() == {"x"} for t in study.trials[5:])
+
+
+def test_several_directions_take_one_returned_value_each(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:
+    study, results = run_app(
+        hydra_sweep_runner,
+        tmp_path,
+        "hydra/sweeper/sampler=nsgaii",
+        "hydra.sweeper.direction=[minimize,maximize]",
+        "hydra.sweeper.n_trials=4",
+        "mode=two",
+        "x=interval(0, 1)",
+    )
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    for trial in study.trials:
+        assert trial.values == pytest.approx([(trial.params["x"] - 0.5) ** 2, trial.params["x"] * 10])
+    assert results is not None and {tuple(s["values"]) for s in results["solutions"]} == {tuple(t.values) for t in study.best_trials}
+
+
+def test_grid_sampler_walks_every_value_of_the_space_once(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:
+    study, _ = run_app(
+        hydra_sweep_runner, tmp_path, "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=100", "x=choice(0.0, 1.0)", "y=range(0, 2)"
+    )
+    assert sorted((t.params["x"], t.params["y"]) for t in study.trials) == [(x, y) for x in (0.0, 1.0) for y in (0, 1, 2)]
+
+
+def test_custom_search_space_suggests_keys_the_trials_receive(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:
+    study, _ = run_app(
+        hydra_sweep_runner,
+        tmp_path,
+        f"hydra.sweeper.custom_search_space={__name__}.extend",
+        "hydra.sweeper.n_trials=3",
+        "x=0.5",
+        "y=0",
+    )
+    for trial in study.trials:
+        assert 5 <= trial.params["z"] <= 7 and trial.value == trial.params["z"]  # x, y fixed: the objective is z
+
+
+def test_a_failed_trial_stops_the_sweep_at_max_failure_rate_zero(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run_app(hydra_sweep_runner, tmp_path, "hydra.sweeper.n_jobs=1", "mode=bad", "x=interval(0, 1)")
+    assert exit_.value.code == 2
+    study = optuna.load_study(study_name="app", storage=f"sqlite:///{tmp_path}/study.db")
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    assert "Return value must be float-castable. Got 'not a number'" in study.trials[0].user_attrs["error"]
+
+
+def test_failures_under_max_failure_rate_are_recorded_and_the_sweep_goes_on(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:
+    study, results = run_app(
+        hydra_sweep_runner, tmp_path, "hydra.sweeper.max_failure_rate=1.0", "hydra.sweeper.n_trials=3", "mode=bad", "x=interval(0, 1)"
+    )
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
+    assert results is None  # no complete trial, no best to write
+
+
+# ---------------------------------------------------------------------------- the trial side, public API only
+
+
+def test_a_training_job_opens_its_trial_and_returns_the_best_value_it_reported(tmp_path: Path) -> None:
+    storage = str(tmp_path / "study.log")
+    study = optuna.create_study(study_name="s", storage=open_storage(storage), direction="maximize")
+    study.ask({"x": FloatDistribution(0.0, 1.0)})
+    asked = study.ask({"x": FloatDistribution(0.0, 1.0)})
+    cfg = OmegaConf.create({"search": {"trial": asked.number, "study": "s", "storage": storage, "pruner": None}})
+    trial = open_trial(cfg)
+    assert trial is not None and trial.number == 1 and trial.params == asked.params
+    for step, value in enumerate([0.5, 0.8, 0.7]):
+        trial.report(value, step)
+    assert trial_objective(trial) == 0.8
+    assert optuna.load_study(study_name="s", storage=open_storage(storage)).trials[1].intermediate_values[1] == 0.8
