@@ -53,21 +53,20 @@ def open_store(uri: str) -> MlflowClient:
 
 
 class ContinuedRunLogger(MLFlowLogger):
-    """An MLFlowLogger that continues a run (resume=true) and never logs a metric twice at one step: what the
-    interrupted attempt already logged (the learning rate at the start of the epoch it was stopped in, test metrics
-    logged before a kill during model logging) keeps its first value, so each metric's history has one value per step."""
+    """An MLFlowLogger that continues a run (resume=true) and skips what the interrupted attempt already logged at a
+    step (the learning rate at the start of the epoch it was stopped in, test metrics logged before a kill during model
+    logging): the continued run's history is the one an uninterrupted run would have."""
 
     def __init__(self, *args: Any, run_id: str, **kwargs: Any) -> None:
         super().__init__(*args, run_id=run_id, **kwargs)
         client = self.experiment
-        self._logged = {
+        self._logged = {  # by the interrupted attempt only: Lightning itself logs `epoch` twice at an epoch's last step
             (key, metric.step) for key in client.get_run(run_id).data.metrics for metric in client.get_metric_history(run_id, key)
         }
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         fresh = {key: value for key, value in metrics.items() if (key, step or 0) not in self._logged}  # MLFlowLogger's step: step or 0
-        self._logged |= {(key, step or 0) for key in fresh}
         if fresh:
             super().log_metrics(fresh, step)
 
