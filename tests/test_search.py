@@ -31,7 +31,7 @@ from rnnlab.search import RUN_ID_ATTR, open_storage, parse_search_space
 
 @pytest.fixture(scope="module")
 def base_cfg(compose_cfg: Callable[..., DictConfig]) -> DictConfig:
-    return compose_cfg("hparams_search=sentiment_gru")
+    return compose_cfg("hparams_search=sentiment")
 
 
 def test_search_space_maps_sweep_syntax_to_optuna_distributions(base_cfg: DictConfig) -> None:
@@ -56,40 +56,58 @@ def test_search_space_maps_sweep_syntax_to_optuna_distributions(base_cfg: DictCo
     assert by_name["model.encoder.extra"].override("a") == "+model.encoder.extra=a"
 
 
-def test_every_shipped_search_config_composes_and_parses(compose_cfg: Callable[..., DictConfig]) -> None:
-    names = sorted(p.stem for p in (config_dir() / "hparams_search").glob("*.yaml") if p.stem != "base")
-    assert {f"{task}_{model}" for task in ("sentiment", "textgen", "forecast", "speech") for model in ("gru", "lstm")} <= set(names)
-    for name in names:
+TASK_SEARCHES = ("sentiment", "textgen", "forecast", "speech")
+STUDY_SPACE = {
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "model.encoder.hidden_size",
+    "model.encoder.num_layers",
+    "model.encoder.dropout",
+    "model.encoder.bidirectional",
+    "trainer.gradient_clip_val",
+    "trainer.max_epochs",
+    "task.data.batch_size",
+}
+
+
+@pytest.mark.parametrize("task", TASK_SEARCHES)
+def test_every_cell_of_a_task_gets_the_same_study(task: str) -> None:
+    """Issue #12's fair fight: one search config per task, the cell from the command line; the same space, trial count
+    and pruner for gru, lstm and rnn, a study of its own per cell, and Hyperband's brackets fixed by the largest budget."""
+    studies = {}
+    for model in ("gru", "lstm", "rnn"):
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"hparams_search={name}"], return_hydra_config=True)
-        assert cfg.search.study == name
-        canonical = f"{cfg.task.name}_{cfg.model.name}"
-        assert name == canonical or name.startswith(canonical + "_")  # a variant, e.g. sentiment_gru_cpu
+            cfg = compose(config_name="config", overrides=[f"hparams_search={task}", f"model={model}"], return_hydra_config=True)
+        assert (cfg.task.name, cfg.model.name, cfg.search.study) == (task, model, f"{task}_{model}")
         assert cfg.search.direction == {"max": "maximize", "min": "minimize"}[cfg.task.monitor_mode]
         space = {p.name: p.distribution for p in parse_search_space(cfg.hydra.sweeper.params, cfg).params}
-        searched = set(space)
-        assert {
-            "optimizer.lr",
-            "optimizer.weight_decay",
-            "model.encoder.hidden_size",
-            "model.encoder.dropout",
-            "task.data.batch_size",
-        } <= searched
-        if name == canonical:
-            assert {"model.encoder.num_layers", "model.encoder.bidirectional", "trainer.gradient_clip_val"} <= searched
-            assert space["model.encoder.num_layers"] == IntDistribution(1, 2)  # 1 or 2 layers, as before the stop was included
+        assert set(space) >= STUDY_SPACE
+        assert space["model.encoder.num_layers"] == IntDistribution(1, 2)  # 1 or 2 layers: the stop is included
+        pruner = OmegaConf.to_container(cfg.search.pruner, resolve=True)
+        assert pruner["_target_"] == "optuna.pruners.HyperbandPruner"
+        assert pruner["max_resource"] == max(space["trainer.max_epochs"].choices)
         # The search's settings as hydra-optuna-sweeper names them, from search.*; rnnlab's resume and sharing.
         sweeper = cfg.hydra.sweeper
-        assert (sweeper.study_name, sweeper.direction, sweeper.storage) == (name, cfg.search.direction, cfg.search.storage)
+        assert (sweeper.study_name, sweeper.direction, sweeper.storage) == (cfg.search.study, cfg.search.direction, cfg.search.storage)
         assert (sweeper.n_jobs, sweeper.max_failure_rate, sweeper.total_trials) == (1, 1.0, sweeper.n_trials)
         assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed == 42
+        assert sweeper.n_trials >= (12 if task in ("sentiment", "textgen") else 30)
+        studies[model] = (space, pruner, sweeper.n_trials)
+    assert studies["gru"] == studies["lstm"] == studies["rnn"]
+
+
+def test_the_forecast_study_searches_any_series() -> None:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hparams_search=forecast", "task=forecast_electricity", "model=rnn"])
+    assert (cfg.task.name, cfg.search.study) == ("forecast_electricity", "forecast_electricity_rnn")
+    assert cfg.search.experiment_file.endswith("conf/experiment/forecast_electricity_rnn_tuned.yaml")
 
 
 def test_a_null_entry_drops_a_key_from_the_space_it_extends(compose_cfg: Callable[..., DictConfig]) -> None:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hparams_search=sentiment_gru_cpu"], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=["hparams_search=sentiment_cpu"], return_hydra_config=True)
     searched = {p.name: p.distribution for p in parse_search_space(cfg.hydra.sweeper.params, cfg).params}
-    assert "model.encoder.num_layers" not in searched and "model.encoder.bidirectional" not in searched
+    assert not {"model.encoder.num_layers", "model.encoder.bidirectional", "trainer.max_epochs"} & set(searched)
     assert searched["model.encoder.hidden_size"] == CategoricalDistribution([96, 128, 160])
     assert searched["optimizer.lr"] == FloatDistribution(3e-4, 1e-2, log=True)  # inherited from base
 
@@ -113,12 +131,12 @@ def test_bad_search_space_entries_name_the_problem_and_the_fix(base_cfg: DictCon
 
 def test_the_command_line_fixes_or_sweeps_keys_of_the_space(base_cfg: DictConfig) -> None:
     params = {"optimizer.lr": "tag(log, interval(1e-4, 1e-2))", "model.encoder.num_layers": "range(1, 2)"}
-    space = parse_search_space(params, base_cfg, ["hparams_search=sentiment_gru", "optimizer.lr=0.01", "model.encoder.dropout=0.1,0.3"])
+    space = parse_search_space(params, base_cfg, ["hparams_search=sentiment", "optimizer.lr=0.01", "model.encoder.dropout=0.1,0.3"])
     assert {p.name: p.distribution for p in space.params} == {
         "model.encoder.num_layers": IntDistribution(1, 2),
         "model.encoder.dropout": CategoricalDistribution([0.1, 0.3]),
     }
-    assert space.fixed == ["hparams_search=sentiment_gru", "optimizer.lr=0.01"]
+    assert space.fixed == ["hparams_search=sentiment", "optimizer.lr=0.01"]
 
 
 # ---------------------------------------------------------------------------- whole studies
@@ -130,7 +148,7 @@ def study(sentiment_root: Path, tmp_path: Path) -> Callable[..., subprocess.Pope
     it writes (study, MLflow store, reports, best config) under tmp_path."""
     configs = tmp_path / "search_configs"
 
-    def start(name: str = "sentiment_gru", *overrides: str, configs_to_add: dict[str, dict] | None = None) -> subprocess.Popen:
+    def start(name: str = "sentiment", *overrides: str, configs_to_add: dict[str, dict] | None = None) -> subprocess.Popen:
         for relative, content in (configs_to_add or {}).items():  # the test's own configs, next to the shipped ones
             path = configs / relative
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +197,7 @@ def runs(root: Path) -> list:
 
 
 def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
-    output = finish(study("sentiment_gru", "hydra.sweeper.n_trials=4"))
+    output = finish(study("sentiment", "hydra.sweeper.n_trials=4"))
     trials = load(tmp_path, "sentiment_gru").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     best = max(trials, key=lambda t: t.value)
@@ -227,7 +245,7 @@ def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(study: C
 def test_a_pruner_stops_bad_trials_and_marks_them_pruned(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
     # Any validation accuracy is below 1.1: every trial is pruned at its first report.
     configs = {
-        "hparams_search/pruned.yaml": {"defaults": ["sentiment_gru"], "search": {"study": "pruned"}},
+        "hparams_search/pruned.yaml": {"defaults": ["sentiment"], "search": {"study": "pruned"}},
         "search/pruner/always.yaml": {"_target_": "optuna.pruners.ThresholdPruner", "lower": 1.1},
     }
     # This study lives in an RDB (SQLite here; PostgreSQL for workers on several machines), not a journal file.
@@ -246,7 +264,7 @@ def test_a_pruner_stops_bad_trials_and_marks_them_pruned(study: Callable[..., su
 
 @pytest.mark.slow  # worker processes, started and killed: the point of the test
 def test_a_killed_study_resumes_without_repeating_finished_trials(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
-    first = study("sentiment_gru", "hydra.sweeper.n_trials=3")
+    first = study("sentiment", "hydra.sweeper.n_trials=3")
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # kill it while trial 1 trains, after trial 0 finished
@@ -262,7 +280,7 @@ def test_a_killed_study_resumes_without_repeating_finished_trials(study: Callabl
         first.wait()
     finished = load(tmp_path, "sentiment_gru").trials[0]
 
-    output = finish(study("sentiment_gru", "hydra.sweeper.n_trials=3"))
+    output = finish(study("sentiment", "hydra.sweeper.n_trials=3"))
     trials = load(tmp_path, "sentiment_gru").trials
     assert "trial 1 was cut short by a dead worker" in output
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
@@ -275,9 +293,9 @@ def test_a_killed_study_resumes_without_repeating_finished_trials(study: Callabl
 
 @pytest.mark.slow  # worker processes, started and killed: the point of the test
 def test_two_workers_share_one_study(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
-    workers = [study("sentiment_gru", "hydra.sweeper.n_trials=4")]
+    workers = [study("sentiment", "hydra.sweeper.n_trials=4")]
     time.sleep(2)  # the second joins the study the first created
-    workers.append(study("sentiment_gru", "hydra.sweeper.n_trials=4"))
+    workers.append(study("sentiment", "hydra.sweeper.n_trials=4"))
     for worker in workers:
         finish(worker)
     trials = load(tmp_path, "sentiment_gru").trials
@@ -292,7 +310,7 @@ def test_two_workers_share_one_study(study: Callable[..., subprocess.Popen], tmp
 
 def test_a_bad_search_space_fails_before_any_trial_runs(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
     config = {
-        "defaults": ["sentiment_gru"],
+        "defaults": ["sentiment"],
         "search": {"study": "bad"},
         "hydra": {"sweeper": {"params": {"optimizer.lr": "interval(0.1, 0.001)"}}},
     }
