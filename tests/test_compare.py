@@ -424,11 +424,11 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
     single = compare(compose_compare(*store_overrides(store, tmp_path / "one"), NO_ALIAS, "seeds=4", "tasks=[sentiment]"))
     assert single["seeds"] == [4] and list(single["tasks"]["sentiment"]["models"]) == ["gru", "lstm", "rnn"]
     # The models a pipeline's params file trains: gru_tuned's runs (no longer in `tuned`) are left out.
-    params.write_text("seeds: [1, 2, 3]\nmodels: [gru, lstm]\nsingle_seed_models: []\ntuned: {}\n")
+    params.write_text("seeds: [1, 2, 3]\nmodels: [gru, lstm]\nsingle_seed_models: []\ntuned: []\n")
     from_params = (NO_ALIAS, f"models_from={params}", "tasks=[sentiment]")
     pipeline = compare(compose_compare(*store_overrides(store, tmp_path / "models"), *from_params))
     assert list(pipeline["tasks"]["sentiment"]["models"]) == ["gru", "lstm"]
-    params.write_text("models: [gru]\ntuned: {sentiment-gru: {task: sentiment, model: gru}}\n")
+    params.write_text("models: [gru]\ntuned: [sentiment]\n")
     tuned = compare(compose_compare(*store_overrides(store, tmp_path / "tuned"), *from_params))
     assert list(tuned["tasks"]["sentiment"]["models"]) == ["gru", "gru_tuned"]
 

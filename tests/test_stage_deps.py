@@ -78,8 +78,7 @@ seeds: [1]
 tasks: [sentiment, forecast, forecast_stock, speech]
 models: [gru, lstm]
 single_seed_models: [gru_scratch]
-tuned:
-  sentiment-gru: {task: sentiment, model: gru}
+tuned: [sentiment]
 """
 
 
@@ -90,9 +89,11 @@ class Project:
         self.root = root
         shutil.copytree(PROJECT / "conf", root / "conf")
         (root / "params.yaml").write_text(PIPELINE)
-        # A search that found something other than the default (the project's found the default itself).
+        # Studies that found something other than the default (the project's sentiment GRU search found the default).
         self.tuned = root / "conf/experiment/sentiment_gru_tuned.yaml"
         self.tuned.write_text(self.tuned.read_text().replace("lr: 0.002", "lr: 0.001"))
+        lstm = self.tuned.read_text().replace("model: gru", "model: lstm").replace("name: gru_tuned", "name: lstm_tuned")
+        (root / "conf/experiment/sentiment_lstm_tuned.yaml").write_text(lstm)
         self.first = self.resolve()
 
     def resolve(self) -> dict[str, dict]:
@@ -128,7 +129,7 @@ def test_rnnlab_s_own_cells_are_a_dependency_of_the_runs_that_use_them_only(proj
 
 def test_every_training_declares_the_shared_training_code(project: Project) -> None:
     trainings = {name: values for name, values in project.first.items() if "hparams" in values}
-    assert len(trainings) == 4 * 3 + 1
+    assert len(trainings) == 4 * 3 + 2
     for name, values in trainings.items():
         assert {"rnnlab/train.py", "rnnlab/models/encoder.py", "rnnlab/data/base.py"} <= set(values["code"]), name
         assert set(values["hparams"]) == set(resolve.HPARAMS), name
@@ -152,11 +153,26 @@ def test_a_comment_changes_nothing_and_a_learning_rate_one_model(tmp_path: Path)
 def test_a_tuned_configuration_equal_to_the_default_is_refused(tmp_path: Path) -> None:
     project = Project(tmp_path)
     project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.002"))  # the default's value
-    message = r"tuned.sentiment-gru in params.yaml: .*sentiment_gru_tuned.yaml is model=gru's default .*remove it from `tuned`"
+    message = r"tuned in params.yaml lists sentiment, but .*sentiment_gru_tuned.yaml is model=gru's default .*remove sentiment from `tuned`"
     with pytest.raises(ConfigError, match=message):
         project.resolve()
     on_disk = OmegaConf.load(tmp_path / resolve.OUT_DIR / "sentiment/gru_tuned.yaml")
     assert on_disk.hparams.lr == 0.001  # nothing half-written: the earlier resolve stands
+
+
+@pytest.mark.parametrize(
+    ("tuned", "message"),
+    [
+        ("[textgen]", r"tuned in .*params.yaml must list tasks of `tasks` .*got \['textgen'\]"),
+        ("{sentiment-gru: {task: sentiment, model: gru}}", r"tuned in .*params.yaml must list tasks of `tasks`"),
+        ("[forecast]", r"lists forecast, but conf/experiment/forecast_gru_tuned.yaml does not exist: run its study .*model=gru"),
+    ],
+)
+def test_tuned_names_tasks_whose_every_model_has_a_study(tmp_path: Path, tuned: str, message: str) -> None:
+    project = Project(tmp_path)
+    (tmp_path / "params.yaml").write_text(PIPELINE.replace("tuned: [sentiment]", f"tuned: {tuned}"))
+    with pytest.raises(ConfigError, match=message):
+        project.resolve()
 
 
 def test_no_resolved_value_depends_on_the_machine(project: Project) -> None:

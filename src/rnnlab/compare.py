@@ -139,7 +139,7 @@ def requested_seeds(cfg: DictConfig) -> list[int] | None:
 
 def requested_models(cfg: DictConfig) -> Any:
     """`models`, or the models a pipeline's params file trains (`models_from`): its `models`, `single_seed_models` and
-    `<model>_tuned` of each `tuned` entry, so that metrics files of models it no longer trains are not compared."""
+    `<model>_tuned` of each of `models` if it tunes any task, so that metrics files of models it no longer trains are not compared."""
     if cfg.models_from is None:
         return cfg.models
     if cfg.models is not None:
@@ -147,7 +147,7 @@ def requested_models(cfg: DictConfig) -> Any:
     params = _params_file(cfg, "models_from", "`models` (and optionally `single_seed_models`, `tuned`)")
     if "models" not in params:
         raise ConfigError(f"models_from={cfg.models_from}: it has no top-level `models` list, e.g. `models: [gru, lstm, rnn]`.")
-    tuned = [f"{entry.model}_tuned" for entry in (params.get("tuned") or {}).values()]
+    tuned = [f"{model}_tuned" for model in params.models] if params.get("tuned") else []
     return list(dict.fromkeys([*params.models, *(params.get("single_seed_models") or []), *tuned]))
 
 

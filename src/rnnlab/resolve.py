@@ -115,8 +115,14 @@ def stage_models(params: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
     """(task, model name, overrides) of every training the pipeline runs, as dvc.yaml lists them."""
     runs = [(task, model, [f"task={task}", f"model={model}"]) for task in params["tasks"] for model in params["models"]]
     runs += [(task, model, [f"task={task}", f"model={model}"]) for task in params["tasks"] for model in params["single_seed_models"]]
-    runs += [(t["task"], f"{t['model']}_tuned", [f"experiment={t['task']}_{t['model']}_tuned"]) for t in params["tuned"].values()]
+    runs += [(task, f"{model}_tuned", [f"experiment={task}_{model}_tuned"]) for task, model in tuned_pairs(params)]
     return runs
+
+
+def tuned_pairs(params: dict[str, Any]) -> list[tuple[str, str]]:
+    """(task, model) of every tuned configuration the pipeline trains: each model of `models` on each task of `tuned`,
+    so that the tuned cells of a task are compared with each other (each searched with the same budget)."""
+    return [(task, model) for task in params["tuned"] for model in params["models"]]
 
 
 def write_all(root: Path) -> list[Path]:
@@ -129,10 +135,12 @@ def write_all(root: Path) -> list[Path]:
             files[f"{task}/data.yaml"] = data_params(compose_run([f"task={task}", f"profile={profile}"]))
         for task in params["baseline_tasks"]:
             files[f"{task}/baselines.yaml"] = baseline_params(compose_run([f"task={task}", f"profile={profile}"], "baselines"))
+        for task, model in tuned_pairs(params):
+            _check_tuned_exists(root, task, model)
         for task, model, overrides in stage_models(params):
             files[f"{task}/{model}.yaml"] = training_params(compose_run([*overrides, f"profile={profile}"]))
-        for entry, tuned in params["tuned"].items():
-            _check_tuned_differs(entry, files, tuned["task"], tuned["model"])
+        for task, model in tuned_pairs(params):
+            _check_tuned_differs(files, task, model)
         files["compare.yaml"] = compare_params(profile, params["tasks"])
     with io.atomic_dir(root / OUT_DIR) as tmp:
         for name, values in files.items():
@@ -143,16 +151,23 @@ def write_all(root: Path) -> list[Path]:
     return [root / OUT_DIR / name for name in files]
 
 
-def _check_tuned_differs(entry: str, files: dict[str, dict[str, Any]], task: str, model: str) -> None:
+def _check_tuned_exists(root: Path, task: str, model: str) -> None:
+    if not (root / "conf" / "experiment" / f"{task}_{model}_tuned.yaml").is_file():
+        raise ConfigError(
+            f"tuned in params.yaml lists {task}, but conf/experiment/{task}_{model}_tuned.yaml does not exist: run its study "
+            f"(python -m rnnlab.train -m hparams_search=<{task}'s search config> task={task} model={model}) or remove {task} from `tuned`."
+        )
+
+
+def _check_tuned_differs(files: dict[str, dict[str, Any]], task: str, model: str) -> None:
     """A tuned configuration equal to the default would train the default again under another name, and the
     report would show one model as two: refuse it."""
     default, tuned = (files.get(f"{task}/{name}.yaml") for name in (model, f"{model}_tuned"))
-    if default is None:
-        return  # the default is not trained on this pipeline: the tuned run is the only one of its kind
     if _unnamed(tuned) == _unnamed(default):
         raise ConfigError(
-            f"tuned.{entry} in params.yaml: conf/experiment/{task}_{model}_tuned.yaml is model={model}'s default configuration "
-            f"for task={task} (the search found nothing better), so its run would repeat {model}'s; remove it from `tuned`."
+            f"tuned in params.yaml lists {task}, but conf/experiment/{task}_{model}_tuned.yaml is model={model}'s default "
+            f"configuration for task={task} (the search found nothing better), so its run would repeat {model}'s; "
+            f"remove {task} from `tuned`."
         )
 
 
@@ -169,7 +184,12 @@ def _pipeline_params(path: Path) -> dict[str, Any]:
     missing = [key for key in ("profile", "tasks", "models", "single_seed_models", "tuned") if key not in params]
     if missing:
         raise ConfigError(f"{path} lacks {', '.join(missing)}: restore them from git (git checkout -- params.yaml).")
-    params["tuned"] = params["tuned"] or {}
+    params["tuned"] = params["tuned"] or []
+    if not isinstance(params["tuned"], list) or not set(params["tuned"]) <= set(params["tasks"]):
+        raise ConfigError(
+            f"tuned in {path} must list tasks of `tasks` whose every model has a tuned configuration, e.g. [forecast]; "
+            f"got {params['tuned']}."
+        )
     params.setdefault("baseline_tasks", [])
     return params
 
