@@ -3,8 +3,7 @@ for nn.RNN, nn.GRU and nn.LSTM, their sample inputs (no batch dimension, initial
 bias / batch_first / bidirectional / nonlinearity / proj_size combination) and their error inputs.
 
 Each case runs against torch's cell first, which proves the port (torch must pass it), then against rnnlab's
-with the same weights. The cases rnnlab does not pass are the EXCLUDED ones, each with its reason; docs/cells.md
-lists them.
+with the same weights. rnnlab passes every case; docs/cells.md would list any it did not, with the reason.
 """
 
 from __future__ import annotations
@@ -58,13 +57,6 @@ SAMPLE_IDS = [f"{kind}-{'train' if training else 'eval'}-{i}" for kind, training
 ERROR_CASES = [(kind, i) for kind in KINDS for i in range(len(error_samples(kind)))]
 
 
-def excluded(kind: str, constructor_kwargs: dict[str, Any]) -> str | None:
-    """Why rnnlab does not run a case, or None."""
-    if kind == "LSTM" and constructor_kwargs.get("proj_size", 0) > 0:
-        return "projections (proj_size > 0) are not implemented: rnnlab's LSTM refuses them with a ValueError"
-    return None
-
-
 def fresh(value: Any) -> Any:
     """A copy of a forward argument that is its own autograd leaf (a PackedSequence's data likewise)."""
     if isinstance(value, PackedSequence):
@@ -89,10 +81,6 @@ def test_torchs_sample_inputs_give_torchs_outputs_and_gradients(kind: str, train
     args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
     torch.manual_seed(index)
     reference = getattr(nn, kind)(*args, **kwargs).double().train(training)
-    if excluded(kind, kwargs) is not None:
-        with pytest.raises(ValueError, match="no projections"):
-            getattr(cells, kind)(*args, **kwargs)
-        return
     ours = getattr(cells, kind)(*args, **kwargs).double().train(training)
     ours.load_state_dict(reference.state_dict())
     results = []

@@ -3,13 +3,15 @@
 Each class is a drop-in for its torch.nn counterpart: the same constructor arguments in
 torch's order (rnnlab's own options keyword-only), attributes, exception classes, and
 parameter names and shapes (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`,
-`..._reverse`), so `load_state_dict` works in both directions, and the same call
-(`output, h_n = gru(x, h_0)`; the LSTM returns `(h_n, c_n)`), with a `PackedSequence` or
-a padded batch plus `lengths` for variable lengths. With the same seed they even draw the
-same initial weights as torch. Two options torch lacks, off by default:
+the LSTM's `weight_hr_l0` with projections, `..._reverse`), so `load_state_dict` works in
+both directions, and the same call (`output, h_n = gru(x, h_0)`; the LSTM returns
+`(h_n, c_n)`), with a `PackedSequence` or a padded batch plus `lengths` for variable
+lengths. With the same seed they even draw the same initial weights as torch. Two options
+torch lacks, off by default:
 
 - `recurrent_dropout`: variational dropout on the hidden-to-hidden path (Gal & Ghahramani,
-  2016; Keras' `recurrent_dropout`): one mask per sequence, reused at every step;
+  2016; Keras' `recurrent_dropout`): one mask per sequence, reused at every step (on the
+  proj_size-wide h of an LSTM with projections);
 - `layer_norm`: layer normalisation of each gate's input and hidden pre-activations
   (Ba et al., 2016), with a gain and bias per gate unit.
 
@@ -209,12 +211,18 @@ class _HiddenPath:
     """
 
     def __init__(
-        self, layout: _Layout, w_hh: Tensor, b_hh: Tensor | None, ln_weight: Tensor | None, ln_bias: Tensor | None, mask: Tensor | None
+        self,
+        layout: _Layout,
+        gates: int,
+        w_hh: Tensor,
+        b_hh: Tensor | None,
+        ln_weight: Tensor | None,
+        ln_bias: Tensor | None,
+        mask: Tensor | None,
     ) -> None:
         self.layout, self.w_hh, self.b_hh, self.mask = layout, w_hh, b_hh, mask
         self.w_hh_t = w_hh.t()
-        self.size = w_hh.shape[1]
-        self.gates = w_hh.shape[0] // self.size
+        self.gates, self.size = gates, w_hh.shape[0] // gates  # h_{t-1} is narrower than the gates with a projection
         self.masks = layout.prefixes(mask) if mask is not None else None
         self.norm = (ln_weight.view(self.gates, self.size), ln_bias.view(self.gates, self.size)) if ln_weight is not None else None
         self.norm_inputs: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # per step: (W_hh m⊙h + b_hh, LN of it, mean, 1/std)
@@ -238,7 +246,7 @@ class _HiddenPath:
             self.grad_ln_weight = self.w_hh.new_zeros(self.gates, self.size)
 
     def backward_step(self, step: int, grad_gh: Tensor) -> Tensor:
-        """(d gh_t / d h_{t-1})^T dL/dgh_t, a new [rows, H] tensor."""
+        """(d gh_t / d h_{t-1})^T dL/dgh_t, a new tensor shaped like h_{t-1}."""
         if self.norm is not None:
             raw, normalised, mean, rstd = self.norm_inputs[step]
             grad_normalised = grad_gh.view_as(raw)
@@ -280,10 +288,12 @@ class _GRUScan(Function):
     one into the other. The two describe the same functions; only the weights that express them differ.
     """
 
+    gates = 3
+
     @staticmethod
     def forward(ctx: Any, layout: _Layout, gi_all: Tensor, *hidden_and_h0: Tensor | None) -> Tensor:
         *hidden_args, h0 = hidden_and_h0
-        hidden, size, steps = _HiddenPath(layout, *hidden_args), h0.shape[1], layout.steps
+        hidden, size, steps = _HiddenPath(layout, _GRUScan.gates, *hidden_args), h0.shape[1], layout.steps
         states = _with_initial(h0, layout)
         h_previous, h = layout.previous(states), steps(states[layout.batch :])
         # Intermediates: every step's for the backward pass, else one step's, reused.
@@ -330,18 +340,22 @@ class _GRUScan(Function):
 
 class _LSTMScan(Function):
     """The LSTM over a packed sequence, given gi = W_ih x_t + b_ih of all steps. PyTorch's
-    equations (gate order i, f, g, o):
+    equations (gate order i, f, g, o), with W_hr only for an LSTM with projections (proj_size > 0):
 
         a = gi + W_hh h_{t-1} + b_hh
         i = sigmoid(a_i)   f = sigmoid(a_f)   g = tanh(a_g)   o = sigmoid(a_o)     input, forget, cell, output gates
         c_t = f ⊙ c_{t-1} + i ⊙ g
-        h_t = o ⊙ tanh(c_t)
+        h_t = o ⊙ tanh(c_t),  or  W_hr (o ⊙ tanh(c_t))  with projections
+
+    With projections h is proj_size wide (W_hr is [proj_size, H], W_hh [4H, proj_size]) and c stays H wide.
     """
 
+    gates = 4
+
     @staticmethod
-    def forward(ctx: Any, layout: _Layout, gi_all: Tensor, *hidden_and_state: Tensor | None) -> tuple[Tensor, Tensor]:
-        *hidden_args, h0, c0 = hidden_and_state
-        hidden, size, steps = _HiddenPath(layout, *hidden_args), h0.shape[1], layout.steps
+    def forward(ctx: Any, layout: _Layout, gi_all: Tensor, *hidden_states_and_projection: Tensor | None) -> tuple[Tensor, Tensor]:
+        *hidden_args, h0, c0, w_hr = hidden_states_and_projection
+        hidden, size, steps = _HiddenPath(layout, _LSTMScan.gates, *hidden_args), c0.shape[1], layout.steps
         h_states, c_states = _with_initial(h0, layout), _with_initial(c0, layout)
         h_previous, h = layout.previous(h_states), steps(h_states[layout.batch :])
         c_previous, c = layout.previous(c_states), steps(c_states[layout.batch :])
@@ -351,23 +365,31 @@ class _LSTMScan(Function):
         gi, gates, tanh_c = steps(gi_all), per_step(gates_all), per_step(tanh_c_all)
         i_f, g, o = map(per_step, gates_all.split([2 * size, size, size], dim=1))
         i, f = map(per_step, gates_all[:, : 2 * size].split(size, dim=1))
+        # o ⊙ tanh(c_t): h_t itself, or what W_hr projects to h_t.
+        unprojected_all, projection = (None, None) if w_hr is None else (gi_all.new_empty(rows, size), w_hr.t())
+        unprojected = h if w_hr is None else per_step(unprojected_all)
         for t in range(len(layout.batch_sizes)):
             hidden.forward_step(t, h_previous[t], out=gates[t]).add_(gi[t])
             i_f[t].sigmoid_(), g[t].tanh_(), o[t].sigmoid_()
             torch.mul(f[t], c_previous[t], out=c[t]).addcmul_(i[t], g[t])
-            torch.mul(o[t], torch.tanh(c[t], out=tanh_c[t]), out=h[t])
+            torch.mul(o[t], torch.tanh(c[t], out=tanh_c[t]), out=unprojected[t])
+            if projection is not None:
+                torch.mm(unprojected[t], projection, out=h[t])
         ctx.layout, ctx.hidden = layout, hidden
-        ctx.save_for_backward(h_states, c_states, gates_all, tanh_c_all)
+        ctx.save_for_backward(h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr)
         return h_states[layout.batch :], c_states[layout.batch :]
 
     @staticmethod
     @_first_order
     def backward(ctx: Any, grad_h_output: Tensor, grad_c_output: Tensor) -> tuple[Tensor | None, ...]:
         layout, hidden, steps = ctx.layout, ctx.hidden, ctx.layout.steps
-        h_states, c_states, gates_all, tanh_c_all = ctx.saved_tensors
+        h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr = ctx.saved_tensors
         size = tanh_c_all.shape[1]
         i, f, g, o = map(steps, gates_all.split(size, dim=1))
         c_previous, tanh_c = layout.previous(c_states), steps(tanh_c_all)
+        if w_hr is not None:  # every dL/dh_t, for W_hr's gradient
+            grad_h_all = torch.empty_like(grad_h_output)
+            grad_h_steps = steps(grad_h_all)
         grad_h_output, grad_c_output = steps(grad_h_output), steps(grad_c_output)
         grad_a_all = torch.empty_like(gates_all)  # dL/d(a_i, a_f, a_g, a_o)
         grad_a = steps(grad_a_all)
@@ -375,6 +397,8 @@ class _LSTMScan(Function):
         hidden.start_backward()
         grad_h, grad_c = grad_h_output[-1], grad_c_output[-1]  # dL/dh_t, and dL/dc_t through c_{t+1}
         for t in reversed(range(len(layout.batch_sizes))):
+            if w_hr is not None:  # from dL/dh_t to dL/d(o ⊙ tanh c_t), which the lines below call grad_h
+                grad_h = grad_h_steps[t].copy_(grad_h).mm(w_hr)
             grad_c = _times_tanh_derivative(grad_h * o[t], tanh_c[t]).add_(grad_c)  # dL/dc_t: through h_t and c_{t+1}
             torch.mul(grad_h * tanh_c[t], _sigmoid_derivative(o[t]), out=grad_a_o[t])
             torch.mul(grad_c * g[t], _sigmoid_derivative(i[t]), out=grad_a_i[t])
@@ -384,7 +408,8 @@ class _LSTMScan(Function):
             grad_h = _carry(carried_h, grad_h_output[t - 1]) if t else carried_h
             grad_c = _carry(carried_c, grad_c_output[t - 1]) if t else carried_c
         parameter_grads = hidden.parameter_grads(layout.gather_previous(h_states), grad_a_all)
-        return None, grad_a_all, *parameter_grads, None, grad_h, grad_c
+        grad_w_hr = grad_h_all.t().mm(unprojected_all) if w_hr is not None else None
+        return None, grad_a_all, *parameter_grads, None, grad_h, grad_c, grad_w_hr
 
 
 class _RNNScan(Function):
@@ -393,10 +418,12 @@ class _RNNScan(Function):
     h_t = tanh(gi + W_hh h_{t-1} + b_hh)        (or relu)
     """
 
+    gates = 1
+
     @staticmethod
     def forward(ctx: Any, layout: _Layout, gi_all: Tensor, *hidden_h0_and_nonlinearity: Any) -> Tensor:
         *hidden_args, h0, nonlinearity = hidden_h0_and_nonlinearity
-        hidden = _HiddenPath(layout, *hidden_args)
+        hidden = _HiddenPath(layout, _RNNScan.gates, *hidden_args)
         states = _with_initial(h0, layout)
         h_previous, h, gi = layout.previous(states), layout.steps(states[layout.batch :]), layout.steps(gi_all)
         activate = Tensor.tanh_ if nonlinearity == "tanh" else Tensor.relu_
@@ -437,10 +464,8 @@ def _gate_norm(pre_activations: Tensor, weight: Tensor, bias: Tensor, gates: int
 class _RecurrentBase(nn.Module):
     """What the three cells share: torch's parameter layout, inputs and states, layers and directions."""
 
-    gates: ClassVar[int]
     scan: ClassVar[type[Function]]
     mode: str  # torch.nn.RNNBase's name for the cell, which code written for torch reads
-    state_count: ClassVar[int] = 1  # GRU and RNN carry h, the LSTM (h, c)
 
     def __init__(
         self,
@@ -456,6 +481,7 @@ class _RecurrentBase(nn.Module):
         *,
         recurrent_dropout: float = 0.0,
         layer_norm: bool = False,
+        proj_size: int = 0,
     ) -> None:
         super().__init__()
         cell = type(self).__name__
@@ -468,6 +494,14 @@ class _RecurrentBase(nn.Module):
                 raise CellTypeError(f"{cell}: {option} should be of type int, got: {type(value).__name__} ({value!r}).")
             if value <= 0:
                 raise CellValueError(f"{cell}: {option} must be greater than zero, got {value}.")
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+            raise CellTypeError(f"{cell}: proj_size should be of type int, got: {type(proj_size).__name__} ({proj_size!r}).")
+        if proj_size < 0:
+            raise CellValueError(f"{cell}: proj_size should be a positive integer or zero to disable projections, got {proj_size}.")
+        if proj_size >= hidden_size:
+            raise CellValueError(
+                f"{cell}: proj_size has to be smaller than hidden_size ({hidden_size}), got {proj_size}; 0 disables projections."
+            )
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise CellValueError(
                 f"{cell}: dropout should be a number in range [0, 1], the probability of zeroing an element; got {dropout!r}."
@@ -480,16 +514,18 @@ class _RecurrentBase(nn.Module):
             raise CellValueError(f"{cell}: recurrent_dropout must be in [0, 1), got {recurrent_dropout!r}.")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout, self.bidirectional = bias, batch_first, float(dropout), bidirectional
-        self.recurrent_dropout, self.layer_norm = float(recurrent_dropout), layer_norm
+        self.recurrent_dropout, self.layer_norm, self.proj_size = float(recurrent_dropout), layer_norm, proj_size
         self.num_directions = 2 if bidirectional else 1
-        width = self.gates * hidden_size
+        width = self.scan.gates * hidden_size
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
+            layer_input = input_size if layer == 0 else self._output_size * self.num_directions
             for suffix in ("", "_reverse")[: self.num_directions]:
                 # torch's names and registration order, so the same seed draws the same initial weights.
-                shapes = {f"weight_ih_l{layer}{suffix}": (width, layer_input), f"weight_hh_l{layer}{suffix}": (width, hidden_size)}
+                shapes = {f"weight_ih_l{layer}{suffix}": (width, layer_input), f"weight_hh_l{layer}{suffix}": (width, self._output_size)}
                 if bias:
                     shapes |= {f"bias_ih_l{layer}{suffix}": (width,), f"bias_hh_l{layer}{suffix}": (width,)}
+                if proj_size:
+                    shapes[f"weight_hr_l{layer}{suffix}"] = (proj_size, hidden_size)
                 if layer_norm:
                     shapes |= {f"ln_{kind}_{path}_l{layer}{suffix}": (width,) for path in ("ih", "hh") for kind in ("weight", "bias")}
                 for name, shape in shapes.items():
@@ -506,6 +542,15 @@ class _RecurrentBase(nn.Module):
                 nn.init.zeros_(parameter)
             else:
                 nn.init.uniform_(parameter, -bound, bound)
+
+    @property
+    def _output_size(self) -> int:
+        """The width of h (and of each direction's output): proj_size with projections, else hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        """The width of each state the cell carries."""
+        return (self._output_size,)
 
     def flatten_parameters(self) -> None:
         """A no-op kept for drop-in compatibility: the weights are used where they are."""
@@ -534,7 +579,7 @@ class _RecurrentBase(nn.Module):
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"
-        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False}
+        defaults = {"proj_size": 0, "num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False}
         defaults |= {"recurrent_dropout": 0.0, "layer_norm": False}
         return text + "".join(f", {name}={getattr(self, name)}" for name, default in defaults.items() if getattr(self, name) != default)
 
@@ -582,7 +627,7 @@ class _RecurrentBase(nn.Module):
             hx = self._map_state(hx, lambda s: s.unsqueeze(1))
         if batch == 0:  # torch gives empty outputs and states for an empty batch
             initial = self._initial_states(hx, 0, input)
-            output = input.new_zeros(length, 0, self.num_directions * self.hidden_size)
+            output = input.new_zeros(length, 0, self.num_directions * self._output_size)
             return (output.transpose(0, 1) if self.batch_first else output), self._pack_state(initial)
         layout = _Layout((batch,) * length, input.device)
         data, state = self._run(steps.reshape(length * batch, -1), layout, hx)
@@ -620,10 +665,12 @@ class _RecurrentBase(nn.Module):
                 inputs = data if direction == 0 else data.index_select(0, layout.reverse_index)
                 gi = _matmul(inputs, w_ih.t(), b_ih)
                 if self.layer_norm:
-                    gi = _gate_norm(gi, ln_w_ih, ln_b_ih, self.gates)
+                    gi = _gate_norm(gi, ln_w_ih, ln_b_ih, self.scan.gates)
                 hidden = (w_hh, b_hh, ln_w_hh, ln_b_hh, self._recurrent_mask(layout, data))
                 index = layer * self.num_directions + direction
-                sequences = self._scan(layout, gi, hidden, tuple(state[index] for state in initial))
+                arguments = (*hidden, *(state[index] for state in initial), *self._scan_options(suffix))
+                sequences = self.scan.apply(layout, gi, *arguments)
+                sequences = sequences if isinstance(sequences, tuple) else (sequences,)
                 finals.append([sequence.index_select(0, layout.last_index) for sequence in sequences])
                 outputs.append(sequences[0] if direction == 0 else sequences[0].index_select(0, layout.reverse_index))
             data = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
@@ -632,16 +679,16 @@ class _RecurrentBase(nn.Module):
         states = tuple(torch.stack(state) for state in zip(*finals, strict=True))
         return data, self._pack_state(states)
 
-    def _scan(self, layout: _Layout, gi: Tensor, hidden: tuple[Tensor | None, ...], initial: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        sequences = self.scan.apply(layout, gi, *hidden, *initial)
-        return sequences if isinstance(sequences, tuple) else (sequences,)
+    def _scan_options(self, suffix: str) -> tuple[Any, ...]:
+        """The scan's arguments after the initial states, for the layer and direction of `suffix`."""
+        return ()
 
     def _recurrent_mask(self, layout: _Layout, like: Tensor) -> Tensor | None:
         """Variational dropout: one mask per sequence, reused at every step."""
         if not (self.training and self.recurrent_dropout):
             return None
         keep = 1 - self.recurrent_dropout
-        return like.new_empty(layout.batch, self.hidden_size).bernoulli_(keep).div_(keep)
+        return like.new_empty(layout.batch, self._output_size).bernoulli_(keep).div_(keep)
 
     def _check_lengths(self, input: Tensor, lengths: Tensor) -> Tensor:
         """One length per sequence, each in [1, T]: pack_padded_sequence would fail obscurely or read past the padding."""
@@ -673,13 +720,13 @@ class _RecurrentBase(nn.Module):
             raise CellInputError(f"{cell}: expected sequence length to be larger than 0, got input of shape {tuple(input.shape)}.")
 
     def _initial_states(self, hx: Any, batch: int, like: Tensor) -> tuple[Tensor, ...]:
-        shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        shapes = [(self.num_layers * self.num_directions, batch, size) for size in self._state_sizes()]
         if hx is None:
-            return tuple(like.new_zeros(shape) for _ in range(self.state_count))
+            return tuple(like.new_zeros(shape) for shape in shapes)
         states = self._unpack_state(hx)
-        for state in states:
+        for name, state, shape in zip(("h_0", "c_0"), states, shapes, strict=False):
             if tuple(state.shape) != shape:
-                raise CellInputError(f"{type(self).__name__} expects initial states of shape {shape}, got {tuple(state.shape)}.")
+                raise CellInputError(f"{type(self).__name__} expects {name} of shape {shape}, got {tuple(state.shape)}.")
             if state.dtype != like.dtype or state.device != like.device:
                 raise CellInputError(
                     f"{type(self).__name__}: the initial state is {state.dtype} on {state.device} but the input is "
@@ -704,7 +751,6 @@ class GRU(_RecurrentBase):
     `gru(input, h_0=None, lengths=None)` returns `(output, h_n)`.
     """
 
-    gates = 3
     scan = _GRUScan
     mode = "GRU"
 
@@ -712,14 +758,13 @@ class GRU(_RecurrentBase):
 class LSTM(_RecurrentBase):
     """Long short-term memory, the same function as torch.nn.LSTM (equations: `_LSTMScan`).
 
-    torch's arguments in torch's order; `proj_size` must be 0 (projections are not implemented:
-    torch.nn.LSTM has them). `lstm(input, (h_0, c_0)=None, lengths=None)` returns `(output, (h_n, c_n))`.
+    torch's arguments in torch's order, projections included: with `proj_size` > 0, h_t = W_hr (o ⊙ tanh(c_t)),
+    so h_0, h_n and each direction's output are proj_size wide, c_0 and c_n hidden_size wide.
+    `lstm(input, (h_0, c_0)=None, lengths=None)` returns `(output, (h_n, c_n))`.
     """
 
-    gates = 4
     scan = _LSTMScan
     mode = "LSTM"
-    state_count = 2
 
     def __init__(
         self,
@@ -737,19 +782,16 @@ class LSTM(_RecurrentBase):
         recurrent_dropout: float = 0.0,
         layer_norm: bool = False,
     ) -> None:
-        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
-            raise CellTypeError(f"LSTM: proj_size should be of type int, got: {type(proj_size).__name__}.")
-        if proj_size < 0:
-            raise CellValueError(f"LSTM: proj_size should be a positive integer or zero to disable projections, got {proj_size}.")
-        if proj_size:
-            raise CellValueError(
-                f"rnnlab's LSTM has no projections (proj_size={proj_size}); use torch.nn.LSTM for an LSTM with projections."
-            )
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device, dtype,
-            recurrent_dropout=recurrent_dropout, layer_norm=layer_norm,
+            recurrent_dropout=recurrent_dropout, layer_norm=layer_norm, proj_size=proj_size,
         )  # fmt: skip
-        self.proj_size = 0
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        return self._output_size, self.hidden_size
+
+    def _scan_options(self, suffix: str) -> tuple[Any, ...]:
+        return (getattr(self, f"weight_hr{suffix}", None),)
 
     def _unpack_state(self, state: Any) -> tuple[Tensor, ...]:
         if not (isinstance(state, tuple | list) and len(state) == 2):
@@ -763,7 +805,6 @@ class LSTM(_RecurrentBase):
 class RNN(_RecurrentBase):
     """Elman RNN, the same function as torch.nn.RNN (equations: `_RNNScan`), tanh or relu."""
 
-    gates = 1
     scan = _RNNScan
 
     def __init__(
@@ -795,5 +836,5 @@ class RNN(_RecurrentBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", nonlinearity={self.nonlinearity}" if self.nonlinearity != "tanh" else "")
 
-    def _scan(self, layout: _Layout, gi: Tensor, hidden: tuple[Tensor | None, ...], initial: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return (self.scan.apply(layout, gi, *hidden, *initial, self.nonlinearity),)
+    def _scan_options(self, suffix: str) -> tuple[Any, ...]:
+        return (self.nonlinearity,)
