@@ -187,7 +187,7 @@ def test_the_other_update_convention_is_the_same_gru_with_the_z_rows_negated() -
     assert max_difference([torch.stack(outputs)], [gru(inputs)[0]]) <= 1e-12
 
 
-# --- the hand-derived backward, checked numerically -------------------------------------------------
+# --- the hand-derived backward and the differentiable one, checked numerically --------------------------
 
 SCANS = {"GRU": cells._GRUScan, "LSTM": cells._LSTMScan, "RNN": cells._RNNScan}
 OPTIONS = {
@@ -205,7 +205,7 @@ SCAN_CASES = [(kind, name, options) for kind in KINDS for name, options in OPTIO
 
 
 @pytest.mark.parametrize(("kind", "name", "options"), SCAN_CASES, ids=[f"{kind}-{name}" for kind, name, _ in SCAN_CASES])
-def test_custom_backward_passes_gradcheck(kind: str, name: str, options: dict[str, bool]) -> None:
+def test_custom_backward_passes_gradcheck_and_gradgradcheck(kind: str, name: str, options: dict[str, bool]) -> None:
     scan = SCANS[kind]
     batch_sizes, size = (3, 3, 2, 1), 3  # variable lengths 4, 3, 2
     width = 2 if options.get("projection") else size  # h's: proj_size with a projection
@@ -222,16 +222,77 @@ def test_custom_backward_passes_gradcheck(kind: str, name: str, options: dict[st
     initial = [tensor(3, width), tensor(3, size)][: 2 if kind == "LSTM" else 1]
     # What follows the initial states: the LSTM's W_hr (None without a projection), the RNN's nonlinearity.
     trailing = {"GRU": [], "LSTM": [tensor(width, size) if options.get("projection") else None], "RNN": ["tanh"]}[kind]
-    assert torch.autograd.gradcheck(
-        lambda *args: scan.apply(layout, *args[:5], mask, *args[5:]), (gi, w_hh, b_hh, ln_weight, ln_bias, *initial, *trailing)
-    )
+    arguments = (gi, w_hh, b_hh, ln_weight, ln_bias, *initial, *trailing)
+
+    def scan_with_mask(*args: Any) -> Any:
+        return scan.apply(layout, *args[:5], mask, *args[5:])
+
+    # The first-order check runs the hand-derived backward (and, for its batched part, the recomputed one).
+    assert torch.autograd.gradcheck(scan_with_mask, arguments, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(scan_with_mask, arguments, fast_mode=True)
 
 
-def test_double_backward_is_refused_rather_than_silently_wrong() -> None:
-    gru = cells.GRU(3, 4)
-    output, _ = gru(torch.randn(5, 2, 3, requires_grad=True))
-    with pytest.raises(NotImplementedError, match="first-order"):
-        torch.autograd.grad(output.sum(), gru.weight_hh_l0, create_graph=True)
+# Double backward: 2 layers, both directions, each cell and nonlinearity, with and without biases, padded and packed.
+DOUBLE_BACKWARD_VARIANTS = {**VARIANTS, "RNN-relu": ("RNN", {"nonlinearity": "relu"})}
+DOUBLE_BACKWARD_CASES = [
+    (variant, bias, packed) for variant in DOUBLE_BACKWARD_VARIANTS for bias in (True, False) for packed in (False, True)
+]
+DOUBLE_BACKWARD_IDS = [f"{v}-{'bias' if b else 'no bias'}-{'packed' if p else 'padded'}" for v, b, p in DOUBLE_BACKWARD_CASES]
+
+
+def double_backward_case(variant: str, bias: bool, packed: bool) -> tuple[nn.Module, nn.Module, Any, torch.Tensor]:
+    """torch's cell and rnnlab's (the same weights), a function running one on the inputs to (output, state), and inputs."""
+    kind, options = DOUBLE_BACKWARD_VARIANTS[variant]
+    torch.manual_seed(0)
+    reference, ours = make_pair(kind, input_size=2, hidden_size=3, num_layers=2, bidirectional=True, bias=bias, **options)
+    inputs = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    def run(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        output, state = module(pack_padded_sequence(x, [4, 2, 3], enforce_sorted=False) if packed else x)
+        return (output.data if packed else output), state
+
+    return reference, ours, run, inputs
+
+
+@pytest.mark.parametrize(("variant", "bias", "packed"), DOUBLE_BACKWARD_CASES, ids=DOUBLE_BACKWARD_IDS)
+def test_second_derivatives_equal_torchs(variant: str, bias: bool, packed: bool) -> None:
+    reference, ours, run, inputs = double_backward_case(variant, bias, packed)
+    results = []
+    for module in (reference, ours):
+        leaves = [inputs, *module.parameters()]
+        gradients = torch.autograd.grad(weighted_loss(*run(module, inputs)), leaves, create_graph=True)
+        penalty = sum((gradient * gradient.sin()).sum() for gradient in gradients)  # a gradient penalty, as in WGAN-GP
+        results.append([*gradients, *torch.autograd.grad(penalty, leaves)])
+    assert max_difference(*results) <= 1e-10
+
+
+@pytest.mark.parametrize(("variant", "bias", "packed"), DOUBLE_BACKWARD_CASES, ids=DOUBLE_BACKWARD_IDS)
+def test_double_backward_passes_gradgradcheck(variant: str, bias: bool, packed: bool) -> None:
+    _, ours, run, inputs = double_backward_case(variant, bias, packed)
+
+    def tensors(x: torch.Tensor, *parameters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output, state = run(ours, x)  # the parameters are the module's own, which gradgradcheck perturbs in place
+        return (output, *as_tuple(state))
+
+    assert torch.autograd.gradgradcheck(tensors, (inputs, *ours.parameters()), fast_mode=True)
+
+
+def test_an_ordinary_backward_takes_the_hand_derived_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def recomputed(*args: Any) -> None:
+        raise AssertionError("an ordinary backward recomputed the scan")
+
+    monkeypatch.setattr(cells, "_recomputed_gradients", recomputed)
+    for kind, options in VARIANTS.values():
+        output, state = getattr(cells, kind)(3, 4, **options)(torch.randn(5, 2, 3, requires_grad=True))
+        weighted_loss(output, state).backward()
+
+
+def test_batched_gradients_give_torchs_jacobian() -> None:
+    """vmap over the backward (jacobian's vectorize=True, is_grads_batched) takes the recomputed path."""
+    reference, ours = make_pair("LSTM", input_size=2, hidden_size=3, proj_size=2)
+    inputs = torch.randn(4, 2, dtype=torch.float64)
+    jacobians = [torch.autograd.functional.jacobian(lambda x, m=module: m(x)[0], inputs, vectorize=True) for module in (reference, ours)]
+    assert max_difference(*[[jacobian] for jacobian in jacobians]) <= 1e-10
 
 
 # --- parameter layout ------------------------------------------------------------------------------

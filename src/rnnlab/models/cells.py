@@ -15,9 +15,12 @@ torch lacks, off by default:
 - `layer_norm`: layer normalisation of each gate's input and hidden pre-activations
   (Ba et al., 2016), with a gain and bias per gate unit.
 
-The gate equations of each cell are written once, in the `forward` of its scan below
-(`_GRUScan`, `_LSTMScan`, `_RNNScan`), with their hand-derived derivatives in `backward`.
-What makes them fast on a CPU (each measured against its alternative):
+The gate equations of each cell are written in the `forward` of its scan below (`_GRUScan`,
+`_LSTMScan`, `_RNNScan`), fused and in place, with their hand-derived derivatives in `backward`;
+and again in plain torch ops in its `step`, for the gradients autograd must be able to
+differentiate (a backward with create_graph=True) or batch (vmap over the backward): those are
+recomputed from the saved inputs through `step` and differentiated by autograd (`_Scan`).
+What makes the first path fast on a CPU (each measured against its alternative):
 
 - the input half of every gate pre-activation, W_ih x_t + b_ih, is one matmul over all
   steps before the loop, which leaves one small matmul per step (W_hh h_{t-1});
@@ -184,20 +187,90 @@ def _times_tanh_derivative(grad: Tensor, y: Tensor, out: Tensor | None = None) -
     return torch.addcmul(grad, grad * y, y, value=-1, out=out)
 
 
-def _first_order(backward: Any) -> Any:
-    """Refuse double backward (create_graph=True): a hand-derived backward is not itself differentiable,
-    and autograd would otherwise treat it as constant and return wrong higher-order gradients."""
+class _Scan(Function):
+    """What the three scans share: a custom Function over a packed sequence with two backward paths.
+
+    Its arguments are (layout, gi_all, w_hh, b_hh, ln_weight, ln_bias, mask, *initial states, *options), the
+    options being what the cell adds (the LSTM's W_hr, the RNN's nonlinearity). The hand-derived `backward`
+    is the fast path. It is neither differentiable nor batchable, so when autograd needs either (a backward
+    with create_graph=True runs in grad mode; gradcheck's batched check and jacobian(vectorize=True) run it
+    under vmap), `_recomputed_gradients` recomputes the scan from the saved arguments with `step`, the same
+    equations in differentiable torch ops, and differentiates that.
+    """
+
+    gates: ClassVar[int]  # gate blocks in W_hh's rows
+    states: ClassVar[int]  # initial states: h, or (h, c)
+
+    @staticmethod
+    def step(gi: Tensor, gh: Tensor, state: tuple[Tensor, ...], *options: Any) -> tuple[Tensor, ...]:
+        """One step in differentiable torch ops: the new state from the previous one and the two pre-activations."""
+        raise NotImplementedError
+
+
+def _save(ctx: Any, scan: type[_Scan], arguments: tuple[Any, ...], *intermediates: Tensor | None) -> None:
+    """Save the intermediates the hand-derived backward reads, then the forward's arguments for `_recomputed_gradients`.
+
+    Through save_for_backward, the arguments cost no copy (only the input pre-activations gi stay alive until the
+    backward) and come back attached to their graph under create_graph=True; autograd refuses the backward if one
+    was modified in place since.
+    """
+    ctx.scan, ctx.intermediates = scan, len(intermediates)
+    ctx.non_tensors = {i: argument for i, argument in enumerate(arguments) if not isinstance(argument, Tensor | None)}
+    ctx.save_for_backward(*intermediates, *(argument for i, argument in enumerate(arguments) if i not in ctx.non_tensors))
+
+
+def _differentiable_scan(
+    scan: type[_Scan],
+    layout: _Layout,
+    gi_all: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    mask: Tensor | None,
+    *states_and_options: Any,
+) -> tuple[Tensor, ...]:
+    """The scan's outputs (every row's states, as its forward returns them) computed step by step in differentiable ops."""
+    state, options = states_and_options[: scan.states], states_and_options[scan.states :]
+    outputs = []
+    for size, gi in zip(layout.batch_sizes, layout.steps(gi_all), strict=True):
+        state = tuple(s[:size] for s in state)
+        gh = _matmul(state[0] if mask is None else state[0] * mask[:size], w_hh.t(), b_hh)
+        if ln_weight is not None:
+            gh = _gate_norm(gh, ln_weight, ln_bias, scan.gates)
+        state = scan.step(gi, gh, state, *options)
+        outputs.append(state)
+    return tuple(torch.cat(rows) for rows in zip(*outputs, strict=True))
+
+
+def _recomputed_gradients(ctx: Any, grads: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+    """The scan's input gradients through autograd on `_differentiable_scan`: differentiable again when the
+    backward runs with create_graph=True, batched when it runs under vmap. It costs a forward and a backward
+    of the step-by-step graph, as a plain PyTorch loop over the steps would."""
+    saved = iter(ctx.saved_tensors[ctx.intermediates :])
+    arguments = [ctx.non_tensors[i] if i in ctx.non_tensors else next(saved) for i in range(len(ctx.needs_input_grad))]
+    wanted = [i for i, needed in enumerate(ctx.needs_input_grad) if needed]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        outputs = _differentiable_scan(ctx.scan, *arguments)
+    found = torch.autograd.grad(outputs, [arguments[i] for i in wanted], grads, create_graph=create_graph)
+    gradients: list[Tensor | None] = [None] * len(arguments)
+    for i, gradient in zip(wanted, found, strict=True):
+        gradients[i] = gradient
+    return tuple(gradients)
+
+
+def _fast_unless_differentiated(backward: Any) -> Any:
+    """A scan's backward: the hand-derived one, unless autograd needs gradients it cannot give (`_Scan`)."""
 
     @functools.wraps(backward)
-    def checked(ctx: Any, *grads: Tensor) -> Any:
-        if torch.is_grad_enabled():
-            raise NotImplementedError(
-                "rnnlab's recurrent cells give first-order gradients only; "
-                "use torch.nn.GRU/LSTM/RNN for double backward (create_graph=True)."
-            )
+    def dispatch(ctx: Any, *grads: Tensor) -> Any:
+        # One test on the fast path. The legacy vmap is the one gradcheck and is_grads_batched use.
+        if torch.is_grad_enabled() or any(torch._C._functorch.is_legacy_batchedtensor(grad) for grad in grads):
+            return _recomputed_gradients(ctx, grads)
         return backward(ctx, *grads)
 
-    return checked
+    return dispatch
 
 
 class _HiddenPath:
@@ -270,7 +343,7 @@ class _HiddenPath:
         return grad_gh.t().mm(h_previous), grad_b_hh, grad_ln_weight, grad_ln_bias
 
 
-class _GRUScan(Function):
+class _GRUScan(_Scan):
     """The GRU over a packed sequence, given the input pre-activations gi = W_ih x_t + b_ih of all steps.
 
     PyTorch's equations (gate order r, z, n; the reset gate multiplies the hidden matmul's
@@ -288,7 +361,15 @@ class _GRUScan(Function):
     one into the other. The two describe the same functions; only the weights that express them differ.
     """
 
-    gates = 3
+    gates, states = 3, 1
+
+    @staticmethod
+    def step(gi: Tensor, gh: Tensor, state: tuple[Tensor, ...], *options: Any) -> tuple[Tensor, ...]:
+        (h,) = state
+        (gi_rz, gi_n), (gh_rz, gh_n) = (pre_activations.split(2 * h.shape[1], dim=1) for pre_activations in (gi, gh))
+        r, z = torch.sigmoid(gi_rz + gh_rz).chunk(2, dim=1)
+        n = torch.tanh(gi_n + r * gh_n)
+        return (n + z * (h - n),)
 
     @staticmethod
     def forward(ctx: Any, layout: _Layout, gi_all: Tensor, *hidden_and_h0: Tensor | None) -> Tensor:
@@ -308,14 +389,14 @@ class _GRUScan(Function):
             torch.addcmul(gi_n[t], r[t], gh_n[t], out=n[t]).tanh_()
             torch.lerp(n[t], h_previous[t], z[t], out=h[t])
         ctx.layout, ctx.hidden = layout, hidden
-        ctx.save_for_backward(states, gh_all, n_all)
+        _save(ctx, _GRUScan, (layout, gi_all, *hidden_and_h0), states, gh_all, n_all)
         return states[layout.batch :]
 
     @staticmethod
-    @_first_order
+    @_fast_unless_differentiated
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         layout, hidden, steps = ctx.layout, ctx.hidden, ctx.layout.steps
-        states, gh_all, n_all = ctx.saved_tensors
+        states, gh_all, n_all = ctx.saved_tensors[: ctx.intermediates]
         size = n_all.shape[1]
         h_previous, grad_output, n = layout.previous(states), steps(grad_output), steps(n_all)
         r, z, gh_n = map(steps, gh_all.split(size, dim=1))
@@ -338,7 +419,7 @@ class _GRUScan(Function):
         return None, grad_gh_all, *parameter_grads, None, grad_h
 
 
-class _LSTMScan(Function):
+class _LSTMScan(_Scan):
     """The LSTM over a packed sequence, given gi = W_ih x_t + b_ih of all steps. PyTorch's
     equations (gate order i, f, g, o), with W_hr only for an LSTM with projections (proj_size > 0):
 
@@ -350,7 +431,15 @@ class _LSTMScan(Function):
     With projections h is proj_size wide (W_hr is [proj_size, H], W_hh [4H, proj_size]) and c stays H wide.
     """
 
-    gates = 4
+    gates, states = 4, 2
+
+    @staticmethod
+    def step(gi: Tensor, gh: Tensor, state: tuple[Tensor, ...], *options: Any) -> tuple[Tensor, ...]:
+        (_, c), (w_hr,) = state, options
+        i, f, g, o = (gi + gh).chunk(4, dim=1)
+        c_t = torch.sigmoid(i) * torch.tanh(g) + torch.sigmoid(f) * c
+        unprojected = torch.sigmoid(o) * torch.tanh(c_t)
+        return (unprojected if w_hr is None else unprojected.mm(w_hr.t())), c_t
 
     @staticmethod
     def forward(ctx: Any, layout: _Layout, gi_all: Tensor, *hidden_states_and_projection: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -376,14 +465,15 @@ class _LSTMScan(Function):
             if projection is not None:
                 torch.mm(unprojected[t], projection, out=h[t])
         ctx.layout, ctx.hidden = layout, hidden
-        ctx.save_for_backward(h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr)
+        arguments = (layout, gi_all, *hidden_states_and_projection)
+        _save(ctx, _LSTMScan, arguments, h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr)
         return h_states[layout.batch :], c_states[layout.batch :]
 
     @staticmethod
-    @_first_order
+    @_fast_unless_differentiated
     def backward(ctx: Any, grad_h_output: Tensor, grad_c_output: Tensor) -> tuple[Tensor | None, ...]:
         layout, hidden, steps = ctx.layout, ctx.hidden, ctx.layout.steps
-        h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr = ctx.saved_tensors
+        h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr = ctx.saved_tensors[: ctx.intermediates]
         size = tanh_c_all.shape[1]
         i, f, g, o = map(steps, gates_all.split(size, dim=1))
         c_previous, tanh_c = layout.previous(c_states), steps(tanh_c_all)
@@ -412,13 +502,18 @@ class _LSTMScan(Function):
         return None, grad_a_all, *parameter_grads, None, grad_h, grad_c, grad_w_hr
 
 
-class _RNNScan(Function):
+class _RNNScan(_Scan):
     """The plain (Elman) RNN over a packed sequence, given gi = W_ih x_t + b_ih of all steps:
 
     h_t = tanh(gi + W_hh h_{t-1} + b_hh)        (or relu)
     """
 
-    gates = 1
+    gates, states = 1, 1
+
+    @staticmethod
+    def step(gi: Tensor, gh: Tensor, state: tuple[Tensor, ...], *options: Any) -> tuple[Tensor, ...]:
+        (nonlinearity,) = options
+        return ((torch.tanh if nonlinearity == "tanh" else torch.relu)(gi + gh),)
 
     @staticmethod
     def forward(ctx: Any, layout: _Layout, gi_all: Tensor, *hidden_h0_and_nonlinearity: Any) -> Tensor:
@@ -430,14 +525,14 @@ class _RNNScan(Function):
         for t in range(len(layout.batch_sizes)):
             activate(hidden.forward_step(t, h_previous[t], out=h[t]).add_(gi[t]))
         ctx.layout, ctx.hidden, ctx.nonlinearity = layout, hidden, nonlinearity
-        ctx.save_for_backward(states)
+        _save(ctx, _RNNScan, (layout, gi_all, *hidden_h0_and_nonlinearity), states)
         return states[layout.batch :]
 
     @staticmethod
-    @_first_order
+    @_fast_unless_differentiated
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         layout, hidden = ctx.layout, ctx.hidden
-        (states,) = ctx.saved_tensors
+        (states,) = ctx.saved_tensors[: ctx.intermediates]
         h, grad_output = layout.steps(states[layout.batch :]), layout.steps(grad_output)
         grad_a_all = torch.empty_like(states[layout.batch :])  # dL/d(gi + gh)
         grad_a = layout.steps(grad_a_all)
@@ -464,7 +559,7 @@ def _gate_norm(pre_activations: Tensor, weight: Tensor, bias: Tensor, gates: int
 class _RecurrentBase(nn.Module):
     """What the three cells share: torch's parameter layout, inputs and states, layers and directions."""
 
-    scan: ClassVar[type[Function]]
+    scan: ClassVar[type[_Scan]]
     mode: str  # torch.nn.RNNBase's name for the cell, which code written for torch reads
 
     def __init__(
