@@ -25,6 +25,8 @@ from rnnlab.models.encoder import RecurrentEncoder
 from rnnlab.train import train
 
 KINDS = ["GRU", "LSTM", "RNN"]
+# Each cell, and the LSTM with projections (proj_size=2) besides: (cell, constructor options).
+VARIANTS = {"GRU": ("GRU", {}), "LSTM": ("LSTM", {}), "LSTM-proj": ("LSTM", {"proj_size": 2}), "RNN": ("RNN", {})}
 # Largest absolute difference allowed between torch's results and rnnlab's (issue #4's bounds).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -64,7 +66,7 @@ def max_difference(first: Any, second: Any) -> float:
 
 @st.composite
 def shapes(draw: st.DrawFn) -> dict[str, Any]:
-    return {
+    case = {
         "batch": draw(st.integers(1, 8)),
         "length": draw(st.integers(1, 40)),
         "input_size": draw(st.integers(1, 9)),
@@ -78,20 +80,26 @@ def shapes(draw: st.DrawFn) -> dict[str, Any]:
         "lengths": draw(st.sampled_from(["padded", "lengths", "packed"])),
         "seed": draw(st.integers(0, 2**16)),
     }
+    # Read by the LSTM with projections only: below hidden_size, so none (a plain LSTM) when hidden_size is 1.
+    case["proj_size"] = draw(st.integers(1, case["hidden_size"] - 1)) if case["hidden_size"] > 1 else 0
+    return case
 
 
-def run_both(kind: str, dtype: torch.dtype, case: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def run_both(variant: str, dtype: torch.dtype, case: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Outputs, final states and the gradients of every input, initial state and parameter, torch's then rnnlab's."""
+    kind, projected = VARIANTS[variant][0], "proj_size" in VARIANTS[variant][1]
     generator = torch.Generator().manual_seed(case["seed"])
     torch.manual_seed(case["seed"])
     options = {k: case[k] for k in ("input_size", "hidden_size", "num_layers", "bidirectional", "batch_first", "bias")}
+    if projected:
+        options["proj_size"] = case["proj_size"]
     reference, ours = make_pair(kind, dtype, **options)
     batch, length = case["batch"], case["length"]
     shape = (batch, length, case["input_size"]) if case["batch_first"] else (length, batch, case["input_size"])
     inputs = torch.randn(shape, dtype=dtype, generator=generator, requires_grad=True)
-    state_shape = (case["num_layers"] * (2 if case["bidirectional"] else 1), batch, case["hidden_size"])
-    states = 2 if kind == "LSTM" else 1
-    initial = tuple(torch.randn(state_shape, dtype=dtype, generator=generator, requires_grad=True) for _ in range(states))
+    layers = case["num_layers"] * (2 if case["bidirectional"] else 1)
+    widths = [options.get("proj_size") or case["hidden_size"]] + ([case["hidden_size"]] if kind == "LSTM" else [])  # h's, then c's
+    initial = tuple(torch.randn(layers, batch, width, dtype=dtype, generator=generator, requires_grad=True) for width in widths)
     hx = (initial if kind == "LSTM" else initial[0]) if case["initial_state"] else None
     lengths = torch.randint(1, length + 1, (batch,), generator=generator)
     results = []
@@ -112,12 +120,12 @@ def run_both(kind: str, dtype: torch.dtype, case: dict[str, Any]) -> tuple[list[
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
 # Derandomized: the same 30 cases on every machine and run, so a failure reproduces and CI is not a lottery.
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(case=shapes())
-def test_outputs_states_and_gradients_equal_torch(kind: str, dtype: torch.dtype, case: dict[str, Any]) -> None:
-    expected, actual = run_both(kind, dtype, case)
+def test_outputs_states_and_gradients_equal_torch(variant: str, dtype: torch.dtype, case: dict[str, Any]) -> None:
+    expected, actual = run_both(variant, dtype, case)
     assert len(expected) == len(actual)
     # Relative to each tensor's scale where that exceeds one: gradients summed over 40 steps and 3 layers reach
     # tens, and float32 keeps 7 digits of them whichever order the two implementations add in.
@@ -145,9 +153,11 @@ def test_unbatched_input_equals_torch() -> None:
     assert max_difference([expected, h, c], [actual, our_h, our_c]) <= 1e-10
 
 
-def test_dropout_between_layers_draws_the_same_masks_as_torch() -> None:
+@pytest.mark.parametrize("variant", ["GRU", "LSTM-proj"])
+def test_dropout_between_layers_draws_the_same_masks_as_torch(variant: str) -> None:
     torch.manual_seed(0)
-    reference, ours = make_pair("GRU", input_size=3, hidden_size=4, num_layers=3, dropout=0.5)
+    kind, options = VARIANTS[variant]
+    reference, ours = make_pair(kind, input_size=3, hidden_size=4, num_layers=3, dropout=0.5, **options)
     inputs = torch.randn(5, 2, 3, dtype=torch.float64)
     outputs = []
     for module in (reference, ours):
@@ -177,9 +187,9 @@ def test_the_other_update_convention_is_the_same_gru_with_the_z_rows_negated() -
     assert max_difference([torch.stack(outputs)], [gru(inputs)[0]]) <= 1e-12
 
 
-# --- the hand-derived backward, checked numerically -------------------------------------------------
+# --- the hand-derived backward and the differentiable one, checked numerically --------------------------
 
-SCANS = {"GRU": (cells._GRUScan, 3, ()), "LSTM": (cells._LSTMScan, 4, ()), "RNN": (cells._RNNScan, 1, ("tanh",))}
+SCANS = {"GRU": cells._GRUScan, "LSTM": cells._LSTMScan, "RNN": cells._RNNScan}
 OPTIONS = {
     "plain": {},
     "no bias": {"bias": False},
@@ -187,42 +197,111 @@ OPTIONS = {
     "layer norm": {"layer_norm": True},
     "all options": {"mask": True, "layer_norm": True},
 }
+# The LSTM's projection (W_hr) besides, alone and with every option.
+SCAN_CASES = [(kind, name, options) for kind in KINDS for name, options in OPTIONS.items()] + [
+    ("LSTM", "projection", {"projection": True}),
+    ("LSTM", "projection, all options", {"projection": True, "mask": True, "layer_norm": True}),
+]
 
 
-@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
-@pytest.mark.parametrize("kind", KINDS)
-def test_custom_backward_passes_gradcheck(kind: str, options: dict[str, bool]) -> None:
-    scan, gates, extra = SCANS[kind]
+@pytest.mark.parametrize(("kind", "name", "options"), SCAN_CASES, ids=[f"{kind}-{name}" for kind, name, _ in SCAN_CASES])
+def test_custom_backward_passes_gradcheck_and_gradgradcheck(kind: str, name: str, options: dict[str, bool]) -> None:
+    scan = SCANS[kind]
     batch_sizes, size = (3, 3, 2, 1), 3  # variable lengths 4, 3, 2
+    width = 2 if options.get("projection") else size  # h's: proj_size with a projection
     layout = cells._Layout(batch_sizes, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
 
     def tensor(*shape: int, grad: bool = True) -> torch.Tensor:
         return torch.randn(*shape, dtype=torch.float64, generator=generator).requires_grad_(grad)
 
-    gi, w_hh = tensor(layout.rows, gates * size), tensor(gates * size, size)
-    b_hh = tensor(gates * size) if options.get("bias", True) else None
-    ln_weight, ln_bias = (tensor(gates * size), tensor(gates * size)) if options.get("layer_norm") else (None, None)
-    mask = torch.bernoulli(torch.full((3, size), 0.6, dtype=torch.float64), generator=generator) / 0.6 if options.get("mask") else None
-    initial = [tensor(3, size) for _ in range(2 if kind == "LSTM" else 1)]
-    assert torch.autograd.gradcheck(
-        lambda *args: scan.apply(layout, *args[:5], mask, *args[5:], *extra), (gi, w_hh, b_hh, ln_weight, ln_bias, *initial)
-    )
+    gi, w_hh = tensor(layout.rows, scan.gates * size), tensor(scan.gates * size, width)
+    b_hh = tensor(scan.gates * size) if options.get("bias", True) else None
+    ln_weight, ln_bias = (tensor(scan.gates * size), tensor(scan.gates * size)) if options.get("layer_norm") else (None, None)
+    mask = torch.bernoulli(torch.full((3, width), 0.6, dtype=torch.float64), generator=generator) / 0.6 if options.get("mask") else None
+    initial = [tensor(3, width), tensor(3, size)][: 2 if kind == "LSTM" else 1]
+    # What follows the initial states: the LSTM's W_hr (None without a projection), the RNN's nonlinearity.
+    trailing = {"GRU": [], "LSTM": [tensor(width, size) if options.get("projection") else None], "RNN": ["tanh"]}[kind]
+    arguments = (gi, w_hh, b_hh, ln_weight, ln_bias, *initial, *trailing)
+
+    def scan_with_mask(*args: Any) -> Any:
+        return scan.apply(layout, *args[:5], mask, *args[5:])
+
+    # The first-order check runs the hand-derived backward (and, for its batched part, the recomputed one).
+    assert torch.autograd.gradcheck(scan_with_mask, arguments, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(scan_with_mask, arguments, fast_mode=True)
 
 
-def test_double_backward_is_refused_rather_than_silently_wrong() -> None:
-    gru = cells.GRU(3, 4)
-    output, _ = gru(torch.randn(5, 2, 3, requires_grad=True))
-    with pytest.raises(NotImplementedError, match="first-order"):
-        torch.autograd.grad(output.sum(), gru.weight_hh_l0, create_graph=True)
+# Double backward: 2 layers, both directions, each cell and nonlinearity, with and without biases, padded and packed.
+DOUBLE_BACKWARD_VARIANTS = {**VARIANTS, "RNN-relu": ("RNN", {"nonlinearity": "relu"})}
+DOUBLE_BACKWARD_CASES = [
+    (variant, bias, packed) for variant in DOUBLE_BACKWARD_VARIANTS for bias in (True, False) for packed in (False, True)
+]
+DOUBLE_BACKWARD_IDS = [f"{v}-{'bias' if b else 'no bias'}-{'packed' if p else 'padded'}" for v, b, p in DOUBLE_BACKWARD_CASES]
+
+
+def double_backward_case(variant: str, bias: bool, packed: bool) -> tuple[nn.Module, nn.Module, Any, torch.Tensor]:
+    """torch's cell and rnnlab's (the same weights), a function running one on the inputs to (output, state), and inputs."""
+    kind, options = DOUBLE_BACKWARD_VARIANTS[variant]
+    torch.manual_seed(0)
+    reference, ours = make_pair(kind, input_size=2, hidden_size=3, num_layers=2, bidirectional=True, bias=bias, **options)
+    inputs = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    def run(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        output, state = module(pack_padded_sequence(x, [4, 2, 3], enforce_sorted=False) if packed else x)
+        return (output.data if packed else output), state
+
+    return reference, ours, run, inputs
+
+
+@pytest.mark.parametrize(("variant", "bias", "packed"), DOUBLE_BACKWARD_CASES, ids=DOUBLE_BACKWARD_IDS)
+def test_second_derivatives_equal_torchs(variant: str, bias: bool, packed: bool) -> None:
+    reference, ours, run, inputs = double_backward_case(variant, bias, packed)
+    results = []
+    for module in (reference, ours):
+        leaves = [inputs, *module.parameters()]
+        gradients = torch.autograd.grad(weighted_loss(*run(module, inputs)), leaves, create_graph=True)
+        penalty = sum((gradient * gradient.sin()).sum() for gradient in gradients)  # a gradient penalty, as in WGAN-GP
+        results.append([*gradients, *torch.autograd.grad(penalty, leaves)])
+    assert max_difference(*results) <= 1e-10
+
+
+@pytest.mark.parametrize(("variant", "bias", "packed"), DOUBLE_BACKWARD_CASES, ids=DOUBLE_BACKWARD_IDS)
+def test_double_backward_passes_gradgradcheck(variant: str, bias: bool, packed: bool) -> None:
+    _, ours, run, inputs = double_backward_case(variant, bias, packed)
+
+    def tensors(x: torch.Tensor, *parameters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output, state = run(ours, x)  # the parameters are the module's own, which gradgradcheck perturbs in place
+        return (output, *as_tuple(state))
+
+    assert torch.autograd.gradgradcheck(tensors, (inputs, *ours.parameters()), fast_mode=True)
+
+
+def test_an_ordinary_backward_takes_the_hand_derived_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def recomputed(*args: Any) -> None:
+        raise AssertionError("an ordinary backward recomputed the scan")
+
+    monkeypatch.setattr(cells, "_recomputed_gradients", recomputed)
+    for kind, options in VARIANTS.values():
+        output, state = getattr(cells, kind)(3, 4, **options)(torch.randn(5, 2, 3, requires_grad=True))
+        weighted_loss(output, state).backward()
+
+
+def test_batched_gradients_give_torchs_jacobian() -> None:
+    """vmap over the backward (jacobian's vectorize=True, is_grads_batched) takes the recomputed path."""
+    reference, ours = make_pair("LSTM", input_size=2, hidden_size=3, proj_size=2)
+    inputs = torch.randn(4, 2, dtype=torch.float64)
+    jacobians = [torch.autograd.functional.jacobian(lambda x, m=module: m(x)[0], inputs, vectorize=True) for module in (reference, ours)]
+    assert max_difference(*[[jacobian] for jacobian in jacobians]) <= 1e-10
 
 
 # --- parameter layout ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_state_dicts_load_both_ways(kind: str) -> None:
-    options = {"input_size": 5, "hidden_size": 4, "num_layers": 2, "bidirectional": True}
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_dicts_load_both_ways(variant: str) -> None:
+    kind, projection = VARIANTS[variant]
+    options = {"input_size": 5, "hidden_size": 4, "num_layers": 2, "bidirectional": True, **projection}
     reference, ours = getattr(nn, kind)(**options), getattr(cells, kind)(**options)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
     ours.load_state_dict(reference.state_dict())
@@ -231,12 +310,14 @@ def test_state_dicts_load_both_ways(kind: str) -> None:
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in reference.state_dict().items())
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_same_seed_draws_the_same_initial_weights_as_torch(kind: str) -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_same_seed_draws_the_same_initial_weights_as_torch(variant: str) -> None:
+    kind, projection = VARIANTS[variant]
     torch.manual_seed(3)
-    reference = getattr(nn, kind)(4, 6, num_layers=2)
+    reference = getattr(nn, kind)(4, 6, num_layers=2, **projection)
     torch.manual_seed(3)
-    ours = getattr(cells, kind)(4, 6, num_layers=2)
+    ours = getattr(cells, kind)(4, 6, num_layers=2, **projection)
+    assert list(ours.state_dict()) == list(reference.state_dict())
     assert all(torch.equal(ours.state_dict()[k], v) for k, v in reference.state_dict().items())
 
 
@@ -266,7 +347,7 @@ def test_options_are_off_by_default_and_add_named_parameters_when_on() -> None:
 
 
 def reference_layer(kind: str, module: nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A textbook one-layer loop with autograd: recurrent-dropout mask on h_{t-1}, per-gate layer norm."""
+    """A textbook one-layer loop with autograd: recurrent-dropout mask on h_{t-1}, per-gate layer norm, the LSTM's projection."""
     gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[kind]
     hidden_size = module.hidden_size
 
@@ -277,7 +358,7 @@ def reference_layer(kind: str, module: nn.Module, inputs: torch.Tensor, mask: to
         normalised = F.layer_norm(pre.view(len(pre), gates, hidden_size), [hidden_size], eps=1e-5).view_as(pre)
         return normalised * weight + bias
 
-    h = c = inputs.new_zeros(inputs.shape[1], hidden_size)
+    h, c = inputs.new_zeros(inputs.shape[1], module.proj_size or hidden_size), inputs.new_zeros(inputs.shape[1], hidden_size)
     outputs = []
     for x in inputs:
         gi = norm(x @ module.weight_ih_l0.T + module.bias_ih_l0, "ih")
@@ -290,6 +371,8 @@ def reference_layer(kind: str, module: nn.Module, inputs: torch.Tensor, mask: to
             i, f, g, o = (gi + gh).chunk(4, dim=1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
+            if module.proj_size:
+                h = h @ module.weight_hr_l0.T
         else:
             h = torch.tanh(gi + gh)
         outputs.append(h)
@@ -298,12 +381,13 @@ def reference_layer(kind: str, module: nn.Module, inputs: torch.Tensor, mask: to
 
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["no layer norm", "layer norm"])
 @pytest.mark.parametrize("recurrent_dropout", [0.0, 0.4], ids=["no recurrent dropout", "recurrent dropout"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_options_equal_a_textbook_implementation(
-    kind: str, recurrent_dropout: float, layer_norm: bool, monkeypatch: pytest.MonkeyPatch
+    variant: str, recurrent_dropout: float, layer_norm: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(0)
-    module = getattr(cells, kind)(3, 5, recurrent_dropout=recurrent_dropout, layer_norm=layer_norm).double()
+    kind, projection = VARIANTS[variant]
+    module = getattr(cells, kind)(3, 5, recurrent_dropout=recurrent_dropout, layer_norm=layer_norm, **projection).double()
     if layer_norm:  # move the layer-norm gains and biases off their identity start
         with torch.no_grad():
             for name, parameter in module.named_parameters():
@@ -311,7 +395,8 @@ def test_options_equal_a_textbook_implementation(
                     parameter.add_(torch.randn_like(parameter) * 0.3)
     mask = None
     if recurrent_dropout:
-        mask = torch.bernoulli(torch.full((4, 5), 1 - recurrent_dropout, dtype=torch.float64)) / (1 - recurrent_dropout)
+        width = projection.get("proj_size", 5)  # the mask is h_{t-1}'s, proj_size wide with a projection
+        mask = torch.bernoulli(torch.full((4, width), 1 - recurrent_dropout, dtype=torch.float64)) / (1 - recurrent_dropout)
         monkeypatch.setattr(module, "_recurrent_mask", lambda layout, like: mask)
     inputs = torch.randn(8, 4, 3, dtype=torch.float64, requires_grad=True)
     results = []
@@ -387,6 +472,19 @@ TORCH_ERRORS = [
     (lambda impl: impl.RNN(3, 4, nonlinearity="gelu"), ValueError, "unknown nonlinearity 'gelu'; select from 'tanh' or 'relu'"),
     (lambda impl: impl.RNN(3, 4, 1, "gelu"), ValueError, "unknown nonlinearity 'gelu'"),  # nonlinearity is 4th, as in torch
     (lambda impl: impl.LSTM(3, 4, proj_size=-1), ValueError, "proj_size should be a positive integer or zero"),
+    (lambda impl: impl.LSTM(3, 4, proj_size=4), ValueError, r"proj_size has to be smaller than hidden_size \(4\), got 4"),
+    (lambda impl: impl.LSTM(3, 4, proj_size=1.5), TypeError, r"proj_size should be of type int, got: float \(1.5\)"),
+    # With projections h is proj_size wide and c hidden_size wide: each state's shape is checked against its own.
+    (
+        lambda impl: impl.LSTM(3, 4, proj_size=2)(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4),) * 2),
+        RuntimeError,
+        r"h_0 of shape \(1, 2, 2\)",
+    ),
+    (
+        lambda impl: impl.LSTM(3, 4, proj_size=2)(torch.randn(5, 2, 3), (torch.zeros(1, 2, 2),) * 2),
+        RuntimeError,
+        r"c_0 of shape \(1, 2, 4\)",
+    ),
 ]
 
 
@@ -408,7 +506,6 @@ def test_each_mistake_raises_torchs_exception_class(implementation: str, call: A
         (lambda gru: cells.GRU(3, 4, recurrent_dropout=1.0), ConfigError, "recurrent_dropout"),
         (lambda gru: cells.GRU(3, 4, layer_norm=1), ConfigError, "layer_norm should be of type bool"),
         (lambda gru: cells.LSTM(3, 4)(torch.randn(5, 2, 3), torch.zeros(1, 2, 4)), DataError, "tuple"),
-        (lambda gru: cells.LSTM(3, 4, proj_size=2), ConfigError, "no projections .*use torch.nn.LSTM"),
         (lambda gru: gru(torch.randn(5, 2, 3), lengths=[5]), DataError, r"one length per sequence \(2\), got lengths \[5\]"),
         (lambda gru: gru(torch.randn(5, 2, 3), lengths=[5, 0]), DataError, r"every length must be in \[1, 5\].*got \[0\]"),
         (lambda gru: gru(torch.randn(5, 2, 3), lengths=torch.tensor([6, 3])), DataError, r"in \[1, 5\].*got \[6\]"),
@@ -427,27 +524,29 @@ def test_rnnlabs_own_arguments_are_refused_with_the_value_and_the_fix(call: Any,
         call(cells.GRU(3, 4))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_an_empty_batch_gives_empty_outputs_and_states_like_torch(kind: str, batch_first: bool) -> None:
-    theirs, ours = make_pair(kind, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=batch_first)
+def test_an_empty_batch_gives_empty_outputs_and_states_like_torch(variant: str, batch_first: bool) -> None:
+    kind, projection = VARIANTS[variant]
+    theirs, ours = make_pair(kind, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=batch_first, **projection)
     inputs = torch.randn((0, 5, 3) if batch_first else (5, 0, 3), dtype=torch.float64)
     (output, state), (expected_output, expected_state) = ours(inputs), theirs(inputs)
     assert output.shape == expected_output.shape
     assert [s.shape for s in as_tuple(state)] == [s.shape for s in as_tuple(expected_state)]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_the_attributes_torch_code_reads_are_torchs(kind: str) -> None:
-    theirs, ours = make_pair(kind, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
-    assert ours.mode == theirs.mode
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_attributes_torch_code_reads_are_torchs(variant: str) -> None:
+    kind, projection = VARIANTS[variant]
+    theirs, ours = make_pair(kind, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, **projection)
+    assert (ours.mode, ours.proj_size, repr(ours)) == (theirs.mode, theirs.proj_size, repr(theirs))
     assert ours._flat_weights_names == theirs._flat_weights_names and ours._all_weights == theirs._all_weights
     assert [[tuple(w.shape) for w in layer] for layer in ours.all_weights] == [
         [tuple(w.shape) for w in layer] for layer in theirs.all_weights
     ]
     assert all(weight is getattr(ours, name) for weight, name in zip(ours._flat_weights, ours._flat_weights_names, strict=True))
-    lstm = cells.LSTM(3, 4, 1, True, False, 0.0, False, 0)  # torch's positional order, proj_size=0 included
-    assert lstm.proj_size == 0 and lstm.mode == "LSTM"
+    lstm = cells.LSTM(3, 4, 1, True, False, 0.0, False, 2)  # torch's positional order, proj_size included
+    assert lstm.proj_size == 2 and lstm.weight_hr_l0.shape == (2, 4) and lstm.mode == "LSTM"
 
 
 def test_relu_is_the_rnns_fourth_positional_argument_as_in_torch() -> None:

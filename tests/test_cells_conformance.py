@@ -1,10 +1,10 @@
 """rnnlab's cells against torch's own test cases: the ModuleInfo entries of torch.testing._internal.common_modules
 for nn.RNN, nn.GRU and nn.LSTM, their sample inputs (no batch dimension, initial states, packed sequences, every
-bias / batch_first / bidirectional / nonlinearity / proj_size combination) and their error inputs.
+bias / batch_first / bidirectional / nonlinearity / proj_size combination) and their error inputs, and the gradient
+checks torch's test_modules.py runs on those samples (test_grad, test_gradgrad).
 
 Each case runs against torch's cell first, which proves the port (torch must pass it), then against rnnlab's
-with the same weights. The cases rnnlab does not pass are the EXCLUDED ones, each with its reason; docs/cells.md
-lists them.
+with the same weights. rnnlab passes every case; docs/cells.md would list any it did not, with the reason.
 """
 
 from __future__ import annotations
@@ -16,24 +16,26 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from rnnlab.errors import RnnlabError
 from rnnlab.models import cells
 
 
-def torch_module_db() -> tuple[Any, Any]:
-    """torch's ModuleInfo database and its error enum. Importing them runs torch.testing._internal.common_utils, which
-    freezes torch.backends' global flags for torch's own suite; unfrozen again here, or every later Trainer with
-    deterministic=True in this test session fails to set them."""
+def torch_module_db() -> tuple[Any, Any, Any]:
+    """torch's ModuleInfo database, its error enum and its test utilities. Importing them runs
+    torch.testing._internal.common_utils, which freezes torch.backends' global flags for torch's own suite; unfrozen
+    again here, or every later Trainer with deterministic=True in this test session fails to set them."""
     frozen = torch.backends.flags_frozen()
+    from torch.testing._internal import common_utils
     from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
 
     if not frozen:
         torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True  # the flag flags_frozen() reads
-    return module_db, ModuleErrorEnum
+    return module_db, ModuleErrorEnum, common_utils
 
 
-MODULE_DB, ModuleErrorEnum = torch_module_db()
+MODULE_DB, ModuleErrorEnum, COMMON_UTILS = torch_module_db()
 INFOS = {info.module_cls.__name__: info for info in MODULE_DB if info.module_cls in (nn.RNN, nn.GRU, nn.LSTM)}
 KINDS = ["RNN", "GRU", "LSTM"]
 # rnnlab's message where it words a torch error differently (the class is torch's all the same).
@@ -48,6 +50,12 @@ def samples(kind: str, training: bool) -> list[Any]:
     return info.module_inputs_func(info, **options, with_packed_sequence=True)
 
 
+def gradient_samples(kind: str, training: bool) -> list[Any]:
+    """The samples torch's test_grad and test_gradgrad check: float64, without the packed-sequence ones."""
+    info = INFOS[kind]
+    return info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=True, training=training)
+
+
 def error_samples(kind: str) -> list[Any]:
     info = INFOS[kind]
     return info.module_error_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=False, training=True)
@@ -56,13 +64,10 @@ def error_samples(kind: str) -> list[Any]:
 SAMPLE_CASES = [(kind, training, i) for kind in KINDS for training in (True, False) for i in range(len(samples(kind, training)))]
 SAMPLE_IDS = [f"{kind}-{'train' if training else 'eval'}-{i}" for kind, training, i in SAMPLE_CASES]
 ERROR_CASES = [(kind, i) for kind in KINDS for i in range(len(error_samples(kind)))]
-
-
-def excluded(kind: str, constructor_kwargs: dict[str, Any]) -> str | None:
-    """Why rnnlab does not run a case, or None."""
-    if kind == "LSTM" and constructor_kwargs.get("proj_size", 0) > 0:
-        return "projections (proj_size > 0) are not implemented: rnnlab's LSTM refuses them with a ValueError"
-    return None
+GRADIENT_CASES = [(kind, training, i) for kind in KINDS for training in (True, False) for i in range(len(gradient_samples(kind, training)))]
+GRADIENT_IDS = [f"{kind}-{'train' if training else 'eval'}-{i}" for kind, training, i in GRADIENT_CASES]
+# torch's testing wrappers of the two checks, as test_modules.py calls them: fast mode, batched gradients checked too.
+CHECKS = {"gradcheck": COMMON_UTILS.gradcheck, "gradgradcheck": COMMON_UTILS.gradgradcheck}
 
 
 def fresh(value: Any) -> Any:
@@ -89,10 +94,6 @@ def test_torchs_sample_inputs_give_torchs_outputs_and_gradients(kind: str, train
     args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
     torch.manual_seed(index)
     reference = getattr(nn, kind)(*args, **kwargs).double().train(training)
-    if excluded(kind, kwargs) is not None:
-        with pytest.raises(ValueError, match="no projections"):
-            getattr(cells, kind)(*args, **kwargs)
-        return
     ours = getattr(cells, kind)(*args, **kwargs).double().train(training)
     ours.load_state_dict(reference.state_dict())
     results = []
@@ -106,6 +107,37 @@ def test_torchs_sample_inputs_give_torchs_outputs_and_gradients(kind: str, train
     assert [t.shape for t in actual] == [t.shape for t in expected]
     for got, want in zip([*actual, *actual_grads], [*expected, *expected_grads], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def torchs_gradient_checks(module: nn.Module, sample: Any, check: Any) -> None:
+    """torch's TestModule._test_gradients_helper on one sample: `check` of the outputs' derivatives with respect to
+    the inputs and every parameter together, then to the inputs and each parameter alone."""
+    parameters, inputs = tuple(module.parameters()), sample.forward_input.args
+    assert not sample.forward_input.kwargs  # torch's helper checks tensor kwargs too; these samples pass none
+
+    def outputs(*flat_inputs_and_parameters: torch.Tensor) -> list[torch.Tensor]:
+        inputs_and_parameters = tree_unflatten(list(flat_inputs_and_parameters), spec)
+        with COMMON_UTILS.freeze_rng_state():
+            return tree_flatten(module(*inputs_and_parameters[: len(inputs)]))[0]
+
+    for alone in (None, *parameters):  # None: every parameter together
+        for parameter in parameters:
+            parameter.requires_grad_(alone is None or parameter is alone)
+        flat, spec = tree_flatten(inputs + parameters)
+        assert check(outputs, flat)
+
+
+@pytest.mark.slow  # 1 to 20 s a case, half an hour in all: a numerical check per parameter, torch's and rnnlab's
+@pytest.mark.parametrize("check", CHECKS)
+@pytest.mark.parametrize(("kind", "training", "index"), GRADIENT_CASES, ids=GRADIENT_IDS)
+def test_torchs_gradcheck_and_gradgradcheck_pass(check: str, kind: str, training: bool, index: int) -> None:
+    sample = gradient_samples(kind, training)[index]
+    args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+    reference = getattr(nn, kind)(*args, **kwargs).double().train(training)
+    ours = getattr(cells, kind)(*args, **kwargs).double().train(training)
+    ours.load_state_dict(reference.state_dict())
+    for module in (reference, ours):  # torch's first, which proves the port
+        torchs_gradient_checks(module, sample, CHECKS[check])
 
 
 @pytest.mark.parametrize(("kind", "index"), ERROR_CASES, ids=[f"{k}-{i}" for k, i in ERROR_CASES])
@@ -131,3 +163,4 @@ def test_the_suite_covers_what_torchs_does() -> None:
     assert set(INFOS) == set(KINDS) and not torch.backends.flags_frozen()
     counts = {kind: len(samples(kind, True)) for kind in KINDS}
     assert counts == {"RNN": 64, "GRU": 32, "LSTM": 32} and len(ERROR_CASES) >= 3 * 10
+    assert {kind: len(gradient_samples(kind, True)) for kind in KINDS} == {"RNN": 32, "GRU": 16, "LSTM": 32}

@@ -3,19 +3,24 @@
 Each class is a drop-in for its torch.nn counterpart: the same constructor arguments in
 torch's order (rnnlab's own options keyword-only), attributes, exception classes, and
 parameter names and shapes (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`,
-`..._reverse`), so `load_state_dict` works in both directions, and the same call
-(`output, h_n = gru(x, h_0)`; the LSTM returns `(h_n, c_n)`), with a `PackedSequence` or
-a padded batch plus `lengths` for variable lengths. With the same seed they even draw the
-same initial weights as torch. Two options torch lacks, off by default:
+the LSTM's `weight_hr_l0` with projections, `..._reverse`), so `load_state_dict` works in
+both directions, and the same call (`output, h_n = gru(x, h_0)`; the LSTM returns
+`(h_n, c_n)`), with a `PackedSequence` or a padded batch plus `lengths` for variable
+lengths. With the same seed they even draw the same initial weights as torch. Two options
+torch lacks, off by default:
 
 - `recurrent_dropout`: variational dropout on the hidden-to-hidden path (Gal & Ghahramani,
-  2016; Keras' `recurrent_dropout`): one mask per sequence, reused at every step;
+  2016; Keras' `recurrent_dropout`): one mask per sequence, reused at every step (on the
+  proj_size-wide h of an LSTM with projections);
 - `layer_norm`: layer normalisation of each gate's input and hidden pre-activations
   (Ba et al., 2016), with a gain and bias per gate unit.
 
-The gate equations of each cell are written once, in the `forward` of its scan below
-(`_GRUScan`, `_LSTMScan`, `_RNNScan`), with their hand-derived derivatives in `backward`.
-What makes them fast on a CPU (each measured against its alternative):
+The gate equations of each cell are written in the `forward` of its scan below (`_GRUScan`,
+`_LSTMScan`, `_RNNScan`), fused and in place, with their hand-derived derivatives in `backward`;
+and again in plain torch ops in its `step`, for the gradients autograd must be able to
+differentiate (a backward with create_graph=True) or batch (vmap over the backward): those are
+recomputed from the saved inputs through `step` and differentiated by autograd (`_Scan`).
+What makes the first path fast on a CPU (each measured against its alternative):
 
 - the input half of every gate pre-activation, W_ih x_t + b_ih, is one matmul over all
   steps before the loop, which leaves one small matmul per step (W_hh h_{t-1});
@@ -182,20 +187,90 @@ def _times_tanh_derivative(grad: Tensor, y: Tensor, out: Tensor | None = None) -
     return torch.addcmul(grad, grad * y, y, value=-1, out=out)
 
 
-def _first_order(backward: Any) -> Any:
-    """Refuse double backward (create_graph=True): a hand-derived backward is not itself differentiable,
-    and autograd would otherwise treat it as constant and return wrong higher-order gradients."""
+class _Scan(Function):
+    """What the three scans share: a custom Function over a packed sequence with two backward paths.
+
+    Its arguments are (layout, gi_all, w_hh, b_hh, ln_weight, ln_bias, mask, *initial states, *options), the
+    options being what the cell adds (the LSTM's W_hr, the RNN's nonlinearity). The hand-derived `backward`
+    is the fast path. It is neither differentiable nor batchable, so when autograd needs either (a backward
+    with create_graph=True runs in grad mode; gradcheck's batched check and jacobian(vectorize=True) run it
+    under vmap), `_recomputed_gradients` recomputes the scan from the saved arguments with `step`, the same
+    equations in differentiable torch ops, and differentiates that.
+    """
+
+    gates: ClassVar[int]  # gate blocks in W_hh's rows
+    states: ClassVar[int]  # initial states: h, or (h, c)
+
+    @staticmethod
+    def step(gi: Tensor, gh: Tensor, state: tuple[Tensor, ...], *options: Any) -> tuple[Tensor, ...]:
+        """One step in differentiable torch ops: the new state from the previous one and the two pre-activations."""
+        raise NotImplementedError
+
+
+def _save(ctx: Any, scan: type[_Scan], arguments: tuple[Any, ...], *intermediates: Tensor | None) -> None:
+    """Save the intermediates the hand-derived backward reads, then the forward's arguments for `_recomputed_gradients`.
+
+    Through save_for_backward, the arguments cost no copy (only the input pre-activations gi stay alive until the
+    backward) and come back attached to their graph under create_graph=True; autograd refuses the backward if one
+    was modified in place since.
+    """
+    ctx.scan, ctx.intermediates = scan, len(intermediates)
+    ctx.non_tensors = {i: argument for i, argument in enumerate(arguments) if not isinstance(argument, Tensor | None)}
+    ctx.save_for_backward(*intermediates, *(argument for i, argument in enumerate(arguments) if i not in ctx.non_tensors))
+
+
+def _differentiable_scan(
+    scan: type[_Scan],
+    layout: _Layout,
+    gi_all: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    ln_weight: Tensor | None,
+    ln_bias: Tensor | None,
+    mask: Tensor | None,
+    *states_and_options: Any,
+) -> tuple[Tensor, ...]:
+    """The scan's outputs (every row's states, as its forward returns them) computed step by step in differentiable ops."""
+    state, options = states_and_options[: scan.states], states_and_options[scan.states :]
+    outputs = []
+    for size, gi in zip(layout.batch_sizes, layout.steps(gi_all), strict=True):
+        state = tuple(s[:size] for s in state)
+        gh = _matmul(state[0] if mask is None else state[0] * mask[:size], w_hh.t(), b_hh)
+        if ln_weight is not None:
+            gh = _gate_norm(gh, ln_weight, ln_bias, scan.gates)
+        state = scan.step(gi, gh, state, *options)
+        outputs.append(state)
+    return tuple(torch.cat(rows) for rows in zip(*outputs, strict=True))
+
+
+def _recomputed_gradients(ctx: Any, grads: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+    """The scan's input gradients through autograd on `_differentiable_scan`: differentiable again when the
+    backward runs with create_graph=True, batched when it runs under vmap. It costs a forward and a backward
+    of the step-by-step graph, as a plain PyTorch loop over the steps would."""
+    saved = iter(ctx.saved_tensors[ctx.intermediates :])
+    arguments = [ctx.non_tensors[i] if i in ctx.non_tensors else next(saved) for i in range(len(ctx.needs_input_grad))]
+    wanted = [i for i, needed in enumerate(ctx.needs_input_grad) if needed]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        outputs = _differentiable_scan(ctx.scan, *arguments)
+    found = torch.autograd.grad(outputs, [arguments[i] for i in wanted], grads, create_graph=create_graph)
+    gradients: list[Tensor | None] = [None] * len(arguments)
+    for i, gradient in zip(wanted, found, strict=True):
+        gradients[i] = gradient
+    return tuple(gradients)
+
+
+def _fast_unless_differentiated(backward: Any) -> Any:
+    """A scan's backward: the hand-derived one, unless autograd needs gradients it cannot give (`_Scan`)."""
 
     @functools.wraps(backward)
-    def checked(ctx: Any, *grads: Tensor) -> Any:
-        if torch.is_grad_enabled():
-            raise NotImplementedError(
-                "rnnlab's recurrent cells give first-order gradients only; "
-                "use torch.nn.GRU/LSTM/RNN for double backward (create_graph=True)."
-            )
+    def dispatch(ctx: Any, *grads: Tensor) -> Any:
+        # One test on the fast path. The legacy vmap is the one gradcheck and is_grads_batched use.
+        if torch.is_grad_enabled() or any(torch._C._functorch.is_legacy_batchedtensor(grad) for grad in grads):
+            return _recomputed_gradients(ctx, grads)
         return backward(ctx, *grads)
 
-    return checked
+    return dispatch
 
 
 class _HiddenPath:
@@ -209,12 +284,18 @@ class _HiddenPath:
     """
 
     def __init__(
-        self, layout: _Layout, w_hh: Tensor, b_hh: Tensor | None, ln_weight: Tensor | None, ln_bias: Tensor | None, mask: Tensor | None
+        self,
+        layout: _Layout,
+        gates: int,
+        w_hh: Tensor,
+        b_hh: Tensor | None,
+        ln_weight: Tensor | None,
+        ln_bias: Tensor | None,
+        mask: Tensor | None,
     ) -> None:
         self.layout, self.w_hh, self.b_hh, self.mask = layout, w_hh, b_hh, mask
         self.w_hh_t = w_hh.t()
-        self.size = w_hh.shape[1]
-        self.gates = w_hh.shape[0] // self.size
+        self.gates, self.size = gates, w_hh.shape[0] // gates  # h_{t-1} is narrower than the gates with a projection
         self.masks = layout.prefixes(mask) if mask is not None else None
         self.norm = (ln_weight.view(self.gates, self.size), ln_bias.view(self.gates, self.size)) if ln_weight is not None else None
         self.norm_inputs: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # per step: (W_hh m⊙h + b_hh, LN of it, mean, 1/std)
@@ -238,7 +319,7 @@ class _HiddenPath:
             self.grad_ln_weight = self.w_hh.new_zeros(self.gates, self.size)
 
     def backward_step(self, step: int, grad_gh: Tensor) -> Tensor:
-        """(d gh_t / d h_{t-1})^T dL/dgh_t, a new [rows, H] tensor."""
+        """(d gh_t / d h_{t-1})^T dL/dgh_t, a new tensor shaped like h_{t-1}."""
         if self.norm is not None:
             raw, normalised, mean, rstd = self.norm_inputs[step]
             grad_normalised = grad_gh.view_as(raw)
@@ -262,7 +343,7 @@ class _HiddenPath:
         return grad_gh.t().mm(h_previous), grad_b_hh, grad_ln_weight, grad_ln_bias
 
 
-class _GRUScan(Function):
+class _GRUScan(_Scan):
     """The GRU over a packed sequence, given the input pre-activations gi = W_ih x_t + b_ih of all steps.
 
     PyTorch's equations (gate order r, z, n; the reset gate multiplies the hidden matmul's
@@ -280,10 +361,20 @@ class _GRUScan(Function):
     one into the other. The two describe the same functions; only the weights that express them differ.
     """
 
+    gates, states = 3, 1
+
+    @staticmethod
+    def step(gi: Tensor, gh: Tensor, state: tuple[Tensor, ...], *options: Any) -> tuple[Tensor, ...]:
+        (h,) = state
+        (gi_rz, gi_n), (gh_rz, gh_n) = (pre_activations.split(2 * h.shape[1], dim=1) for pre_activations in (gi, gh))
+        r, z = torch.sigmoid(gi_rz + gh_rz).chunk(2, dim=1)
+        n = torch.tanh(gi_n + r * gh_n)
+        return (n + z * (h - n),)
+
     @staticmethod
     def forward(ctx: Any, layout: _Layout, gi_all: Tensor, *hidden_and_h0: Tensor | None) -> Tensor:
         *hidden_args, h0 = hidden_and_h0
-        hidden, size, steps = _HiddenPath(layout, *hidden_args), h0.shape[1], layout.steps
+        hidden, size, steps = _HiddenPath(layout, _GRUScan.gates, *hidden_args), h0.shape[1], layout.steps
         states = _with_initial(h0, layout)
         h_previous, h = layout.previous(states), steps(states[layout.batch :])
         # Intermediates: every step's for the backward pass, else one step's, reused.
@@ -298,14 +389,14 @@ class _GRUScan(Function):
             torch.addcmul(gi_n[t], r[t], gh_n[t], out=n[t]).tanh_()
             torch.lerp(n[t], h_previous[t], z[t], out=h[t])
         ctx.layout, ctx.hidden = layout, hidden
-        ctx.save_for_backward(states, gh_all, n_all)
+        _save(ctx, _GRUScan, (layout, gi_all, *hidden_and_h0), states, gh_all, n_all)
         return states[layout.batch :]
 
     @staticmethod
-    @_first_order
+    @_fast_unless_differentiated
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         layout, hidden, steps = ctx.layout, ctx.hidden, ctx.layout.steps
-        states, gh_all, n_all = ctx.saved_tensors
+        states, gh_all, n_all = ctx.saved_tensors[: ctx.intermediates]
         size = n_all.shape[1]
         h_previous, grad_output, n = layout.previous(states), steps(grad_output), steps(n_all)
         r, z, gh_n = map(steps, gh_all.split(size, dim=1))
@@ -328,20 +419,32 @@ class _GRUScan(Function):
         return None, grad_gh_all, *parameter_grads, None, grad_h
 
 
-class _LSTMScan(Function):
+class _LSTMScan(_Scan):
     """The LSTM over a packed sequence, given gi = W_ih x_t + b_ih of all steps. PyTorch's
-    equations (gate order i, f, g, o):
+    equations (gate order i, f, g, o), with W_hr only for an LSTM with projections (proj_size > 0):
 
         a = gi + W_hh h_{t-1} + b_hh
         i = sigmoid(a_i)   f = sigmoid(a_f)   g = tanh(a_g)   o = sigmoid(a_o)     input, forget, cell, output gates
         c_t = f ⊙ c_{t-1} + i ⊙ g
-        h_t = o ⊙ tanh(c_t)
+        h_t = o ⊙ tanh(c_t),  or  W_hr (o ⊙ tanh(c_t))  with projections
+
+    With projections h is proj_size wide (W_hr is [proj_size, H], W_hh [4H, proj_size]) and c stays H wide.
     """
 
+    gates, states = 4, 2
+
     @staticmethod
-    def forward(ctx: Any, layout: _Layout, gi_all: Tensor, *hidden_and_state: Tensor | None) -> tuple[Tensor, Tensor]:
-        *hidden_args, h0, c0 = hidden_and_state
-        hidden, size, steps = _HiddenPath(layout, *hidden_args), h0.shape[1], layout.steps
+    def step(gi: Tensor, gh: Tensor, state: tuple[Tensor, ...], *options: Any) -> tuple[Tensor, ...]:
+        (_, c), (w_hr,) = state, options
+        i, f, g, o = (gi + gh).chunk(4, dim=1)
+        c_t = torch.sigmoid(i) * torch.tanh(g) + torch.sigmoid(f) * c
+        unprojected = torch.sigmoid(o) * torch.tanh(c_t)
+        return (unprojected if w_hr is None else unprojected.mm(w_hr.t())), c_t
+
+    @staticmethod
+    def forward(ctx: Any, layout: _Layout, gi_all: Tensor, *hidden_states_and_projection: Tensor | None) -> tuple[Tensor, Tensor]:
+        *hidden_args, h0, c0, w_hr = hidden_states_and_projection
+        hidden, size, steps = _HiddenPath(layout, _LSTMScan.gates, *hidden_args), c0.shape[1], layout.steps
         h_states, c_states = _with_initial(h0, layout), _with_initial(c0, layout)
         h_previous, h = layout.previous(h_states), steps(h_states[layout.batch :])
         c_previous, c = layout.previous(c_states), steps(c_states[layout.batch :])
@@ -351,23 +454,32 @@ class _LSTMScan(Function):
         gi, gates, tanh_c = steps(gi_all), per_step(gates_all), per_step(tanh_c_all)
         i_f, g, o = map(per_step, gates_all.split([2 * size, size, size], dim=1))
         i, f = map(per_step, gates_all[:, : 2 * size].split(size, dim=1))
+        # o ⊙ tanh(c_t): h_t itself, or what W_hr projects to h_t.
+        unprojected_all, projection = (None, None) if w_hr is None else (gi_all.new_empty(rows, size), w_hr.t())
+        unprojected = h if w_hr is None else per_step(unprojected_all)
         for t in range(len(layout.batch_sizes)):
             hidden.forward_step(t, h_previous[t], out=gates[t]).add_(gi[t])
             i_f[t].sigmoid_(), g[t].tanh_(), o[t].sigmoid_()
             torch.mul(f[t], c_previous[t], out=c[t]).addcmul_(i[t], g[t])
-            torch.mul(o[t], torch.tanh(c[t], out=tanh_c[t]), out=h[t])
+            torch.mul(o[t], torch.tanh(c[t], out=tanh_c[t]), out=unprojected[t])
+            if projection is not None:
+                torch.mm(unprojected[t], projection, out=h[t])
         ctx.layout, ctx.hidden = layout, hidden
-        ctx.save_for_backward(h_states, c_states, gates_all, tanh_c_all)
+        arguments = (layout, gi_all, *hidden_states_and_projection)
+        _save(ctx, _LSTMScan, arguments, h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr)
         return h_states[layout.batch :], c_states[layout.batch :]
 
     @staticmethod
-    @_first_order
+    @_fast_unless_differentiated
     def backward(ctx: Any, grad_h_output: Tensor, grad_c_output: Tensor) -> tuple[Tensor | None, ...]:
         layout, hidden, steps = ctx.layout, ctx.hidden, ctx.layout.steps
-        h_states, c_states, gates_all, tanh_c_all = ctx.saved_tensors
+        h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr = ctx.saved_tensors[: ctx.intermediates]
         size = tanh_c_all.shape[1]
         i, f, g, o = map(steps, gates_all.split(size, dim=1))
         c_previous, tanh_c = layout.previous(c_states), steps(tanh_c_all)
+        if w_hr is not None:  # every dL/dh_t, for W_hr's gradient
+            grad_h_all = torch.empty_like(grad_h_output)
+            grad_h_steps = steps(grad_h_all)
         grad_h_output, grad_c_output = steps(grad_h_output), steps(grad_c_output)
         grad_a_all = torch.empty_like(gates_all)  # dL/d(a_i, a_f, a_g, a_o)
         grad_a = steps(grad_a_all)
@@ -375,6 +487,8 @@ class _LSTMScan(Function):
         hidden.start_backward()
         grad_h, grad_c = grad_h_output[-1], grad_c_output[-1]  # dL/dh_t, and dL/dc_t through c_{t+1}
         for t in reversed(range(len(layout.batch_sizes))):
+            if w_hr is not None:  # from dL/dh_t to dL/d(o ⊙ tanh c_t), which the lines below call grad_h
+                grad_h = grad_h_steps[t].copy_(grad_h).mm(w_hr)
             grad_c = _times_tanh_derivative(grad_h * o[t], tanh_c[t]).add_(grad_c)  # dL/dc_t: through h_t and c_{t+1}
             torch.mul(grad_h * tanh_c[t], _sigmoid_derivative(o[t]), out=grad_a_o[t])
             torch.mul(grad_c * g[t], _sigmoid_derivative(i[t]), out=grad_a_i[t])
@@ -384,33 +498,41 @@ class _LSTMScan(Function):
             grad_h = _carry(carried_h, grad_h_output[t - 1]) if t else carried_h
             grad_c = _carry(carried_c, grad_c_output[t - 1]) if t else carried_c
         parameter_grads = hidden.parameter_grads(layout.gather_previous(h_states), grad_a_all)
-        return None, grad_a_all, *parameter_grads, None, grad_h, grad_c
+        grad_w_hr = grad_h_all.t().mm(unprojected_all) if w_hr is not None else None
+        return None, grad_a_all, *parameter_grads, None, grad_h, grad_c, grad_w_hr
 
 
-class _RNNScan(Function):
+class _RNNScan(_Scan):
     """The plain (Elman) RNN over a packed sequence, given gi = W_ih x_t + b_ih of all steps:
 
     h_t = tanh(gi + W_hh h_{t-1} + b_hh)        (or relu)
     """
 
+    gates, states = 1, 1
+
+    @staticmethod
+    def step(gi: Tensor, gh: Tensor, state: tuple[Tensor, ...], *options: Any) -> tuple[Tensor, ...]:
+        (nonlinearity,) = options
+        return ((torch.tanh if nonlinearity == "tanh" else torch.relu)(gi + gh),)
+
     @staticmethod
     def forward(ctx: Any, layout: _Layout, gi_all: Tensor, *hidden_h0_and_nonlinearity: Any) -> Tensor:
         *hidden_args, h0, nonlinearity = hidden_h0_and_nonlinearity
-        hidden = _HiddenPath(layout, *hidden_args)
+        hidden = _HiddenPath(layout, _RNNScan.gates, *hidden_args)
         states = _with_initial(h0, layout)
         h_previous, h, gi = layout.previous(states), layout.steps(states[layout.batch :]), layout.steps(gi_all)
         activate = Tensor.tanh_ if nonlinearity == "tanh" else Tensor.relu_
         for t in range(len(layout.batch_sizes)):
             activate(hidden.forward_step(t, h_previous[t], out=h[t]).add_(gi[t]))
         ctx.layout, ctx.hidden, ctx.nonlinearity = layout, hidden, nonlinearity
-        ctx.save_for_backward(states)
+        _save(ctx, _RNNScan, (layout, gi_all, *hidden_h0_and_nonlinearity), states)
         return states[layout.batch :]
 
     @staticmethod
-    @_first_order
+    @_fast_unless_differentiated
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         layout, hidden = ctx.layout, ctx.hidden
-        (states,) = ctx.saved_tensors
+        (states,) = ctx.saved_tensors[: ctx.intermediates]
         h, grad_output = layout.steps(states[layout.batch :]), layout.steps(grad_output)
         grad_a_all = torch.empty_like(states[layout.batch :])  # dL/d(gi + gh)
         grad_a = layout.steps(grad_a_all)
@@ -437,10 +559,8 @@ def _gate_norm(pre_activations: Tensor, weight: Tensor, bias: Tensor, gates: int
 class _RecurrentBase(nn.Module):
     """What the three cells share: torch's parameter layout, inputs and states, layers and directions."""
 
-    gates: ClassVar[int]
-    scan: ClassVar[type[Function]]
+    scan: ClassVar[type[_Scan]]
     mode: str  # torch.nn.RNNBase's name for the cell, which code written for torch reads
-    state_count: ClassVar[int] = 1  # GRU and RNN carry h, the LSTM (h, c)
 
     def __init__(
         self,
@@ -456,6 +576,7 @@ class _RecurrentBase(nn.Module):
         *,
         recurrent_dropout: float = 0.0,
         layer_norm: bool = False,
+        proj_size: int = 0,
     ) -> None:
         super().__init__()
         cell = type(self).__name__
@@ -468,6 +589,14 @@ class _RecurrentBase(nn.Module):
                 raise CellTypeError(f"{cell}: {option} should be of type int, got: {type(value).__name__} ({value!r}).")
             if value <= 0:
                 raise CellValueError(f"{cell}: {option} must be greater than zero, got {value}.")
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+            raise CellTypeError(f"{cell}: proj_size should be of type int, got: {type(proj_size).__name__} ({proj_size!r}).")
+        if proj_size < 0:
+            raise CellValueError(f"{cell}: proj_size should be a positive integer or zero to disable projections, got {proj_size}.")
+        if proj_size >= hidden_size:
+            raise CellValueError(
+                f"{cell}: proj_size has to be smaller than hidden_size ({hidden_size}), got {proj_size}; 0 disables projections."
+            )
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise CellValueError(
                 f"{cell}: dropout should be a number in range [0, 1], the probability of zeroing an element; got {dropout!r}."
@@ -480,16 +609,18 @@ class _RecurrentBase(nn.Module):
             raise CellValueError(f"{cell}: recurrent_dropout must be in [0, 1), got {recurrent_dropout!r}.")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout, self.bidirectional = bias, batch_first, float(dropout), bidirectional
-        self.recurrent_dropout, self.layer_norm = float(recurrent_dropout), layer_norm
+        self.recurrent_dropout, self.layer_norm, self.proj_size = float(recurrent_dropout), layer_norm, proj_size
         self.num_directions = 2 if bidirectional else 1
-        width = self.gates * hidden_size
+        width = self.scan.gates * hidden_size
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * self.num_directions
+            layer_input = input_size if layer == 0 else self._output_size * self.num_directions
             for suffix in ("", "_reverse")[: self.num_directions]:
                 # torch's names and registration order, so the same seed draws the same initial weights.
-                shapes = {f"weight_ih_l{layer}{suffix}": (width, layer_input), f"weight_hh_l{layer}{suffix}": (width, hidden_size)}
+                shapes = {f"weight_ih_l{layer}{suffix}": (width, layer_input), f"weight_hh_l{layer}{suffix}": (width, self._output_size)}
                 if bias:
                     shapes |= {f"bias_ih_l{layer}{suffix}": (width,), f"bias_hh_l{layer}{suffix}": (width,)}
+                if proj_size:
+                    shapes[f"weight_hr_l{layer}{suffix}"] = (proj_size, hidden_size)
                 if layer_norm:
                     shapes |= {f"ln_{kind}_{path}_l{layer}{suffix}": (width,) for path in ("ih", "hh") for kind in ("weight", "bias")}
                 for name, shape in shapes.items():
@@ -506,6 +637,15 @@ class _RecurrentBase(nn.Module):
                 nn.init.zeros_(parameter)
             else:
                 nn.init.uniform_(parameter, -bound, bound)
+
+    @property
+    def _output_size(self) -> int:
+        """The width of h (and of each direction's output): proj_size with projections, else hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        """The width of each state the cell carries."""
+        return (self._output_size,)
 
     def flatten_parameters(self) -> None:
         """A no-op kept for drop-in compatibility: the weights are used where they are."""
@@ -534,7 +674,7 @@ class _RecurrentBase(nn.Module):
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"
-        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False}
+        defaults = {"proj_size": 0, "num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False}
         defaults |= {"recurrent_dropout": 0.0, "layer_norm": False}
         return text + "".join(f", {name}={getattr(self, name)}" for name, default in defaults.items() if getattr(self, name) != default)
 
@@ -582,7 +722,7 @@ class _RecurrentBase(nn.Module):
             hx = self._map_state(hx, lambda s: s.unsqueeze(1))
         if batch == 0:  # torch gives empty outputs and states for an empty batch
             initial = self._initial_states(hx, 0, input)
-            output = input.new_zeros(length, 0, self.num_directions * self.hidden_size)
+            output = input.new_zeros(length, 0, self.num_directions * self._output_size)
             return (output.transpose(0, 1) if self.batch_first else output), self._pack_state(initial)
         layout = _Layout((batch,) * length, input.device)
         data, state = self._run(steps.reshape(length * batch, -1), layout, hx)
@@ -620,10 +760,12 @@ class _RecurrentBase(nn.Module):
                 inputs = data if direction == 0 else data.index_select(0, layout.reverse_index)
                 gi = _matmul(inputs, w_ih.t(), b_ih)
                 if self.layer_norm:
-                    gi = _gate_norm(gi, ln_w_ih, ln_b_ih, self.gates)
+                    gi = _gate_norm(gi, ln_w_ih, ln_b_ih, self.scan.gates)
                 hidden = (w_hh, b_hh, ln_w_hh, ln_b_hh, self._recurrent_mask(layout, data))
                 index = layer * self.num_directions + direction
-                sequences = self._scan(layout, gi, hidden, tuple(state[index] for state in initial))
+                arguments = (*hidden, *(state[index] for state in initial), *self._scan_options(suffix))
+                sequences = self.scan.apply(layout, gi, *arguments)
+                sequences = sequences if isinstance(sequences, tuple) else (sequences,)
                 finals.append([sequence.index_select(0, layout.last_index) for sequence in sequences])
                 outputs.append(sequences[0] if direction == 0 else sequences[0].index_select(0, layout.reverse_index))
             data = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
@@ -632,16 +774,16 @@ class _RecurrentBase(nn.Module):
         states = tuple(torch.stack(state) for state in zip(*finals, strict=True))
         return data, self._pack_state(states)
 
-    def _scan(self, layout: _Layout, gi: Tensor, hidden: tuple[Tensor | None, ...], initial: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        sequences = self.scan.apply(layout, gi, *hidden, *initial)
-        return sequences if isinstance(sequences, tuple) else (sequences,)
+    def _scan_options(self, suffix: str) -> tuple[Any, ...]:
+        """The scan's arguments after the initial states, for the layer and direction of `suffix`."""
+        return ()
 
     def _recurrent_mask(self, layout: _Layout, like: Tensor) -> Tensor | None:
         """Variational dropout: one mask per sequence, reused at every step."""
         if not (self.training and self.recurrent_dropout):
             return None
         keep = 1 - self.recurrent_dropout
-        return like.new_empty(layout.batch, self.hidden_size).bernoulli_(keep).div_(keep)
+        return like.new_empty(layout.batch, self._output_size).bernoulli_(keep).div_(keep)
 
     def _check_lengths(self, input: Tensor, lengths: Tensor) -> Tensor:
         """One length per sequence, each in [1, T]: pack_padded_sequence would fail obscurely or read past the padding."""
@@ -673,13 +815,13 @@ class _RecurrentBase(nn.Module):
             raise CellInputError(f"{cell}: expected sequence length to be larger than 0, got input of shape {tuple(input.shape)}.")
 
     def _initial_states(self, hx: Any, batch: int, like: Tensor) -> tuple[Tensor, ...]:
-        shape = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        shapes = [(self.num_layers * self.num_directions, batch, size) for size in self._state_sizes()]
         if hx is None:
-            return tuple(like.new_zeros(shape) for _ in range(self.state_count))
+            return tuple(like.new_zeros(shape) for shape in shapes)
         states = self._unpack_state(hx)
-        for state in states:
+        for name, state, shape in zip(("h_0", "c_0"), states, shapes, strict=False):
             if tuple(state.shape) != shape:
-                raise CellInputError(f"{type(self).__name__} expects initial states of shape {shape}, got {tuple(state.shape)}.")
+                raise CellInputError(f"{type(self).__name__} expects {name} of shape {shape}, got {tuple(state.shape)}.")
             if state.dtype != like.dtype or state.device != like.device:
                 raise CellInputError(
                     f"{type(self).__name__}: the initial state is {state.dtype} on {state.device} but the input is "
@@ -704,7 +846,6 @@ class GRU(_RecurrentBase):
     `gru(input, h_0=None, lengths=None)` returns `(output, h_n)`.
     """
 
-    gates = 3
     scan = _GRUScan
     mode = "GRU"
 
@@ -712,14 +853,13 @@ class GRU(_RecurrentBase):
 class LSTM(_RecurrentBase):
     """Long short-term memory, the same function as torch.nn.LSTM (equations: `_LSTMScan`).
 
-    torch's arguments in torch's order; `proj_size` must be 0 (projections are not implemented:
-    torch.nn.LSTM has them). `lstm(input, (h_0, c_0)=None, lengths=None)` returns `(output, (h_n, c_n))`.
+    torch's arguments in torch's order, projections included: with `proj_size` > 0, h_t = W_hr (o ⊙ tanh(c_t)),
+    so h_0, h_n and each direction's output are proj_size wide, c_0 and c_n hidden_size wide.
+    `lstm(input, (h_0, c_0)=None, lengths=None)` returns `(output, (h_n, c_n))`.
     """
 
-    gates = 4
     scan = _LSTMScan
     mode = "LSTM"
-    state_count = 2
 
     def __init__(
         self,
@@ -737,19 +877,16 @@ class LSTM(_RecurrentBase):
         recurrent_dropout: float = 0.0,
         layer_norm: bool = False,
     ) -> None:
-        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
-            raise CellTypeError(f"LSTM: proj_size should be of type int, got: {type(proj_size).__name__}.")
-        if proj_size < 0:
-            raise CellValueError(f"LSTM: proj_size should be a positive integer or zero to disable projections, got {proj_size}.")
-        if proj_size:
-            raise CellValueError(
-                f"rnnlab's LSTM has no projections (proj_size={proj_size}); use torch.nn.LSTM for an LSTM with projections."
-            )
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device, dtype,
-            recurrent_dropout=recurrent_dropout, layer_norm=layer_norm,
+            recurrent_dropout=recurrent_dropout, layer_norm=layer_norm, proj_size=proj_size,
         )  # fmt: skip
-        self.proj_size = 0
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        return self._output_size, self.hidden_size
+
+    def _scan_options(self, suffix: str) -> tuple[Any, ...]:
+        return (getattr(self, f"weight_hr{suffix}", None),)
 
     def _unpack_state(self, state: Any) -> tuple[Tensor, ...]:
         if not (isinstance(state, tuple | list) and len(state) == 2):
@@ -763,7 +900,6 @@ class LSTM(_RecurrentBase):
 class RNN(_RecurrentBase):
     """Elman RNN, the same function as torch.nn.RNN (equations: `_RNNScan`), tanh or relu."""
 
-    gates = 1
     scan = _RNNScan
 
     def __init__(
@@ -795,5 +931,5 @@ class RNN(_RecurrentBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", nonlinearity={self.nonlinearity}" if self.nonlinearity != "tanh" else "")
 
-    def _scan(self, layout: _Layout, gi: Tensor, hidden: tuple[Tensor | None, ...], initial: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return (self.scan.apply(layout, gi, *hidden, *initial, self.nonlinearity),)
+    def _scan_options(self, suffix: str) -> tuple[Any, ...]:
+        return (self.nonlinearity,)
