@@ -238,6 +238,11 @@ DOUBLE_BACKWARD_CASES = [
     (variant, bias, packed) for variant in DOUBLE_BACKWARD_VARIANTS for bias in (True, False) for packed in (False, True)
 ]
 DOUBLE_BACKWARD_IDS = [f"{v}-{'bias' if b else 'no bias'}-{'packed' if p else 'padded'}" for v, b, p in DOUBLE_BACKWARD_CASES]
+# gradgradcheck takes seconds a case: with bias on packed input per cell in `make test`, every case in the slow suite.
+GRADGRADCHECK_CASES = [
+    pytest.param(*case, id=name, marks=() if case[1:] == (True, True) else pytest.mark.slow)
+    for case, name in zip(DOUBLE_BACKWARD_CASES, DOUBLE_BACKWARD_IDS, strict=True)
+]
 
 
 def double_backward_case(variant: str, bias: bool, packed: bool) -> tuple[nn.Module, nn.Module, Any, torch.Tensor]:
@@ -266,7 +271,7 @@ def test_second_derivatives_equal_torchs(variant: str, bias: bool, packed: bool)
     assert max_difference(*results) <= 1e-10
 
 
-@pytest.mark.parametrize(("variant", "bias", "packed"), DOUBLE_BACKWARD_CASES, ids=DOUBLE_BACKWARD_IDS)
+@pytest.mark.parametrize(("variant", "bias", "packed"), GRADGRADCHECK_CASES)
 def test_double_backward_passes_gradgradcheck(variant: str, bias: bool, packed: bool) -> None:
     _, ours, run, inputs = double_backward_case(variant, bias, packed)
 
