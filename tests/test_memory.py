@@ -1,5 +1,5 @@
 """The memory tasks (issue #11): generation, fetch and preprocess per lag, the DataModules' lag, the task modules'
-metrics and a smoke training of each task."""
+metrics, a smoke training of each task, and the lag sweep's report."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import isolated_outputs, quiet_trainer
+from helpers import isolated_outputs, quiet_trainer, run_main
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from rnnlab import memory_report
 from rnnlab.data.base import SPLITS
 from rnnlab.data.memory import (
     AddingDataModule,
@@ -322,3 +323,66 @@ def test_a_smoke_training_of_each_memory_task(
     assert len(predictions) == 12 * copied and predictions["group"].nunique() == 12
     test = load(processed, 9, "test")
     assert predictions["target"].to_numpy() == pytest.approx(test["targets"].flatten().numpy(), abs=1e-5)
+
+
+# --- the lag sweep's report ------------------------------------------------------------------------------------
+
+
+def write_sweep(metrics_dir: Path, values: dict[str, dict[str, dict[int, float]]], seed: int = 42) -> None:
+    """Metrics files as the sweep's trainings write them: task -> model -> lag -> primary metric."""
+    metric = {"memory_adding": "test_mse", "memory_copy": "test_acc"}
+    for task, models in values.items():
+        for model, by_lag in models.items():
+            for lag, value in by_lag.items():
+                path = metrics_dir / task / f"{model}_lag{lag}" / f"seed{seed}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({metric[task]: value, "test_loss": value, "epochs": 8}))
+
+
+@pytest.fixture
+def report_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Callable[..., tuple[int, str]]:
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def run(*overrides: str) -> tuple[int, str]:
+        args = [f"metrics_dir={tmp_path}/metrics", f"output_dir={tmp_path}/reports", "seed=42", "models=[gru,rnn]", *overrides]
+        finished = run_main(memory_report.main, *args, run_dir=tmp_path / "hydra", capsys=capsys)
+        return finished.returncode, finished.stderr
+
+    return run
+
+
+def test_the_report_tables_and_draws_each_task_against_the_lag(report_run: Callable[..., tuple[int, str]], tmp_path: Path) -> None:
+    write_sweep(
+        tmp_path / "metrics",
+        {
+            "memory_adding": {"gru": {5: 0.001, 10: 0.002, 20: 0.004}, "rnn": {5: 0.002, 10: 0.16, 20: 0.165}},
+            "memory_copy": {"gru": {5: 1.0, 10: 0.2, 20: 0.9}, "rnn": {5: 0.9, 10: 0.13, 20: 0.12}},
+        },
+    )
+    code, stderr = report_run("tasks=[memory_adding,memory_copy]", "lags=[20,5,10]")
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "reports" / "memory_lags.json").read_text())
+    adding, copy = report["tasks"]["memory_adding"], report["tasks"]["memory_copy"]
+    assert adding["metric"] == "test_mse" and adding["chance"] == pytest.approx(1 / 6) and adding["lags"] == [5, 10, 20]
+    assert copy["metric"] == "test_acc" and copy["chance"] == pytest.approx(1 / 8) and copy["mode"] == "max"
+    assert adding["models"]["rnn"]["at_chance_from"] == 10 and adding["models"]["gru"]["at_chance_from"] is None
+    # (0.2 - 1/8) / (7/8) = 0.086 closes less than a tenth of the gap at lag 10, but the GRU copies at 20 again.
+    assert copy["models"]["gru"]["at_chance_from"] is None and copy["models"]["rnn"]["at_chance_from"] == 10
+    text = (tmp_path / "reports" / "memory_lags.md").read_text()
+    assert "| 10 | 0.0020 | 0.1600 |" in text and "| at chance from | — | 10 |" in text
+    assert "![memory_copy](memory_lags/memory_copy.png)" in text
+    assert {p.name for p in (tmp_path / "reports" / "memory_lags").iterdir()} == {"memory_adding.png", "memory_copy.png"}
+
+
+def test_the_report_names_the_stage_of_a_missing_run(report_run: Callable[..., tuple[int, str]], tmp_path: Path) -> None:
+    write_sweep(tmp_path / "metrics", {"memory_adding": {"gru": {5: 0.001}, "rnn": {5: 0.002}}})
+    code, stderr = report_run("tasks=[memory_adding]", "lags=[5,10]")
+    assert code == 2
+    assert "gru_lag10/seed42.json is missing: train it with `dvc repro train_lag@memory_adding-gru-10`" in stderr
+    code, stderr = report_run("tasks=[sentiment]", "lags=[5]")
+    assert code == 2 and "task sentiment is not a memory task" in stderr
+
+
+def test_skill_is_the_share_of_the_gap_to_a_perfect_score() -> None:
+    assert memory_report.skill(1 / 12, 1 / 6, "min") == pytest.approx(0.5)
+    assert memory_report.skill(0.125, 0.125, "max") == 0.0 and memory_report.skill(1.0, 0.125, "max") == 1.0
