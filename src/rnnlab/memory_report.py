@@ -1,6 +1,6 @@
 """The memory tasks' lag sweep as a table and figures: `python -m rnnlab.memory_report` (the `memory_report` DVC stage).
 
-Reads the metrics files of the sweep's runs (dvc.yaml's `train_lag`: metrics/<task>/<model>_lag<L>/seed<seed>.json)
+Reads the metrics files of the sweep's runs (dvc.yaml's `train_lag`: metrics/lags/<task>/<model>_lag<L>/seed<seed>.json)
 of the memory tasks, models and lags that params.yaml lists, with its first seed, and writes under reports/:
 
 - memory_lags.md and memory_lags.json: per task, each model's primary test metric at every lag, the chance level (the

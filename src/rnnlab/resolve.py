@@ -132,10 +132,9 @@ def memory_report_params(profile: str, params: dict[str, Any]) -> dict[str, Any]
 
 
 def lag_run(task: str, model: str, lag: int) -> tuple[str, str, list[str]]:
-    """A training of the lag sweep, as dvc.yaml's train_lag runs it: model <model>_lag<L>, in an MLflow experiment of its own."""
+    """A training of the lag sweep, as dvc.yaml's train_lag runs it: model <model>_lag<L> (conf/experiment/memory_lag.yaml)."""
     name = f"{model}_lag{lag}"
-    overrides = [f"task={task}", f"model={model}", f"task.data.lag={lag}", f"model.name={name}", f"tracking.experiment=rnnlab-{task}-lags"]
-    return task, name, overrides
+    return task, name, ["experiment=memory_lag", f"task={task}", f"model={model}", f"task.data.lag={lag}", f"model.name={name}"]
 
 
 def stage_models(params: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
