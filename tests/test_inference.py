@@ -25,6 +25,9 @@ def test_unit_scores_are_the_primary_metric_per_unit() -> None:
     classified = pd.DataFrame({"unit": [3, 1, 2], "group": ["a", "a", "b"], "target": [1, 0, 1], "prediction": [1, 1, 1]})
     scored = inference.unit_scores(classified, "test_acc")
     assert scored["score"].tolist() == [1.0, 0.0, 1.0] and scored["unit"].tolist() == [3, 1, 2]
+    summed = pd.DataFrame({"unit": [0, 1], "group": [0, 1], "target": [1.5, 0.25], "prediction": [1.25, 0.25], "loss": [9.0, 9.0]})
+    scored = inference.unit_scores(summed, "test_mse")  # the adding problem: each sequence's squared error, not its loss column
+    assert scored["score"].tolist() == [0.0625, 0.0] and scored["weight"].tolist() == [1.0, 1.0]
     text = pd.DataFrame({"unit": [0, 100], "group": ["w", "w"], "loss": [1.5, 2.0], "characters": [100, 50]})
     scored = inference.unit_scores(text, "test_loss")
     assert np.average(scored["score"], weights=scored["weight"]) == pytest.approx((150 + 100) / 150)
@@ -36,6 +39,17 @@ def test_unit_scores_are_the_primary_metric_per_unit() -> None:
     assert inference.unit_scores(forecast, "test_mase", forecast="naive")["score"].tolist() == [0.5, 2.5]
     with pytest.raises(ValueError, match="no per-unit form of test_f1"):
         inference.unit_scores(classified, "test_f1")
+
+
+def test_independent_units_get_the_clustered_paired_t_and_others_a_hac_t() -> None:
+    rng = np.random.default_rng(3)
+    errors = rng.random((2, 60))
+    first, second = (
+        Scores(values, np.ones(60), np.arange(60), (0, 1), "test_mse" in inference.INDEPENDENT_UNITS) for values in (errors, 0.9 * errors)
+    )
+    assert inference.paired_test(first, second)[0] == inference.CLUSTERED
+    text = [Scores(s.values, s.weights, s.groups, s.seeds, False) for s in (first, second)]
+    assert inference.paired_test(*text)[0] == inference.HAC
 
 
 def test_a_real_difference_is_found() -> None:

@@ -20,7 +20,7 @@ from rnnlab.config import config_dir
 
 GRAPH = code_deps.import_graph()
 DATA_MODULES = sorted(module for module in GRAPH if module.startswith("rnnlab.data."))
-TASK_DATA_MODULES = ["rnnlab.data.sentiment", "rnnlab.data.textgen", "rnnlab.data.speech", "rnnlab.data.forecast"]
+TASK_DATA_MODULES = ["rnnlab.data.sentiment", "rnnlab.data.textgen", "rnnlab.data.speech", "rnnlab.data.forecast", "rnnlab.data.memory"]
 # What a data module must not import, directly or through another rnnlab module.
 ABOVE_DATA = ("rnnlab.models", "rnnlab.predictors", "rnnlab.serving", "rnnlab.serving_code", "rnnlab.tracking", "rnnlab.callbacks")
 THIRD_PARTY_ABOVE_DATA = ("mlflow", "lightning.pytorch.loggers", "pytorch_lightning.loggers")

@@ -24,11 +24,14 @@ from omegaconf import DictConfig
 from scipy.io import wavfile
 from test_forecast import TINY as TINY_FORECAST
 from test_forecast import fetch_and_preprocess, make_forecaster, make_series, tiny_run, write_csv
+from test_memory import adding_regressor, make_data, sequence_copier
 from test_speech import make_speech_classifier
 
 from rnnlab.data.forecast import read_series_csv, series_frequency
+from rnnlab.data.memory import adding_inputs
 from rnnlab.errors import DataError
 from rnnlab.predictors.forecast import SeriesPredictor, periods_between
+from rnnlab.predictors.memory import AddingPredictor, CopyPredictor
 from rnnlab.predictors.speech import ClipPredictor
 from rnnlab.serving import predictor_for, register_champion
 from rnnlab.train import train
@@ -336,6 +339,116 @@ def test_fourier_phase_needs_dates_on_the_training_grid(
         assert predictor.inputs(shifted)[0].shape == (1, 8, 1)
 
 
+# --- memory ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def memory_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The processed folders of tiny adding and copy data (lags 4 and 9; the copy task's 3 symbols of 5)."""
+    return {problem: make_data(tmp_path_factory.mktemp(problem), problem) for problem in ("adding", "copy")}
+
+
+def memory_predictor(compose_cfg: Callable[..., DictConfig], processed: Path, task: str) -> AddingPredictor | CopyPredictor:
+    return predictor_for(compose_cfg(f"task={task}", "task.data.lag=9", f"paths.processed={processed}"))
+
+
+def step_rows(values: torch.Tensor, positions: torch.Tensor, **columns: object) -> pd.DataFrame:
+    markers = np.zeros(len(values), dtype=np.int64)
+    markers[positions.numpy()] = 1
+    return pd.DataFrame({**columns, "value": values.double().numpy(), "marker": markers})
+
+
+def test_adding_predictions_are_the_nets_on_the_preprocessed_sequences(
+    memory_dirs: dict[str, Path], compose_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    processed = memory_dirs["adding"]
+    predictor = memory_predictor(compose_cfg, processed, "memory_adding")
+    assert isinstance(predictor, AddingPredictor) and predictor.state == {"lag": 9, "tolerance": 0.04}
+    test = torch.load(processed / "lag9" / "test.pt", weights_only=True)
+    torch.manual_seed(0)
+    net = adding_regressor().net.eval()
+    frame = pd.concat([step_rows(test["values"][i], test["positions"][i], sequence=f"s{i}") for i in range(3)])
+    predicted = predictor.predict(net, frame, {})
+    with torch.no_grad():
+        expected = net(adding_inputs(test["values"][:3], test["positions"][:3]))[:, 0]
+    assert list(predicted.columns) == ["sequence", "steps", "prediction", "target", "error", "within_tolerance"]
+    assert predicted["sequence"].tolist() == ["s0", "s1", "s2"] and predicted["steps"].tolist() == [9, 9, 9]
+    assert predicted["prediction"].to_numpy() == pytest.approx(expected.numpy(), abs=1e-6)
+    assert predicted["target"].to_numpy() == pytest.approx(test["targets"][:3].numpy(), abs=1e-6)
+    assert predicted["within_tolerance"].tolist() == (predicted["error"].abs() < 0.04).tolist()
+    # rnnlab-predict's input: a CSV of one sequence, one row per step.
+    path = tmp_path / "sequence.csv"
+    step_rows(test["values"][0], test["positions"][0]).to_csv(path, index=False)
+    alone = predictor.predict(net, AddingPredictor.read_input(str(path)), {})
+    assert alone["prediction"].iloc[0] == pytest.approx(expected[0].item(), abs=1e-6)
+    assert "sum of the marked values" in predictor.describe(frame, predicted)
+    assert len(predictor.predict(net, predictor.input_example(), {})) == 1
+
+
+def test_bad_adding_sequences_are_refused_naming_the_row(memory_dirs: dict[str, Path], compose_cfg: Callable[..., DictConfig]) -> None:
+    predictor = memory_predictor(compose_cfg, memory_dirs["adding"], "memory_adding")
+    net = adding_regressor().net.eval()
+
+    def rows(values: list[object], markers: list[object], **columns: list[object]) -> pd.DataFrame:
+        return pd.DataFrame({**columns, "value": values, "marker": markers})
+
+    fix = "give one row per step with a value in [0, 1] and a marker of 0 or 1, exactly two markers per sequence"
+    cases = [
+        (rows([0.1, 0.2, 0.3], [1, 1, 1]), "the input has 3 marker(s) of 1 in 3 steps, not 2; " + fix),
+        (rows([0.1, 0.2, 0.3], [1, 0, 0]), "the input has 1 marker(s) of 1 in 3 steps, not 2"),
+        (rows([0.1, 1.5, 0.3], [1, 0, 1]), "the input: row 1 has the value 1.5, outside [0, 1] where the model was trained"),
+        (rows([0.1, 0.2, 0.3], [1, 2, 1]), "the input: row 1 has the marker 2, not 0 or 1"),
+        (rows([0.1, "abc", 0.3], [1, 0, 1]), "the input: row 1 of column 'value' is 'abc', not a finite number"),
+        (rows([0.1, float("nan"), 0.3], [1, 0, 1]), "the input: row 1 of column 'value' is nan, not a finite number"),
+        (rows([0.1, 0.2, 0.3, 0.4], [1, 1, 0, 1], sequence=["a", "a", "b", "b"]), "sequence 'b' has 1 marker(s) of 1 in 2 steps"),
+        (rows([], []), "the input has no rows"),
+        (pd.DataFrame({"value": [0.5]}), "the input lacks the column(s) ['marker'] (it has ['value'])"),
+    ]
+    for frame, message in cases:
+        with pytest.raises(DataError) as refused:
+            predictor.predict(net, frame, {})
+        assert message in str(refused.value)
+    with pytest.raises(DataError, match=r"absent.csv is not a CSV file; give one row per step"):
+        AddingPredictor.read_input("absent.csv")
+
+
+def test_copy_predictions_recall_from_the_sequence_preprocess_builds(
+    memory_dirs: dict[str, Path], compose_cfg: Callable[..., DictConfig]
+) -> None:
+    processed = memory_dirs["copy"]
+    predictor = memory_predictor(compose_cfg, processed, "memory_copy")
+    assert isinstance(predictor, CopyPredictor) and predictor.state == {"lag": 9, "length": 3, "alphabet": 5}
+    test = torch.load(processed / "lag9" / "test.pt", weights_only=True)
+    torch.manual_seed(0)
+    copier = sequence_copier(alphabet=5, length=3).net.eval()
+    seen = []
+
+    def net(tokens: torch.Tensor) -> torch.Tensor:
+        seen.append(tokens)
+        return copier(tokens)
+
+    symbols = [" ".join(map(str, row)) for row in (test["targets"][:4] + 1).tolist()]
+    predicted = predictor.predict(net, pd.DataFrame({"symbols": symbols}), {})
+    assert torch.equal(seen[0], test["tokens"][:4].long())  # the sequences preprocess made for these symbols at lag 9
+    with torch.no_grad():
+        recalled = copier(test["tokens"][:4].long()).argmax(dim=-1) + 1
+    assert predicted["symbols"].tolist() == symbols
+    assert predicted["copy"].tolist() == [" ".join(map(str, row)) for row in recalled.tolist()]
+    assert predicted["correct"].tolist() == (recalled == test["targets"][:4] + 1).sum(dim=1).tolist()
+    assert CopyPredictor.read_input("3,1 4").to_dict("list") == {"symbols": ["3,1 4"]}
+    assert len(predictor.predict(net, predictor.input_example(), {})) == 1
+    assert predictor.describe(pd.DataFrame(), predicted).startswith("recalled after a lag of 9 steps:")
+
+
+@pytest.mark.parametrize("symbols", ["1 2", "1 2 3 4", "1 2 6", "0 1 2", "a b c", "1.5 2 3"])
+def test_bad_symbols_to_copy_are_refused(symbols: str, memory_dirs: dict[str, Path], compose_cfg: Callable[..., DictConfig]) -> None:
+    predictor = memory_predictor(compose_cfg, memory_dirs["copy"], "memory_copy")
+    expected = f"row 0 of column 'symbols' is {symbols!r}; the model copies text of 3 whole numbers from 1 to 5, e.g. '1 2 3'"
+    with pytest.raises(DataError) as refused:
+        predictor.predict(sequence_copier(alphabet=5).net, pd.DataFrame({"symbols": [symbols]}), {})
+    assert str(refused.value) == expected + "."
+
+
 # --- end to end: a trained run, registered as the champion, loaded as an MLflow pyfunc ------------
 
 
@@ -420,3 +533,43 @@ def test_speech_champion_answers_a_wav_file(speech_dirs: tuple[Path, Path], comp
     (tmp_path / "notes.txt").write_text("not audio")
     result = rnnlab_predict(cfg, str(tmp_path / "notes.txt"))
     assert result.returncode == 2 and "notes.txt is not a readable WAV file" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_memory_champions_answer_a_csv_of_steps_and_symbols_to_copy(
+    memory_dirs: dict[str, Path], compose_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    adding, copy = (
+        compose_cfg(
+            f"task={task}",
+            "profile=smoke",
+            "model=gru",
+            "task.data.lag=9",
+            "callbacks.progress_bar=null",
+            f"paths.processed={memory_dirs[problem]}",
+            *isolated_outputs(tmp_path / problem),
+        )
+        for task, problem in (("memory_adding", "adding"), ("memory_copy", "copy"))
+    )
+    train(adding)
+    served, net = champion(adding)
+    test = torch.load(memory_dirs["adding"] / "lag9" / "test.pt", weights_only=True)
+    steps = step_rows(test["values"][0], test["positions"][0])
+    expected = AddingPredictor.from_config(adding).predict(net, steps, {})
+    pd.testing.assert_frame_equal(served.predict(steps), expected)
+    steps.to_csv(tmp_path / "sequence.csv", index=False)
+    result = rnnlab_predict(adding, str(tmp_path / "sequence.csv"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"predicted {expected['prediction'].iloc[0]:.4f}, sum of the marked values {expected['target'].iloc[0]:.4f}" in result.stdout
+    steps.assign(marker=0).to_csv(tmp_path / "unmarked.csv", index=False)
+    result = rnnlab_predict(adding, str(tmp_path / "unmarked.csv"))
+    assert (
+        result.returncode == 2 and "the input has 0 marker(s) of 1 in 9 steps, not 2" in result.stderr and "Traceback" not in result.stderr
+    )
+    train(copy)
+    champion(copy)
+    result = rnnlab_predict(copy, "3 1 4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("recalled after a lag of 9 steps:\n3 1 4 -> ")
+    result = rnnlab_predict(copy, "3 1 9")
+    assert result.returncode == 2 and "the model copies text of 3 whole numbers from 1 to 5" in result.stderr

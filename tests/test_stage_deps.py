@@ -9,11 +9,13 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 from helpers import isolated_outputs
 from omegaconf import OmegaConf
 from test_forecast import fetch_and_preprocess, make_series
+from test_memory import make_data
 from test_textgen import archive, textgen_root  # noqa: F401 (the textgen fixtures)
 
 from rnnlab import code_deps, resolve
@@ -83,12 +85,12 @@ tuned: [sentiment]
 
 
 class Project:
-    """A copy of this project's conf/ with PIPELINE as params.yaml (src/ is the installed one), resolved on demand."""
+    """A copy of this project's conf/ with `pipeline` as params.yaml (src/ is the installed one), resolved on demand."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, pipeline: str = PIPELINE) -> None:
         self.root = root
         shutil.copytree(PROJECT / "conf", root / "conf")
-        (root / "params.yaml").write_text(PIPELINE)
+        (root / "params.yaml").write_text(pipeline)
         # Studies that found something other than the default (the project's sentiment GRU search found the default).
         self.tuned = root / "conf/experiment/sentiment_gru_tuned.yaml"
         self.tuned.write_text(self.tuned.read_text().replace("lr: 0.002", "lr: 0.001"))
@@ -165,7 +167,7 @@ def test_a_tuned_configuration_equal_to_the_default_is_refused(tmp_path: Path) -
     [
         ("[textgen]", r"tuned in .*params.yaml must list tasks of `tasks` .*got \['textgen'\]"),
         ("{sentiment-gru: {task: sentiment, model: gru}}", r"tuned in .*params.yaml must list tasks of `tasks`"),
-        ("[forecast]", r"lists forecast, but conf/experiment/forecast_gru_tuned.yaml does not exist: run its study .*model=gru"),
+        ("[speech]", r"lists speech, but conf/experiment/speech_gru_tuned.yaml does not exist: run its study .*model=gru"),
     ],
 )
 def test_tuned_names_tasks_whose_every_model_has_a_study(tmp_path: Path, tuned: str, message: str) -> None:
@@ -173,6 +175,64 @@ def test_tuned_names_tasks_whose_every_model_has_a_study(tmp_path: Path, tuned: 
     (tmp_path / "params.yaml").write_text(PIPELINE.replace("tuned: [sentiment]", f"tuned: {tuned}"))
     with pytest.raises(ConfigError, match=message):
         project.resolve()
+
+
+MEMORY_PIPELINE = """
+profile: default
+seeds: [7, 8]
+tasks: [memory_adding, memory_copy]
+models: [gru, rnn]
+single_seed_models: []
+tuned: []
+memory_tasks: [memory_adding, memory_copy]
+memory_lags: [10, 40]
+"""
+
+
+def test_the_lag_sweep_resolves_a_training_per_task_model_and_lag_and_the_report(tmp_path: Path) -> None:
+    files = Project(tmp_path, MEMORY_PIPELINE).first
+    sweep = {name for name in files if "_lag" in name}
+    assert sweep == {
+        f"{task}/{model}_lag{lag}.yaml" for task in ("memory_adding", "memory_copy") for model in ("gru", "rnn") for lag in (10, 40)
+    }
+    run = files["memory_copy/rnn_lag40.yaml"]
+    assert run["config"]["task"]["data"]["lag"] == 40 and run["config"]["model"]["name"] == "rnn_lag40"
+    assert run["config"]["model"]["encoder"] == files["memory_copy/rnn.yaml"]["config"]["model"]["encoder"]  # only the lag differs
+    assert "tracking" not in run["config"] and {"rnnlab/models/memory.py", "rnnlab/data/memory.py"} <= set(run["code"])
+    report = files["memory_report.yaml"]
+    assert report["report"] == {
+        "tasks": ["memory_adding", "memory_copy"],
+        "models": ["gru", "rnn"],
+        "lags": [10, 40],
+        "seed": None,
+        "at_chance": 0.1,
+    }
+    assert report["tasks"]["memory_copy"] == {"primary_metric": "test_acc", "monitor_mode": "max", "fetch": ANY}
+    assert report["tasks"]["memory_copy"]["fetch"]["alphabet"] == 8
+    assert {"rnnlab/memory_report.py", "rnnlab/data/memory.py"} <= set(report["code"])
+    assert holding(files, "rnnlab/memory_report.py") == {"memory_report.yaml"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ("memory_lags: [10, 40]", "memory_lags: [10, 30]"),
+            r"memory_lags in params.yaml has 30, which conf/task/memory_adding.yaml does not ",
+        ),
+        (
+            ("\ntasks: [memory_adding, memory_copy]", "\ntasks: [memory_adding]"),
+            r"memory_tasks in params.yaml has memory_copy, which is not in `tasks`",
+        ),
+        (
+            ("memory_tasks: [memory_adding, memory_copy]", "memory_tasks: [memory_adding, forecast]"),
+            r"has forecast, which is not in `tasks`",
+        ),
+    ],
+)
+def test_a_lag_sweep_on_data_the_pipeline_does_not_make_is_refused(change: tuple[str, str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Project(tmp_path, MEMORY_PIPELINE.replace(*change))
 
 
 def test_no_resolved_value_depends_on_the_machine(project: Project) -> None:
@@ -221,6 +281,8 @@ def task_data(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str],
         if task == "textgen":  # its data went through fetch and preprocess with the fixture's own settings
             request.getfixturevalue("archive")
             return [f"paths.root={request.getfixturevalue('textgen_root')}", "task.module.sample_prompt='thou art'"]
+        if task.startswith("memory_"):
+            return [f"paths.processed={make_data(tmp_path / task, task.removeprefix('memory_'))}", "task.data.lag=9"]
         return [f"paths.processed={fetch_and_preprocess(tmp_path / 'forecast', make_series())}"]
 
     return _overrides
@@ -229,7 +291,14 @@ def task_data(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str],
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("task", "model"),
-    [("sentiment", "gru"), ("sentiment", "gru_scratch"), ("textgen", "lstm"), ("forecast", "rnn"), ("speech", "gru")],
+    [
+        ("sentiment", "gru"),
+        ("sentiment", "gru_scratch"),
+        ("textgen", "lstm"),
+        ("forecast", "rnn"),
+        ("speech", "gru"),
+        ("memory_copy", "lstm"),
+    ],
 )
 def test_a_training_imports_only_code_its_stage_declares(
     task: str, model: str, task_data: Callable[[str], list[str]], tmp_path: Path

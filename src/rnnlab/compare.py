@@ -396,10 +396,11 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
             )
         baselines[path.name.removesuffix("_predictions.csv")] = scored["score"]
     weights, groups = units["weight"].to_numpy(), units["group"].to_numpy()
-    scores = {model: inference.Scores(values, weights, groups, seeds, metric == "test_acc") for model, (values, seeds) in per_model.items()}
+    independent = metric in inference.INDEPENDENT_UNITS
+    scores = {model: inference.Scores(values, weights, groups, seeds, independent) for model, (values, seeds) in per_model.items()}
     all_seeds = tuple(sorted({int(seed) for seed in task_runs["seed"]}))
     for name, values in baselines.items():  # a baseline does not depend on the seed: the same scores for every seed
-        scores[name] = inference.Scores(np.tile(values.to_numpy(), (len(all_seeds), 1)), weights, groups, all_seeds, metric == "test_acc")
+        scores[name] = inference.Scores(np.tile(values.to_numpy(), (len(all_seeds), 1)), weights, groups, all_seeds, independent)
     means = {name: {key: float(np.mean([seed[key] for seed in seeds])) for key in seeds[0]} for name, seeds in accuracy.items()}
     return TaskScores(scores, horizon, with_owa(means) if means else None)
 
@@ -730,8 +731,9 @@ def markdown(report: dict[str, Any]) -> str:
         "memory are means over seeds; — means the runs did not log it.",
         f"- Per pair (effect = first - second, in the metric's units): a {level} interval from a two-level bootstrap "
         f"({report['resamples']:,} resamples, seed {report['seed']}) over the seeds both share and over groups of test units "
-        "(reviews, held-out voices or speakers, works, blocks of forecast origins); a p-value from a test on the test units, each "
-        "unit's score averaged over the shared seeds: for classifiers a paired t-test with variance clustered by those groups, "
+        "(reviews, held-out voices or speakers, works, blocks of forecast origins, memory sequences); a p-value from a test on the "
+        "test units, each unit's score averaged over the shared seeds: for classifiers and memory sequences a paired t-test with "
+        "variance clustered by those groups, "
         "Diebold-Mariano for forecasts (uniform-kernel variance at lag horizon - 1, Harvey-Leybourne-Newbold correction), "
         "a t-test with Newey-West variance for per-chunk text losses; Holm's correction over all "
         f"{report['tests']} tests of the report. Each network is also tested against "

@@ -2,12 +2,13 @@
 
 Inputs are per-unit scores of the task's primary metric, [seeds, units] per model, where seed s of one model
 was trained with the same random streams as seed s of the other (rnnlab.streams) and unit u is the same test
-example for both. The metric must be a weighted mean of unit scores (accuracy, nats per character, MASE), so
+example for both. The metric must be a weighted mean of unit scores (accuracy, MSE, nats per character, MASE), so
 that the effect (mean difference of the metric) is the weighted mean of per-unit differences.
 
 - interval: a two-level bootstrap, seeds (paired) and groups of units (clusters: speakers, works, blocks of
   forecast origins), percentile intervals from `resamples` seeded draws;
-- test: a paired t-test of the mean per-unit difference with cluster-robust variance over the groups (classifiers),
+- test: a paired t-test of the mean per-unit difference with cluster-robust variance over the groups (classifiers and
+  other independent units: the adding problem's sequences),
   Diebold-Mariano with Harvey-Leybourne-Newbold's correction (forecasts), or a t-test of the mean per-chunk
   difference with Newey-West variance (text); each on the units' scores averaged over the shared seeds, so that a
   unit counts once and the test is of the effect the interval estimates;
@@ -31,6 +32,9 @@ from statsmodels.stats.multitest import multipletests
 
 POWER = 0.8
 CLUSTERED, DIEBOLD_MARIANO, HAC = "paired t (clustered)", "Diebold-Mariano (HLN)", "HAC t (Newey-West)"
+# Primary metrics whose test units are independent but for their groups: a classifier's examples, the adding problem's
+# sequences (not a forecast's overlapping origins or a text's consecutive chunks). Their paired test is the clustered t.
+INDEPENDENT_UNITS = ("test_acc", "test_mse")
 
 
 @dataclass(frozen=True)
@@ -41,18 +45,21 @@ class Scores:
     weights: np.ndarray
     groups: np.ndarray
     seeds: tuple[int, ...]
-    binary: bool  # 0/1 scores (correct or not): a classifier's units, independent but for their groups
+    independent: bool  # units independent but for their groups (INDEPENDENT_UNITS): the clustered paired t
 
 
 def unit_scores(predictions: pd.DataFrame, metric: str, scale: float = 1.0, forecast: str = "prediction") -> pd.DataFrame:
     """Per test unit, in test order: `unit`, `group`, `score` (its part of `metric`) and `weight`.
 
-    test_acc: 1 where the prediction is the target; test_loss with `characters` (text): the chunk row's nats per
-    character, weighted by its characters; test_mase: the unit's mean absolute error over its steps ahead divided
-    by `scale` (the series' MASE scale), for the column `forecast` (the model's, or a baseline's).
+    test_acc: 1 where the prediction is the target; test_mse: the prediction's squared error; test_loss with
+    `characters` (text): the chunk row's nats per character, weighted by its characters; test_mase: the unit's mean
+    absolute error over its steps ahead divided by `scale` (the series' MASE scale), for the column `forecast` (the
+    model's, or a baseline's).
     """
     if metric == "test_acc":
         frame = predictions.assign(score=(predictions["prediction"] == predictions["target"]).astype(float), weight=1.0)
+    elif metric == "test_mse":
+        frame = predictions.assign(score=(predictions["prediction"] - predictions["target"]) ** 2, weight=1.0)
     elif metric == "test_loss" and "characters" in predictions:
         frame = predictions.assign(score=predictions["loss"], weight=predictions["characters"].astype(float))
     elif metric == "test_mase":
@@ -93,8 +100,9 @@ def bootstrap(
 def paired_test(first: Scores, second: Scores, horizon: int | None = None) -> tuple[str, float]:
     """The test's name and two-sided p-value for first vs second on their shared seeds' mean per-unit scores.
 
-    Classifiers: the t-test of the mean per-unit difference (each unit's correctness averaged over the seeds) with
-    cluster-robust variance over the units' groups (speakers or voices; a review is its own group), against Student's
+    Classifiers and other independent units (INDEPENDENT_UNITS): the t-test of the mean per-unit difference (each
+    unit's score averaged over the seeds) with cluster-robust variance over the units' groups (speakers or voices; a
+    review or a sequence of the adding problem is its own group), against Student's
     t with groups - 1 degrees of freedom. Unlike McNemar on majority votes, which earlier releases used, it tests the
     mean single model's accuracy, the effect the interval estimates, rather than the seeds' ensemble's, and it
     respects units that share a voice. Forecasts (`horizon` steps ahead, units in time order): Diebold-Mariano with
@@ -105,7 +113,7 @@ def paired_test(first: Scores, second: Scores, horizon: int | None = None) -> tu
     a, b = first.values.mean(axis=0), second.values.mean(axis=0)
     # Weighted so that the tested mean is the effect's weighted mean (text: chunk rows of unequal length).
     differences = (a - b) * first.weights / first.weights.mean()
-    name = CLUSTERED if first.binary and second.binary else DIEBOLD_MARIANO if horizon else HAC
+    name = CLUSTERED if first.independent and second.independent else DIEBOLD_MARIANO if horizon else HAC
     if np.allclose(differences, 0):
         return name, 1.0
     if np.ptp(differences) == 0:  # the same nonzero difference on every unit: no variance to test against
@@ -151,7 +159,7 @@ def compare_pair(
     draws = bootstrap(differences, weights, groups, resamples, seed)
     ci = [float(x) for x in np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])]
     tost = [float(x) for x in np.quantile(draws, [alpha, 1 - alpha])]
-    paired = (Scores(values, weights, groups, tuple(shared), scores.binary) for values, scores in ((a, first), (b, second)))
+    paired = (Scores(values, weights, groups, tuple(shared), scores.independent) for values, scores in ((a, first), (b, second)))
     test, p_value = paired_test(*paired, horizon)
     se = float(draws.std(ddof=1))
     z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(POWER)

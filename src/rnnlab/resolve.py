@@ -7,7 +7,9 @@ as the stage's command would and writes, under resolved/:
 - <task>/<model>.yaml: the training's main hyperparameters (`hparams`, shown by `dvc exp show`),
   its whole composed config, and the code it runs;
 - <task>/baselines.yaml: the settings and code of the task's baseline (tasks in `baseline_tasks`);
-- compare.yaml: the comparison's settings, its code and every task's serving code.
+- <task>/<model>_lag<L>.yaml: a training of the memory tasks' lag sweep (`memory_tasks` x `models` x `memory_lags`);
+- compare.yaml: the comparison's settings, its code and every task's serving code;
+- memory_report.yaml: the lag sweep report's settings, what it reads of each memory task's config, its code.
 
 The stages list these files under `params:`, so DVC compares values, not file bytes: a comment
 in a config stales nothing, a changed learning rate stales that model's runs only, and an edit
@@ -46,6 +48,8 @@ HPARAMS = {
     "batch_size": "task.data.batch_size",
     "max_epochs": "trainer.max_epochs",
 }
+# The settings of conf/memory_report.yaml that decide the lag report (the others say where it reads and writes).
+MEMORY_REPORT_SETTINGS = ("tasks", "models", "lags", "seed", "at_chance")
 
 
 @contextlib.contextmanager
@@ -111,11 +115,34 @@ def compare_params(profile: str, tasks: Iterable[str]) -> dict[str, Any]:
     return {"compare": settings, "code": code_of("rnnlab.compare", [settings, predictors])}
 
 
+def memory_report_params(profile: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The lag sweep report's settings, what it reads of each memory task's config (rnnlab.memory_report.task_settings:
+    the primary metric, its direction and the problem that sets the chance level), and its code."""
+    # The sweep as the stage's command reads it from params.yaml (conf/memory_report.yaml's ${pipeline_param:...}).
+    sweep = {"tasks": params["memory_tasks"], "models": params["models"], "lags": params["memory_lags"]}
+    overrides = [f"{key}=[{','.join(map(str, values))}]" for key, values in sweep.items()]
+    cfg = compose_run([f"profile={profile}", *overrides], config_name="memory_report")
+    settings = {key: OmegaConf.to_container(cfg, resolve=True)[key] for key in MEMORY_REPORT_SETTINGS}
+    tasks = {}
+    for task in settings["tasks"]:
+        task_cfg = compose_run([f"task={task}", f"profile={profile}"]).task
+        fetch = {key: value for key, value in OmegaConf.to_container(task_cfg.fetch, resolve=True).items() if key != "out_dir"}
+        tasks[task] = {"primary_metric": task_cfg.primary_metric, "monitor_mode": task_cfg.monitor_mode, "fetch": fetch}
+    return {"report": settings, "tasks": tasks, "code": code_of("rnnlab.memory_report", settings)}
+
+
+def lag_run(task: str, model: str, lag: int) -> tuple[str, str, list[str]]:
+    """A training of the lag sweep, as dvc.yaml's train_lag runs it: model <model>_lag<L> (conf/experiment/memory_lag.yaml)."""
+    name = f"{model}_lag{lag}"
+    return task, name, ["experiment=memory_lag", f"task={task}", f"model={model}", f"task.data.lag={lag}", f"model.name={name}"]
+
+
 def stage_models(params: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
     """(task, model name, overrides) of every training the pipeline runs, as dvc.yaml lists them."""
     runs = [(task, model, [f"task={task}", f"model={model}"]) for task in params["tasks"] for model in params["models"]]
     runs += [(task, model, [f"task={task}", f"model={model}"]) for task in params["tasks"] for model in params["single_seed_models"]]
     runs += [(task, f"{model}_tuned", [f"experiment={task}_{model}_tuned"]) for task, model in tuned_pairs(params)]
+    runs += [lag_run(task, model, lag) for task in params["memory_tasks"] for model in params["models"] for lag in params["memory_lags"]]
     return runs
 
 
@@ -137,11 +164,13 @@ def write_all(root: Path) -> list[Path]:
             files[f"{task}/baselines.yaml"] = baseline_params(compose_run([f"task={task}", f"profile={profile}"], "baselines"))
         for task, model in tuned_pairs(params):
             _check_tuned_exists(root, task, model)
+        _check_lag_sweep(params, files)
         for task, model, overrides in stage_models(params):
             files[f"{task}/{model}.yaml"] = training_params(compose_run([*overrides, f"profile={profile}"]))
         for task, model in tuned_pairs(params):
             _check_tuned_differs(files, task, model)
         files["compare.yaml"] = compare_params(profile, params["tasks"])
+        files["memory_report.yaml"] = memory_report_params(profile, params)
     with io.atomic_dir(root / OUT_DIR) as tmp:
         for name, values in files.items():
             path = tmp / name
@@ -177,6 +206,26 @@ def _unnamed(params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "config": {**params["config"], "model": model}}
 
 
+def _check_lag_sweep(params: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
+    """Refuse a lag sweep that would train on data the pipeline never makes: a memory task outside `tasks` (not
+    fetched nor preprocessed) or a lag that its task.preprocess.lags does not generate."""
+    for task in params["memory_tasks"]:
+        if task not in params["tasks"]:
+            raise ConfigError(
+                f"memory_tasks in params.yaml has {task}, which is not in `tasks` (its data is not made): add it to tasks, or drop "
+                "it from memory_tasks (memory_tasks=[] sweeps no lag)."
+            )
+        generated = files[f"{task}/data.yaml"]["preprocess"].get("lags")
+        if not isinstance(generated, list):
+            raise ConfigError(f"memory_tasks in params.yaml has {task}, which has no task.preprocess.lags: list only memory tasks there.")
+        missing = [lag for lag in params["memory_lags"] if lag not in generated]
+        if missing:
+            raise ConfigError(
+                f"memory_lags in params.yaml has {', '.join(map(str, missing))}, which conf/task/{task}.yaml does not preprocess "
+                f"(task.preprocess.lags: {generated}); add them there or drop them from memory_lags."
+            )
+
+
 def _pipeline_params(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: run from the rnnlab checkout, which holds params.yaml.")
@@ -191,6 +240,8 @@ def _pipeline_params(path: Path) -> dict[str, Any]:
             f"got {params['tuned']}."
         )
     params.setdefault("baseline_tasks", [])
+    params.setdefault("memory_tasks", [])
+    params.setdefault("memory_lags", [])
     return params
 
 
