@@ -199,7 +199,7 @@ OVERRIDES = [
     case(
         "train",
         "paths.run_dir={bad_inputs}",
-        says=("already holds files no rnnlab run made (aclImdb, raw_inf, raw_nan", "point paths.run_dir at a new or empty folder"),
+        says=("already holds files no rnnlab run made (aclImdb, raw_inf, raw_memory_adding, raw_nan", "point paths.run_dir at a new or empty folder"),
         id="run-dir-not-owned",
     ),
     case(
