@@ -65,14 +65,15 @@ smoke quick: install
 	dvc exp run --set-param profile=$@ --set-param 'seeds=[42]' $(SWEEP); status=$$?; mv .params.yaml.bak params.yaml; exit $$status
 	@echo "comparison: reports/comparison.md"
 
+# One pytest-xdist worker per core (each with one torch thread: tests/conftest.py). The slow tests run one
+# at a time: some start worker pools or time trials, and would measure each other.
 test: install
-	python -m pytest -m "not slow"
+	python -m pytest -m "not slow" -n auto
 
 test-slow: install
 	python -m pytest -m slow
 
-test-all: install
-	python -m pytest
+test-all: test test-slow
 
 bench: install
 	python -m rnnlab.bench

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from rnnlab.config import config_dir
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs one worker per core), give each worker and the processes
+    it starts one torch thread: two workers with two OpenMP threads each would share two cores and
+    slow every test several-fold."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
 
 POSITIVE = ["great", "wonderful", "superb", "loved", "brilliant", "moving"]
 NEGATIVE = ["awful", "terrible", "boring", "hated", "dull", "worst"]

@@ -23,6 +23,7 @@ from _pytest.mark import ParameterSet
 from conftest import make_reviews
 from helpers import make_language_model, run_main, write_archive, write_tone
 
+from rnnlab.console import console
 from rnnlab.data.speech import read_wav
 from rnnlab.errors import DataError
 
@@ -81,7 +82,10 @@ def textgen_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Run:
     """`run_command("train", *overrides)` runs `python -m rnnlab.train *overrides` here: (exit code, stderr)."""
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)  # set, Hydra would re-raise with a traceback
-    monkeypatch.setenv("COLUMNS", "400")  # rich would wrap the summary tables at 80 columns
+    # rich would wrap the summary tables at 80 columns; the console reads COLUMNS once, when it is made
+    # (pytest-xdist's workers start with COLUMNS=80), so widen the console itself too.
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setattr(console, "width", 400)
 
     def run(command: str, *overrides: str) -> tuple[int, str]:
         main = importlib.import_module(f"rnnlab.{command}").main
@@ -199,7 +203,10 @@ OVERRIDES = [
     case(
         "train",
         "paths.run_dir={bad_inputs}",
-        says=("already holds files no rnnlab run made (aclImdb, raw_inf, raw_memory_adding, raw_nan", "point paths.run_dir at a new or empty folder"),
+        says=(
+            "already holds files no rnnlab run made (aclImdb, raw_inf, raw_memory_adding, raw_nan",
+            "point paths.run_dir at a new or empty folder",
+        ),
         id="run-dir-not-owned",
     ),
     case(

@@ -55,6 +55,7 @@ VAL = {("sentiment", "gru", 4): [0.5, 0.99, 0.6]}
 # textgen's monitor is val_loss: the LSTM's is best at epoch 1, not at its last epoch.
 TEXTGEN_VAL_LOSS = {"lstm": [0.9, 0.5, 0.7]}
 NO_ALIAS = "champion_alias=null"  # the synthetic runs have no network to register
+FEW_RESAMPLES = "resamples=200"  # for tests of which runs are compared, not of the intervals: a tenth of the bootstrap's time
 # The smallest effects of interest the synthetic runs declare (task/equivalence_margin).
 MARGINS = {"sentiment": 0.02, "forecast": 0.03, "textgen": 0.02}
 N_REVIEWS, N_ORIGINS, HORIZON, CHUNKS = 1000, 40, 3, 30
@@ -408,7 +409,9 @@ def test_metrics_file_holds_only_numbers(report: dict[str, Any], store: Path) ->
 
 
 def test_seeds_filter(store: Path, tmp_path: Path) -> None:
-    narrowed = compare(compose_compare(*store_overrides(store, tmp_path), NO_ALIAS, "seeds=[1,2,3]", "tracking.experiment=seeds"))
+    narrowed = compare(
+        compose_compare(*store_overrides(store, tmp_path), NO_ALIAS, FEW_RESAMPLES, "seeds=[1,2,3]", "tracking.experiment=seeds")
+    )
     assert narrowed["seeds"] == [1, 2, 3]
     sentiment = narrowed["tasks"]["sentiment"]
     assert sentiment["models"]["gru"]["seeds"] == [1, 2, 3] and sentiment["models"]["gru_tuned"]["seeds"] == [1]
@@ -419,13 +422,13 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
     # The same seeds from a params file, as the DVC stage passes them; one seed as a plain number.
     params = tmp_path / "params.yaml"
     params.write_text("profile: default\nseeds: [3, 1, 2]\n")
-    from_file = compare(compose_compare(*store_overrides(store, tmp_path / "file"), NO_ALIAS, f"seeds_from={params}"))
+    from_file = compare(compose_compare(*store_overrides(store, tmp_path / "file"), NO_ALIAS, FEW_RESAMPLES, f"seeds_from={params}"))
     assert from_file["tasks"] == narrowed["tasks"]
-    single = compare(compose_compare(*store_overrides(store, tmp_path / "one"), NO_ALIAS, "seeds=4", "tasks=[sentiment]"))
+    single = compare(compose_compare(*store_overrides(store, tmp_path / "one"), NO_ALIAS, FEW_RESAMPLES, "seeds=4", "tasks=[sentiment]"))
     assert single["seeds"] == [4] and list(single["tasks"]["sentiment"]["models"]) == ["gru", "lstm", "rnn"]
     # The models a pipeline's params file trains: gru_tuned's runs (no longer in `tuned`) are left out.
     params.write_text("seeds: [1, 2, 3]\nmodels: [gru, lstm]\nsingle_seed_models: []\ntuned: []\n")
-    from_params = (NO_ALIAS, f"models_from={params}", "tasks=[sentiment]")
+    from_params = (NO_ALIAS, FEW_RESAMPLES, f"models_from={params}", "tasks=[sentiment]")
     pipeline = compare(compose_compare(*store_overrides(store, tmp_path / "models"), *from_params))
     assert list(pipeline["tasks"]["sentiment"]["models"]) == ["gru", "lstm"]
     params.write_text("models: [gru]\ntuned: [sentiment]\n")

@@ -16,6 +16,7 @@ import optuna
 import pytest
 import yaml
 from conftest import TINY
+from helpers import Finished, run_main
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,7 @@ from optuna.trial import TrialState
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError
 from rnnlab.search import RUN_ID_ATTR, open_storage, parse_search_space
+from rnnlab.train import main as train_main
 
 # ---------------------------------------------------------------------------- the search space
 
@@ -143,21 +145,19 @@ def test_the_command_line_fixes_or_sweeps_keys_of_the_space(base_cfg: DictConfig
 
 
 @pytest.fixture
-def study(sentiment_root: Path, tmp_path: Path) -> Callable[..., subprocess.Popen]:
-    """Start `python -m rnnlab.train -m hparams_search=<name>` on the tiny data, with everything
+def study_args(sentiment_root: Path, tmp_path: Path) -> Callable[..., list[str]]:
+    """The arguments of `python -m rnnlab.train -m hparams_search=<name>` on the tiny data, with everything
     it writes (study, MLflow store, reports, best config) under tmp_path."""
     configs = tmp_path / "search_configs"
+    configs.mkdir()  # on Hydra's search path even when empty (Hydra warns of a missing one)
 
-    def start(name: str = "sentiment", *overrides: str, configs_to_add: dict[str, dict] | None = None) -> subprocess.Popen:
+    def args(name: str = "sentiment", *overrides: str, configs_to_add: dict[str, dict] | None = None) -> list[str]:
         for relative, content in (configs_to_add or {}).items():  # the test's own configs, next to the shipped ones
             path = configs / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             package = "# @package _global_\n" if relative.startswith("hparams_search/") else ""
             path.write_text(package + yaml.safe_dump(content))
-        command = [
-            sys.executable,
-            "-m",
-            "rnnlab.train",
+        return [
             "-m",
             f"hparams_search={name}",
             f"hydra.searchpath=[file://{configs}]",
@@ -168,9 +168,32 @@ def study(sentiment_root: Path, tmp_path: Path) -> Callable[..., subprocess.Pope
             "trainer.max_epochs=2",
             *overrides,
         ]
+
+    return args
+
+
+@pytest.fixture
+def study(study_args: Callable[..., list[str]]) -> Callable[..., subprocess.Popen]:
+    """Start a study in a process of its own: for tests that kill it or run two at once."""
+
+    def start(*args: str, configs_to_add: dict[str, dict] | None = None) -> subprocess.Popen:
+        command = [sys.executable, "-m", "rnnlab.train", *study_args(*args, configs_to_add=configs_to_add)]
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
     return start
+
+
+@pytest.fixture
+def run_study(
+    study_args: Callable[..., list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Finished]:
+    """Run a study to its end in this process, from the command line's parsing on (no ~7 s of imports)."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)  # set, Hydra would re-raise with a traceback
+
+    def run(*args: str, configs_to_add: dict[str, dict] | None = None) -> Finished:
+        return run_main(train_main, *study_args(*args, configs_to_add=configs_to_add), run_dir=tmp_path / "hydra", capsys=capsys)
+
+    return run
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> str:
@@ -196,8 +219,10 @@ def runs(root: Path) -> list:
     return client.search_runs([client.get_experiment_by_name("rnnlab-sentiment").experiment_id])
 
 
-def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
-    output = finish(study("sentiment", "hydra.sweeper.n_trials=4"))
+def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(run_study: Callable[..., Finished], tmp_path: Path) -> None:
+    result = run_study("sentiment", "hydra.sweeper.n_trials=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stderr
     trials = load(tmp_path, "sentiment_gru").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     best = max(trials, key=lambda t: t.value)
@@ -242,7 +267,7 @@ def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(study: C
     assert (tuned.task.name, tuned.model.name) == ("sentiment", "gru_tuned")
 
 
-def test_a_pruner_stops_bad_trials_and_marks_them_pruned(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
+def test_a_pruner_stops_bad_trials_and_marks_them_pruned(run_study: Callable[..., Finished], tmp_path: Path) -> None:
     # Any validation accuracy is below 1.1: every trial is pruned at its first report.
     configs = {
         "hparams_search/pruned.yaml": {"defaults": ["sentiment"], "search": {"study": "pruned"}},
@@ -251,7 +276,9 @@ def test_a_pruner_stops_bad_trials_and_marks_them_pruned(study: Callable[..., su
     # This study lives in an RDB (SQLite here; PostgreSQL for workers on several machines), not a journal file.
     storage = f"sqlite:///{tmp_path}/optuna.db"
     overrides = ("search/pruner=always", f"search.storage={storage}", "hydra.sweeper.n_trials=2", "trainer.max_epochs=3")
-    output = finish(study("pruned", *overrides, configs_to_add=configs))
+    result = run_study("pruned", *overrides, configs_to_add=configs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stderr
     trials = optuna.load_study(study_name="pruned", storage=storage).trials
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     assert all(list(t.intermediate_values) == [0] for t in trials)  # stopped after the first of 3 epochs
@@ -308,15 +335,15 @@ def test_two_workers_share_one_study(study: Callable[..., subprocess.Popen], tmp
     assert len(parents) == 1
 
 
-def test_a_bad_search_space_fails_before_any_trial_runs(study: Callable[..., subprocess.Popen], tmp_path: Path) -> None:
+def test_a_bad_search_space_fails_before_any_trial_runs(run_study: Callable[..., Finished], tmp_path: Path) -> None:
     config = {
         "defaults": ["sentiment"],
         "search": {"study": "bad"},
         "hydra": {"sweeper": {"params": {"optimizer.lr": "interval(0.1, 0.001)"}}},
     }
-    process = study("bad", configs_to_add={"hparams_search/bad.yaml": config})
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 2
+    result = run_study("bad", configs_to_add={"hparams_search/bad.yaml": config})
+    output = result.stderr
+    assert result.returncode == 2
     assert "rnnlab: error: search space entry `optimizer.lr: interval(0.1, 0.001)`: the low end 0.1 is not below" in output
     assert "Traceback" not in output
     assert not (tmp_path / "optuna").exists()  # no study, no trial

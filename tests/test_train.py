@@ -10,9 +10,10 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from helpers import isolated_outputs, only_results
+from helpers import isolated_outputs, only_results, run_main
 from mlflow import MlflowClient
 
+from rnnlab.train import main as train_main
 from rnnlab.train import train
 
 
@@ -99,6 +100,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(script), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow  # the installed console script in a fresh interpreter: the process is the point
 def test_console_script_accepts_hydra_overrides(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:
     result = run_cli(*tiny_overrides, "model=rnn", "trainer.max_epochs=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,6 +112,7 @@ def test_console_script_accepts_hydra_overrides(compose_cfg, tiny_overrides: lis
     assert only_results(in_process) == only_results(metrics)
 
 
+@pytest.mark.slow  # the installed console script in a fresh interpreter: the process is the point
 def test_console_script_reports_bad_values_without_traceback(tiny_overrides: list[str], tmp_path: Path) -> None:
     result = run_cli(*tiny_overrides, "model.encoder.dropout=-0.5", cwd=tmp_path)
     assert result.returncode == 2
@@ -118,7 +121,7 @@ def test_console_script_reports_bad_values_without_traceback(tiny_overrides: lis
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_multirun_grid_trains_each_model_into_mlflow(tiny_overrides: list[str], tmp_path: Path) -> None:
+def test_multirun_grid_trains_each_model_into_mlflow(tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     overrides = [
         o
         for o in tiny_overrides
@@ -130,7 +133,7 @@ def test_multirun_grid_trains_each_model_into_mlflow(tiny_overrides: list[str], 
     history = f"paths.history_file={tmp_path}/metrics/${{model.name}}_history.csv"
     outputs.append(f"paths.predictions_file={tmp_path}/metrics/${{model.name}}_predictions.csv")
     sweep_dir = f"hydra.sweep.dir={tmp_path}/multirun"
-    result = run_cli("-m", *overrides, *outputs, history, sweep_dir, "model=gru,lstm,rnn", cwd=tmp_path)
+    result = run_main(train_main, "-m", *overrides, *outputs, history, sweep_dir, "model=gru,lstm,rnn", run_dir=tmp_path, capsys=capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "metrics").glob("*.json")) == ["gru.json", "lstm.json", "rnn.json"]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
