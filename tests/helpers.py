@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.io import wavfile
 from torch import nn
 
+from rnnlab.console import console
 from rnnlab.data.speech import SAMPLE_RATE
 from rnnlab.models.encoder import RecurrentEncoder, match_parameters
 from rnnlab.models.language_model import LanguageModel
@@ -39,12 +40,17 @@ def run_main(main: Callable[[], object], *args: str, run_dir: Path, capsys: pyte
     """Run a Hydra command's `main` in this process, as `python -m <command> <args>` would, from its argument
     parsing on (argv, exit code, output): a fresh interpreter costs ~10 s of imports, and only tests of process
     behaviour need one. Hydra's run directory is `run_dir`; its logging setup is left out (the test process keeps
-    its own). Set HYDRA_FULL_ERROR off and COLUMNS wide (monkeypatch) where a test reads messages or tables."""
+    its own). HYDRA_FULL_ERROR is unset (set, Hydra re-raises with a traceback) and the console is 400 columns
+    wide, so that messages and summary tables are read unwrapped: rich reads COLUMNS once, when the console is
+    made, and pytest-xdist's workers start with COLUMNS=80."""
     hydra = [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     capsys.readouterr()  # what earlier code printed is not this command's
     code = 0
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", [main.__module__, *args, *hydra])
+        patch.delenv("HYDRA_FULL_ERROR", raising=False)
+        patch.setenv("COLUMNS", "400")
+        patch.setattr(console, "width", 400)
         try:
             main()
         except SystemExit as end:

@@ -23,7 +23,6 @@ from _pytest.mark import ParameterSet
 from conftest import make_reviews
 from helpers import make_language_model, run_main, write_archive, write_tone
 
-from rnnlab.console import console
 from rnnlab.data.speech import read_wav
 from rnnlab.errors import DataError
 
@@ -79,13 +78,8 @@ def textgen_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def run_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Run:
+def run_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Run:
     """`run_command("train", *overrides)` runs `python -m rnnlab.train *overrides` here: (exit code, stderr)."""
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)  # set, Hydra would re-raise with a traceback
-    # rich would wrap the summary tables at 80 columns; the console reads COLUMNS once, when it is made
-    # (pytest-xdist's workers start with COLUMNS=80), so widen the console itself too.
-    monkeypatch.setenv("COLUMNS", "400")
-    monkeypatch.setattr(console, "width", 400)
 
     def run(command: str, *overrides: str) -> tuple[int, str]:
         main = importlib.import_module(f"rnnlab.{command}").main

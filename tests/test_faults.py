@@ -140,9 +140,8 @@ def test_resuming_from_a_corrupt_checkpoint_names_it(compose_cfg, tiny_overrides
 
 
 def test_an_early_stopping_monitor_that_is_never_logged_is_one_line(
-    tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     result = run_main(
         train_main, *tiny_overrides, "callbacks.early_stopping.monitor=val_accuracy", run_dir=tmp_path / "hydra", capsys=capsys
     )

@@ -340,9 +340,7 @@ def write_sweep(metrics_dir: Path, values: dict[str, dict[str, dict[int, float]]
 
 
 @pytest.fixture
-def report_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Callable[..., tuple[int, str]]:
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-
+def report_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Callable[..., tuple[int, str]]:
     def run(*overrides: str) -> tuple[int, str]:
         args = [f"metrics_dir={tmp_path}/metrics", f"output_dir={tmp_path}/reports", "seed=42", "models=[gru,rnn]", *overrides]
         finished = run_main(memory_report.main, *args, run_dir=tmp_path / "hydra", capsys=capsys)

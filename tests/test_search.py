@@ -184,11 +184,8 @@ def study(study_args: Callable[..., list[str]]) -> Callable[..., subprocess.Pope
 
 
 @pytest.fixture
-def run_study(
-    study_args: Callable[..., list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., Finished]:
+def run_study(study_args: Callable[..., list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[..., Finished]:
     """Run a study to its end in this process, from the command line's parsing on (no ~7 s of imports)."""
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)  # set, Hydra would re-raise with a traceback
 
     def run(*args: str, configs_to_add: dict[str, dict] | None = None) -> Finished:
         return run_main(train_main, *study_args(*args, configs_to_add=configs_to_add), run_dir=tmp_path / "hydra", capsys=capsys)
