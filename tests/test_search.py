@@ -25,8 +25,9 @@ from optuna.trial import TrialState
 
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError
-from rnnlab.search import RUN_ID_ATTR, open_storage, parse_search_space
+from rnnlab.search import parse_search_space
 from rnnlab.train import main as train_main
+from rnnlab.trial import RUN_ID_ATTR, open_storage
 
 # ---------------------------------------------------------------------------- the search space
 

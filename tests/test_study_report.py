@@ -13,7 +13,7 @@ from optuna.trial import TrialState, create_trial
 
 from rnnlab import study_report
 from rnnlab.errors import ConfigError
-from rnnlab.search import open_storage
+from rnnlab.trial import open_storage
 
 SPACE = {"optimizer.lr": FloatDistribution(1e-4, 1e-2, log=True), "model.encoder.num_layers": CategoricalDistribution([1, 2])}
 

@@ -19,7 +19,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from rnnlab.errors import ConfigError
-from rnnlab.search import Search, directions_of, distribution_of, open_storage, open_trial, parse_search_space, trial_objective
+from rnnlab.search import Search, directions_of, distribution_of, parse_search_space
+from rnnlab.trial import open_storage, open_trial, trial_objective
 
 # ---------------------------------------------------------------------------- sweep syntax -> distribution
 

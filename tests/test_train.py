@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,16 @@ def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: 
     assert [v.run_id for v in versions] == [run.info.run_id]
     net = mlflow.pytorch.load_model("models:/rnnlab-sentiment-lstm/1")
     assert type(net.encoder.rnn).__name__ == "LSTM"
+
+
+def test_a_run_prints_lightnings_notices_but_not_its_advert(
+    compose_cfg, tiny_overrides: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    train(compose_cfg(*tiny_overrides, "trainer.max_epochs=1", "callbacks.early_stopping=null"))
+    lightning = [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]
+    assert any("GPU available" in message for message in lightning)  # what a user may act on still shows
+    assert not any("litlogger" in message for message in lightning)
 
 
 def test_same_seed_gives_same_metrics(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:

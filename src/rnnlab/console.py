@@ -19,10 +19,11 @@ def progress(items: Sequence[T] | Iterable[T], description: str, total: int | No
 
 
 def summary(title: str, rows: dict[str, object]) -> None:
-    """Print a two-column table of what a command produced and where."""
+    """Print a two-column table of what a command produced and where; a long value (a path, a run id) is folded
+    onto more lines, never cut, so that it can still be copied from a narrow terminal."""
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     for key, value in rows.items():
         table.add_row(key, str(value))
     console.print(table)

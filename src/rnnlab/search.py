@@ -53,6 +53,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rnnlab import io, tracking
 from rnnlab.console import console, summary
 from rnnlab.errors import ConfigError, RnnlabError
+from rnnlab.trial import RUN_ID_ATTR, open_storage, trial_id
 from rnnlab.validation import is_number
 
 SYNTAX_HELP = (
@@ -60,8 +61,8 @@ SYNTAX_HELP = (
     "range(1, 3) (1, 2 and 3: the stop is included) or choice(64, 128, 256)"
 )
 DIRECTIONS = ("minimize", "maximize")
-# Trial attributes: which process runs the trial, its MLflow run, and whether it was cut short.
-WORKER_ATTR, RUN_ID_ATTR, INTERRUPTED_ATTR, PARENT_RUN_ATTR = "worker", "mlflow_run_id", "interrupted", "mlflow_parent_run_id"
+# Trial attributes: which process runs the trial and whether it was cut short (its MLflow run: trial.RUN_ID_ATTR).
+WORKER_ATTR, INTERRUPTED_ATTR, PARENT_RUN_ATTR = "worker", "interrupted", "mlflow_parent_run_id"
 GRID_SAMPLER = "optuna.samplers.GridSampler"
 # Samplers whose only state across trials is their random generator: reseeded per trial, so that
 # parallel workers draw distinct values. Others (CMA-ES, NSGA-II, QMC...) keep state of their own
@@ -254,55 +255,6 @@ def grid_choices(distribution: BaseDistribution, name: str) -> list[Any]:
         f"hydra/sweeper/sampler=grid needs a finite set of values, but `{name}` is {distribution}; "
         "write choice(...) or range(...) for it, or pick another sampler."
     )
-
-
-# ---------------------------------------------------------------------------- storage
-
-
-def open_storage(spec: str | None) -> optuna.storages.BaseStorage:
-    """An RDB URL (postgresql://..., sqlite:///...) as Optuna's RDBStorage; null in memory (one
-    process only, as in hydra-optuna-sweeper); anything else is a journal file path."""
-    if spec is None:
-        return optuna.storages.InMemoryStorage()
-    if "://" in spec:
-        return optuna.storages.RDBStorage(spec)
-    path = Path(spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    return JournalStorage(JournalFileBackend(str(path)))
-
-
-def _trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
-    # Optuna has no public way from a trial number to its Trial: the storage's own (public) methods
-    # give the id that optuna.Trial's constructor and the storage's setters take.
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
-
-
-def open_trial(cfg: DictConfig) -> optuna.Trial | None:
-    """Inside a training job: the Optuna trial it runs, or None outside a search."""
-    search = cfg.search
-    if search.trial is None:
-        return None
-    pruner = instantiate(search.pruner) if search.pruner else optuna.pruners.NopPruner()
-    storage = open_storage(search.storage)
-    study = optuna.load_study(study_name=search.study, storage=storage, pruner=pruner)
-    return optuna.Trial(study, _trial_id(storage, study.study_name, int(search.trial)))
-
-
-def best_reported(trial: FrozenTrial, direction: str) -> float | None:
-    """A trial's objective: the best of the values it reported after each epoch."""
-    values = [v for v in trial.intermediate_values.values() if math.isfinite(v)]
-    if not values:
-        return None
-    return max(values) if direction == "maximize" else min(values)
-
-
-def trial_objective(trial: optuna.Trial) -> float:
-    """What a training job returns to the sweeper: the best validation value it reported (nan if none was finite)."""
-    frozen = trial.study.get_trials(deepcopy=False)[trial.number]
-    value = best_reported(frozen, trial.study.direction.name.lower())
-    return math.nan if value is None else value
 
 
 # ---------------------------------------------------------------------------- the study
@@ -592,7 +544,7 @@ class Search:
             if not (self.grid and "Study.stop" in str(err)):
                 raise
         if self.rnnlab:
-            self._mark_child_run(self.storage.get_trial(_trial_id(self.storage, str(self.name), trial.number)), state)
+            self._mark_child_run(self.storage.get_trial(trial_id(self.storage, str(self.name), trial.number)), state)
         self._print_trial(trial.number, state, values, error)
         return error
 
@@ -623,7 +575,7 @@ class Search:
         """Mark an unfinished trial FAIL (interrupted) and enqueue its parameters for the next run."""
         frozen = self.study.get_trials(deepcopy=False)[number]
         try:
-            self.storage.set_trial_user_attr(_trial_id(self.storage, str(self.name), number), INTERRUPTED_ATTR, True)
+            self.storage.set_trial_user_attr(trial_id(self.storage, str(self.name), number), INTERRUPTED_ATTR, True)
             self.study.tell(number, state=TrialState.FAIL)
         except (RuntimeError, ValueError):
             return  # finished meanwhile, or another worker recovered it first

@@ -24,7 +24,7 @@ from rnnlab import io
 from rnnlab.config import hydra_entry
 from rnnlab.console import console, summary
 from rnnlab.errors import ConfigError, RnnlabError
-from rnnlab.search import open_storage
+from rnnlab.trial import open_storage
 from rnnlab.validation import is_int
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

@@ -32,7 +32,7 @@ from rnnlab import io
 from rnnlab.config import exit_on_user_error, project_root
 from rnnlab.errors import ConfigError
 from rnnlab.resolve import compose_run
-from rnnlab.search import best_reported, open_storage
+from rnnlab.trial import best_reported, open_storage
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 

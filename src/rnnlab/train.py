@@ -7,6 +7,7 @@ registers the model; the metrics file and best checkpoint are the DVC outputs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shlex
 import shutil
 import signal
@@ -40,6 +41,8 @@ from rnnlab.models.lit import RecurrentModule
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # A resumed run's checkpoint directory holds its earlier epochs, as it should; a fresh run empties it first.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+# Lightning advertises its hosted logger (litlogger) at every run's start; rnnlab tracks in MLflow.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
 def build(cfg: DictConfig) -> tuple[SplitTensorDataModule, RecurrentModule]:
@@ -118,7 +121,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
             from optuna_integration import PyTorchLightningPruningCallback
 
             callbacks.append(PyTorchLightningPruningCallback(trial, monitor=cfg.search.metric))
-            from rnnlab.search import RUN_ID_ATTR
+            from rnnlab.trial import RUN_ID_ATTR
 
             trial.set_user_attr(RUN_ID_ATTR, logger.run_id)
         callbacks += [history, NoiseStream(cfg.seed), ResumeState(), FiniteLoss(), cost, stop]
@@ -145,7 +148,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
                 "and the trainer.* overrides."
             )
         if trial is not None:
-            from rnnlab.search import trial_objective
+            from rnnlab.trial import trial_objective
 
             logger.finalize("success")
             return {"train_seconds": round(train_seconds, 2), "epochs": len(history.rows), "objective": trial_objective(trial)}
@@ -195,7 +198,7 @@ def _open_trial(cfg: DictConfig) -> Any:
     """The Optuna trial a search's training job runs; None outside a search, which then never imports Optuna."""
     if cfg.search.trial is None:
         return None
-    from rnnlab.search import open_trial
+    from rnnlab.trial import open_trial
 
     return open_trial(cfg)
 

@@ -29,10 +29,16 @@ def persistence_forecasts(target: np.ndarray, origins: np.ndarray, horizon: int)
     return np.repeat(target[origins - 1, None], horizon, axis=1)
 
 
+def season_rows(origins: np.ndarray, horizon: int, season: int) -> np.ndarray:
+    """[N, horizon] rows: for each target 1..horizon steps after an origin, the row one season before it, taken
+    from the last observed season (before the origin) for horizons beyond a season."""
+    steps = np.arange(1, horizon + 1)
+    return origins[:, None] - 1 + steps - season * np.ceil(steps / season).astype(int)
+
+
 def seasonal_naive_forecasts(target: np.ndarray, origins: np.ndarray, horizon: int, season: int) -> np.ndarray:
     """[N, horizon]: the value one season before each target, from the last observed season for horizons beyond it."""
-    steps = np.arange(1, horizon + 1)
-    rows = origins[:, None] - 1 + steps - season * np.ceil(steps / season).astype(int)
+    rows = season_rows(origins, horizon, season)
     if rows.min() < 0:
         raise DataError(
             f"The first test forecast needs {season} rows of history before it for the seasonal naive baseline; there are fewer."
@@ -187,7 +193,7 @@ def ets_forecasts(target: np.ndarray, train_end: int, origins: np.ndarray, horiz
         damping = smoothing["damping_trend"]
         forecasts += np.cumsum(damping**steps)[None, :] * np.asarray(whole.trend)[last, None]
     if shape["seasonal"]:
-        forecasts += np.asarray(whole.season)[last[:, None] + steps - period * np.ceil(steps / period).astype(int)]
+        forecasts += np.asarray(whole.season)[season_rows(origins, horizon, period)]
     info = {"trend": "additive damped" if shape["trend"] else None, "seasonal": period if shape["seasonal"] else None}
     info["aicc"] = float(best.aicc)
     return forecasts, info

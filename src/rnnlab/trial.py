@@ -1,0 +1,67 @@
+"""The trial side of a search: what a training job needs to run one Optuna trial of a study.
+
+`rnnlab.train` opens its trial here, records its MLflow run on it and returns its objective;
+the sweeper's side (the study, its workers, reports and plots) is `rnnlab.search`. Kept apart
+so that a change to how studies run or report stales no training stage (`python -m rnnlab.resolve`
+hashes the code a training imports).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from optuna.trial import FrozenTrial
+
+# The trial's user attribute that names its MLflow child run.
+RUN_ID_ATTR = "mlflow_run_id"
+
+
+def open_storage(spec: str | None) -> optuna.storages.BaseStorage:
+    """An RDB URL (postgresql://..., sqlite:///...) as Optuna's RDBStorage; null in memory (one
+    process only, as in hydra-optuna-sweeper); anything else is a journal file path."""
+    if spec is None:
+        return optuna.storages.InMemoryStorage()
+    if "://" in spec:
+        return optuna.storages.RDBStorage(spec)
+    path = Path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
+    """The storage's id of a study's trial `number`."""
+    # Optuna has no public way from a trial number to its Trial: the storage's own (public) methods
+    # give the id that optuna.Trial's constructor and the storage's setters take.
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+
+
+def open_trial(cfg: DictConfig) -> optuna.Trial | None:
+    """Inside a training job: the Optuna trial it runs, or None outside a search."""
+    search = cfg.search
+    if search.trial is None:
+        return None
+    pruner = instantiate(search.pruner) if search.pruner else optuna.pruners.NopPruner()
+    storage = open_storage(search.storage)
+    study = optuna.load_study(study_name=search.study, storage=storage, pruner=pruner)
+    return optuna.Trial(study, trial_id(storage, study.study_name, int(search.trial)))
+
+
+def best_reported(trial: FrozenTrial, direction: str) -> float | None:
+    """A trial's objective: the best of the values it reported after each epoch."""
+    values = [v for v in trial.intermediate_values.values() if math.isfinite(v)]
+    if not values:
+        return None
+    return max(values) if direction == "maximize" else min(values)
+
+
+def trial_objective(trial: optuna.Trial) -> float:
+    """What a training job returns to the sweeper: the best validation value it reported (nan if none was finite)."""
+    frozen = trial.study.get_trials(deepcopy=False)[trial.number]
+    value = best_reported(frozen, trial.study.direction.name.lower())
+    return math.nan if value is None else value
