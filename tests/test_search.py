@@ -152,7 +152,9 @@ def study_args(sentiment_root: Path, tmp_path: Path) -> Callable[..., list[str]]
     configs = tmp_path / "search_configs"
     configs.mkdir()  # on Hydra's search path even when empty (Hydra warns of a missing one)
 
-    def args(name: str = "sentiment", *overrides: str, configs_to_add: dict[str, dict] | None = None) -> list[str]:
+    def args(
+        name: str = "sentiment", *overrides: str, configs_to_add: dict[str, dict] | None = None, store: str = "mlflow.db"
+    ) -> list[str]:
         for relative, content in (configs_to_add or {}).items():  # the test's own configs, next to the shipped ones
             path = configs / relative
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,7 @@ def study_args(sentiment_root: Path, tmp_path: Path) -> Callable[..., list[str]]
             *TINY,
             f"paths.root={tmp_path}",
             f"paths.processed={sentiment_root}/data/processed/sentiment",
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.uri=sqlite:///{tmp_path}/{store}",
             "trainer.max_epochs=2",
             *overrides,
         ]
@@ -188,8 +190,9 @@ def study(study_args: Callable[..., list[str]]) -> Callable[..., subprocess.Pope
 def run_study(study_args: Callable[..., list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[..., Finished]:
     """Run a study to its end in this process, from the command line's parsing on (no ~7 s of imports)."""
 
-    def run(*args: str, configs_to_add: dict[str, dict] | None = None) -> Finished:
-        return run_main(train_main, *study_args(*args, configs_to_add=configs_to_add), run_dir=tmp_path / "hydra", capsys=capsys)
+    def run(*args: str, configs_to_add: dict[str, dict] | None = None, store: str = "mlflow.db") -> Finished:
+        command = study_args(*args, configs_to_add=configs_to_add, store=store)
+        return run_main(train_main, *command, run_dir=tmp_path / "hydra", capsys=capsys)
 
     return run
 
@@ -212,8 +215,8 @@ def load_trials(root: Path, name: str) -> list[optuna.trial.FrozenTrial]:
         return []
 
 
-def runs(root: Path) -> list:
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+def runs(root: Path, store: str = "mlflow.db") -> list:
+    client = MlflowClient(f"sqlite:///{root}/{store}")
     return client.search_runs([client.get_experiment_by_name("rnnlab-sentiment").experiment_id])
 
 
@@ -285,6 +288,24 @@ def test_a_pruner_stops_bad_trials_and_marks_them_pruned(run_study: Callable[...
     assert {(run.info.status, run.data.tags["optuna.state"]) for run in children} == {("KILLED", "PRUNED")}
     assert "trial 0: PRUNED" in output
     assert not (tmp_path / "conf" / "experiment" / "sentiment_gru_tuned.yaml").exists()  # nothing completed, nothing to recommend
+
+
+def test_a_study_resumes_where_its_mlflow_parent_run_is_not(run_study: Callable[..., Finished], tmp_path: Path) -> None:
+    # A committed journal on a fresh clone: the study's trials are in optuna/, its MLflow runs in another store.
+    assert run_study("sentiment", "hydra.sweeper.n_trials=2").returncode == 0
+    first = load(tmp_path, "sentiment_gru")
+    old_parent, first_completed = first.user_attrs["mlflow_parent_run_id"], [t.datetime_complete for t in first.trials]
+    result = run_study("sentiment", "hydra.sweeper.n_trials=3", store="fresh.db")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"its MLflow parent run {old_parent} is not in" in result.stderr and "Traceback" not in result.stderr
+    study = load(tmp_path, "sentiment_gru")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert [t.datetime_complete for t in study.trials[:2]] == first_completed  # not run again
+    parent = next(run for run in runs(tmp_path, "fresh.db") if run.info.run_name == "sentiment_gru-study")
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id != old_parent
+    assert parent.data.tags["optuna.previous_parent_run"] == old_parent and parent.info.status == "FINISHED"
+    children = [run for run in runs(tmp_path, "fresh.db") if run.info.run_name != "sentiment_gru-study"]
+    assert [run.data.tags["mlflow.parentRunId"] for run in children] == [parent.info.run_id]  # the one trial run here
 
 
 @pytest.mark.slow  # worker processes, started and killed: the point of the test

@@ -46,6 +46,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
 from hydra.errors import HydraException
 from hydra.utils import get_method, instantiate
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
@@ -395,7 +396,7 @@ class Search:
                     f"The study {self.name!r} in {self.storage_label} was created to {', '.join(existing)}, "
                     f"not {', '.join(self.directions)}; delete that study or give this search another name."
                 ) from None
-            return study, (self._await_parent_run(study) if self.rnnlab else None)
+            return study, (self._parent_run_here(study) if self.rnnlab else None)
         run_id = None
         if self.rnnlab:
             run_id = self._create_parent_run(study.study_name)
@@ -404,7 +405,7 @@ class Search:
             study.enqueue_trial(default_params(self.space, self.config))
         return study, run_id
 
-    def _create_parent_run(self, name: str) -> str:
+    def _create_parent_run(self, name: str, tags: dict[str, str] | None = None) -> str:
         experiment_id = tracking.ensure_experiment(self.config.tracking)
         run = self.client.create_run(
             experiment_id,
@@ -414,6 +415,7 @@ class Search:
                 "optuna.storage": self.storage_label,
                 "task": self.config.task.name,
                 "model": self.config.model.name,
+                **(tags or {}),
             },
         )
         for param in self.space.params:
@@ -421,6 +423,35 @@ class Search:
         self.client.log_param(run.info.run_id, "metric", self.metric)
         self.client.log_param(run.info.run_id, "direction", self.directions[0])
         return run.info.run_id
+
+    def _parent_run_here(self, study: optuna.Study) -> str:
+        """The study's MLflow parent run, in this MLflow store. A study resumed away from the store that holds its
+        parent run (a committed journal on a fresh clone, a deleted mlruns/) gets a new parent run, recorded in the
+        study for its other workers; the new run keeps the old id in its tag `optuna.previous_parent_run`."""
+        recorded = self._await_parent_run(study)
+        if self._in_store(recorded):
+            return recorded
+        run_id = self._create_parent_run(study.study_name, {"optuna.previous_parent_run": recorded})
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        adopted = study.user_attrs[PARENT_RUN_ATTR]
+        if adopted != run_id and self._in_store(adopted):  # another worker, resuming at the same instant, recorded its own
+            self.client.delete_run(run_id)
+            return adopted
+        console.print(
+            f"{study.study_name}: its MLflow parent run {recorded} is not in {self.config.tracking.uri} (the study was started "
+            f"with another MLflow store); its trials from now on are children of a new parent run, {run_id}.",
+            soft_wrap=True,
+        )
+        return run_id
+
+    def _in_store(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return False
+        return True
 
     @staticmethod
     def _await_parent_run(study: optuna.Study, wait: float = 60.0) -> str:
@@ -581,7 +612,7 @@ class Search:
             return  # finished meanwhile, or another worker recovered it first
         self.study.enqueue_trial(frozen.params)
         run_id = frozen.user_attrs.get(RUN_ID_ATTR)
-        if run_id and self.rnnlab:
+        if run_id and self.rnnlab and self._in_store(run_id):  # a trial run elsewhere has its run in another store
             self.client.set_tag(run_id, "optuna.state", "INTERRUPTED")
             self.client.set_terminated(run_id, "KILLED")
 
