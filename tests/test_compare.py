@@ -412,7 +412,7 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
     narrowed = compare(
         compose_compare(*store_overrides(store, tmp_path), NO_ALIAS, FEW_RESAMPLES, "seeds=[1,2,3]", "tracking.experiment=seeds")
     )
-    assert narrowed["seeds"] == [1, 2, 3]
+    assert narrowed["seeds"] == {key: [1, 2, 3] for key in narrowed["tasks"]}
     sentiment = narrowed["tasks"]["sentiment"]
     assert sentiment["models"]["gru"]["seeds"] == [1, 2, 3] and sentiment["models"]["gru_tuned"]["seeds"] == [1]
     assert sentiment["models"]["gru"]["mean"] == pytest.approx(np.mean(GRU_SENTIMENT[:3]))
@@ -425,7 +425,19 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
     from_file = compare(compose_compare(*store_overrides(store, tmp_path / "file"), NO_ALIAS, FEW_RESAMPLES, f"seeds_from={params}"))
     assert from_file["tasks"] == narrowed["tasks"]
     single = compare(compose_compare(*store_overrides(store, tmp_path / "one"), NO_ALIAS, FEW_RESAMPLES, "seeds=4", "tasks=[sentiment]"))
-    assert single["seeds"] == [4] and list(single["tasks"]["sentiment"]["models"]) == ["gru", "lstm", "rnn"]
+    assert single["seeds"] == {"sentiment": [4]} and list(single["tasks"]["sentiment"]["models"]) == ["gru", "lstm", "rnn"]
+    # More seeds for some tasks, as params.yaml's more_seeds and more_seeds_tasks give them.
+    params.write_text("seeds: [1, 2]\nmore_seeds: [3, 4]\nmore_seeds_tasks: [sentiment]\n")
+    more = compare(compose_compare(*store_overrides(store, tmp_path / "more"), NO_ALIAS, FEW_RESAMPLES, f"seeds_from={params}"))
+    others = sorted(task for task in more["tasks"] if task != "sentiment")
+    assert others and more["seeds"] == {"sentiment": [1, 2, 3, 4]} | {key: [1, 2] for key in others}
+    assert more["tasks"]["sentiment"]["models"]["gru"]["seeds"] == [1, 2, 3, 4]
+    assert all(max(m["seeds"]) <= 2 for task in others for m in more["tasks"][task]["models"].values())
+    header = f"(profile `default`, seeds 1, 2 ({', '.join(others)}); seeds 1, 2, 3, 4 (sentiment))"
+    assert header in (tmp_path / "more" / "reports" / "comparison.md").read_text()
+    params.write_text("seeds: [1]\nmore_seeds: [2]\nmore_seeds_tasks: sentiment\n")
+    with pytest.raises(ConfigError, match=r"more_seeds_tasks in .*params.yaml must be a list of tasks, e.g. \[speech\]; got 'sentiment'"):
+        compare(compose_compare(*store_overrides(store, tmp_path / "bad"), NO_ALIAS, f"seeds_from={params}"))
     # The models a pipeline's params file trains: gru_tuned's runs (no longer in `tuned`) are left out.
     params.write_text("seeds: [1, 2, 3]\nmodels: [gru, lstm]\nsingle_seed_models: []\ntuned: []\n")
     from_params = (NO_ALIAS, FEW_RESAMPLES, f"models_from={params}", "tasks=[sentiment]")

@@ -183,6 +183,32 @@ def test_tuned_names_tasks_whose_every_model_has_a_study(tmp_path: Path, tuned: 
         project.resolve()
 
 
+@pytest.mark.parametrize(
+    ("more", "message"),
+    [
+        (
+            "more_seeds: [2]\nmore_seeds_tasks: [textgen]",
+            r"more_seeds_tasks in .*params.yaml must list tasks of `tasks`, e.g. \[speech\]; got \['textgen'\]",
+        ),
+        (
+            "more_seeds: [2]\nmore_seeds_tasks: [speech]",
+            r"tuned in .*params.yaml lists sentiment, which more_seeds_tasks lacks: .*add it to more_seeds_tasks, or set more_seeds: \[\]",
+        ),
+    ],
+)
+def test_more_seeds_for_tasks_the_pipeline_does_not_train_or_whose_tuned_runs_would_lack_defaults_are_refused(
+    tmp_path: Path, more: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Project(tmp_path, PIPELINE + more).resolve()
+
+
+def test_more_seeds_for_every_tuned_task_or_none_at_all_resolve(tmp_path: Path) -> None:
+    for more in ("more_seeds: [2]\nmore_seeds_tasks: [sentiment, speech]", "more_seeds: []\nmore_seeds_tasks: [speech]"):
+        files = Project(tmp_path / str(len(more)), PIPELINE + more).resolve()
+        assert {"sentiment/gru_tuned.yaml", "speech/gru.yaml"} <= set(files)
+
+
 MEMORY_PIPELINE = """
 profile: default
 seeds: [7, 8]

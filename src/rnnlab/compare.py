@@ -124,17 +124,27 @@ def _params_file(cfg: DictConfig, key: str, needs: str) -> DictConfig:
     return params
 
 
-def requested_seeds(cfg: DictConfig) -> list[int] | None:
-    """`seeds`, or the `seeds` list of the YAML file `seeds_from` (the DVC stage passes params.yaml: DVC cannot put a list
-    into a command line)."""
+# Per task, the seeds whose runs are compared; None: every seed of every task.
+TaskSeeds = dict[str, list[int]] | None
+
+
+def requested_seeds(cfg: DictConfig, tasks: list[str]) -> TaskSeeds:
+    """Per task, `seeds`; or from the YAML file `seeds_from` (the DVC stage passes params.yaml: DVC cannot put a list
+    into a command line) its `seeds`, and for the tasks of its `more_seeds_tasks` its `more_seeds` too."""
     if cfg.seeds_from is None:
-        return check_seeds(cfg.seeds)
+        seeds = check_seeds(cfg.seeds)
+        return None if seeds is None else {task: seeds for task in tasks}
     if cfg.seeds is not None:
         raise ConfigError(f"give seeds or seeds_from, not both (seeds={_plain(cfg.seeds)}, seeds_from={cfg.seeds_from}).")
     params = _params_file(cfg, "seeds_from", "a `seeds` list")
     if "seeds" not in params:
         raise ConfigError(f"seeds_from={cfg.seeds_from}: it has no top-level `seeds` list, e.g. `seeds: [42, 43, 44]`.")
-    return check_seeds(params.seeds, f"seeds in {cfg.seeds_from}")
+    seeds = check_seeds(params.seeds, f"seeds in {cfg.seeds_from}")
+    more = check_seeds(params.get("more_seeds") or None, f"more_seeds in {cfg.seeds_from}") or []
+    more_tasks = _plain(params.get("more_seeds_tasks")) or []
+    if not isinstance(more_tasks, list):
+        raise ConfigError(f"more_seeds_tasks in {cfg.seeds_from} must be a list of tasks, e.g. [speech]; got {more_tasks!r}.")
+    return {task: sorted(set(seeds) | set(more)) if task in more_tasks else seeds for task in tasks}
 
 
 def requested_models(cfg: DictConfig) -> Any:
@@ -210,13 +220,13 @@ def load_runs(client: MlflowClient, tasks: list[str], profile: str) -> pd.DataFr
     return newest_first.drop_duplicates(["task", "model", "seed"]).sort_values(["task", "model", "seed"]).reset_index(drop=True)
 
 
-def load_pipeline_runs(client: MlflowClient, tasks: list[str], profile: str, metrics_dir: Path, seeds: list[int] | None) -> pd.DataFrame:
-    """One row per metrics file <metrics_dir>/<task>/<model>/seed<seed>.json of `seeds` (None: every seed): the MLflow run
-    it names (`mlflow_run_id`), which must be a FINISHED training run of `profile`. The files are what dvc.lock records,
-    so the report and DVC agree; files of other seeds (an earlier pipeline's) are not this pipeline's."""
-    patterns = [f"*/seed{seed}.json" for seed in seeds] if seeds is not None else ["*/seed*.json"]
+def load_pipeline_runs(client: MlflowClient, tasks: list[str], profile: str, metrics_dir: Path, seeds: TaskSeeds) -> pd.DataFrame:
+    """One row per metrics file <metrics_dir>/<task>/<model>/seed<seed>.json of the task's `seeds` (None: every seed): the
+    MLflow run it names (`mlflow_run_id`), which must be a FINISHED training run of `profile`. The files are what dvc.lock
+    records, so the report and DVC agree; files of other seeds (an earlier pipeline's) are not this pipeline's."""
     rows = []
     for task in tasks:
+        patterns = [f"*/seed{seed}.json" for seed in seeds[task]] if seeds is not None else ["*/seed*.json"]
         for path in sorted({path for pattern in patterns for path in Path(metrics_dir, task).glob(pattern)}):
             rows.append(_named_run(client, task, path, profile))
     return pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values(["task", "model", "seed"]).reset_index(drop=True)
@@ -245,9 +255,9 @@ def _named_run(client: MlflowClient, task: str, path: Path, profile: str) -> dic
     return row
 
 
-def select_runs(runs: pd.DataFrame, models: Any, seeds: list[int] | None, where: str) -> pd.DataFrame:
-    """The runs of the requested models (null: every model with runs) and seeds (null: every seed). `where` says in the
-    errors which profile and store were searched."""
+def select_runs(runs: pd.DataFrame, models: Any, seeds: TaskSeeds, where: str) -> pd.DataFrame:
+    """The runs of the requested models (null: every model with runs) and of each task's seeds (null: every seed); each
+    requested seed must have runs. `where` says in the errors which profile and store were searched."""
     train = "`dvc repro`, or `python -m rnnlab.train task=<task> model=<model> seed=<seed> profile=<profile>` for each seed"
     if runs.empty:
         raise DataError(
@@ -272,14 +282,14 @@ def select_runs(runs: pd.DataFrame, models: Any, seeds: list[int] | None, where:
         runs = runs[runs["model"].isin(names)]
     if seeds is not None:
         have = sorted(int(seed) for seed in runs["seed"].unique())
-        absent = [seed for seed in seeds if seed not in have]
+        absent = [seed for seed in sorted(set().union(*seeds.values())) if seed not in have]
         if absent:
             raise DataError(
                 f"seed {', '.join(map(str, absent))} has no FINISHED training runs {where}; the runs there have seeds "
                 f"{', '.join(map(str, have))}. Compare those (e.g. seeds=[{','.join(map(str, have))}]) or produce the missing "
                 f"ones with {train}."
             )
-        runs = runs[runs["seed"].isin(seeds)]
+        runs = runs[[seed in seeds.get(task, ()) for task, seed in zip(runs["task"], runs["seed"], strict=True)]]
     return runs.reset_index(drop=True)
 
 
@@ -478,7 +488,7 @@ def build_report(
     pairs: list[list[str]],
     settings: dict[str, Any],
     profile: str,
-    seeds: list[int] | None = None,
+    seeds: TaskSeeds = None,
     baseline_tests: str = "strongest",
 ) -> dict[str, Any]:
     """The comparison as JSON-ready data. `runs` carry best_val and best_epoch (best_validation) besides load_runs' columns;
@@ -519,6 +529,7 @@ def build_report(
     for (task, pair), adjusted in zip(tested, inference.holm([pair["p_value"] for _, pair in tested]), strict=True):
         pair["p_holm"] = adjusted
         pair["verdict"] = inference.verdict(pair, pair["first"], pair["second"], tasks[task]["mode"], settings["alpha"])
+    seeds = None if seeds is None else {task: seeds[task] for task in tasks}
     report = {"profile": profile, "seeds": seeds, **settings, "baseline_tests": baseline_tests, "tests": len(tested)}
     report["champion_alias"] = None
     return _json_safe(report | {"tasks": tasks})
@@ -700,8 +711,17 @@ def _interval(ci: list[float] | None, spec: str, undefined: str) -> str:
     return f"[{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else undefined
 
 
-def _seeds_text(seeds: list[int] | None) -> str:
-    return "every seed" if seeds is None else f"seeds {', '.join(map(str, seeds))}"
+def _seeds_text(seeds: TaskSeeds) -> str:
+    """`seeds 1, 2, 3` where every task has those; else each list with its tasks, `seeds 1, 2 (a, b); seeds 1, 2, 3 (c)`."""
+    if seeds is None:
+        return "every seed"
+    tasks_of: dict[tuple[int, ...], list[str]] = {}
+    for task, task_seeds in seeds.items():
+        tasks_of.setdefault(tuple(task_seeds), []).append(task)
+    texts = {group: f"seeds {', '.join(map(str, group))}" for group in tasks_of}
+    if len(texts) == 1:
+        return next(iter(texts.values()))
+    return "; ".join(f"{texts[group]} ({', '.join(tasks)})" for group, tasks in sorted(tasks_of.items(), key=lambda item: len(item[0])))
 
 
 def _fenced(text: str) -> list[str]:
@@ -824,10 +844,10 @@ def _accuracy_table(accuracy: dict[str, dict[str, float]], baselines: set[str]) 
     return lines
 
 
-def log_report(cfg: DictConfig, client: MlflowClient, files: list[Path], folders: list[Path], seeds: list[int] | None) -> str:
+def log_report(cfg: DictConfig, client: MlflowClient, files: list[Path], folders: list[Path], seeds: TaskSeeds) -> str:
     """Log the report files and the figure and curve folders to a new run of the comparison experiment."""
     experiment_id = tracking.ensure_experiment(cfg.tracking)
-    tags = {"profile": cfg.profile, "seeds": "all" if seeds is None else ",".join(map(str, seeds))}
+    tags = {"profile": cfg.profile, "seeds": "all" if seeds is None else _seeds_text(seeds).removeprefix("seeds ")}
     tags["git_commit"] = tracking.git_commit(cfg.paths.root)
     run_id = client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=tags).info.run_id
     try:
@@ -874,7 +894,8 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     pairs = OmegaConf.to_container(cfg.pairs, resolve=True)
     if not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
         raise ConfigError(f"pairs must be a list of [model, model], e.g. [[gru, lstm], [gru, rnn]], got {pairs}.")
-    seeds, alias, tasks = requested_seeds(cfg), check_alias(cfg.champion_alias), choices("task", cfg.tasks)
+    alias, tasks = check_alias(cfg.champion_alias), choices("task", cfg.tasks)
+    seeds = requested_seeds(cfg, tasks)
     client = tracking.open_store(cfg.tracking.uri)
     where = f"of profile {cfg.profile!r} in experiments {', '.join(f'rnnlab-{task}' for task in tasks)} at {cfg.tracking.uri}"
     if cfg.runs not in ("pipeline", "newest"):

@@ -239,10 +239,26 @@ def _pipeline_params(path: Path) -> dict[str, Any]:
             f"tuned in {path} must list tasks of `tasks` whose every model has a tuned configuration, e.g. [forecast]; "
             f"got {params['tuned']}."
         )
+    _check_more_seeds(params, path)
     params.setdefault("baseline_tasks", [])
     params.setdefault("memory_tasks", [])
     params.setdefault("memory_lags", [])
     return params
+
+
+def _check_more_seeds(params: dict[str, Any], path: Path) -> None:
+    """`more_seeds` trains the tasks of `more_seeds_tasks` over more seeds (dvc.yaml's train_more), and their tuned models
+    too (train_tuned_more, over every task of `tuned`): a tuned task outside more_seeds_tasks would get tuned runs of seeds
+    that its default models lack."""
+    more_seeds, more_tasks = params.get("more_seeds") or [], params.get("more_seeds_tasks") or []
+    if not isinstance(more_tasks, list) or not set(more_tasks) <= set(params["tasks"]):
+        raise ConfigError(f"more_seeds_tasks in {path} must list tasks of `tasks`, e.g. [speech]; got {more_tasks}.")
+    outside = [task for task in params["tuned"] if task not in more_tasks]
+    if more_seeds and outside:
+        raise ConfigError(
+            f"tuned in {path} lists {', '.join(outside)}, which more_seeds_tasks lacks: tuned models train over more_seeds "
+            "too, so their task's default models must; add it to more_seeds_tasks, or set more_seeds: []."
+        )
 
 
 def _without_paths(cfg: DictConfig) -> dict[str, Any]:
