@@ -134,6 +134,13 @@ def test_rnnlab_s_own_cells_are_a_dependency_of_the_runs_that_use_them_only(proj
     assert holding(files, "rnnlab/models/cells.py") == scratch
 
 
+def test_the_study_report_depends_on_the_code_it_imports_not_on_search_code(project: Project) -> None:
+    code = set(project.first["study_report.yaml"]["code"])
+    assert {"rnnlab/study_report.py", "rnnlab/trial.py"} <= code  # trial.py: how it reads the journals
+    assert "rnnlab/search.py" not in code and "rnnlab/train.py" not in code
+    assert holding(project.first, "rnnlab/study_report.py") == {"study_report.yaml"}
+
+
 def test_every_training_declares_the_shared_training_code(project: Project) -> None:
     trainings = {name: values for name, values in project.first.items() if "hparams" in values}
     assert len(trainings) == 4 * 3 + 2

@@ -9,7 +9,8 @@ as the stage's command would and writes, under resolved/:
 - <task>/baselines.yaml: the settings and code of the task's baseline (tasks in `baseline_tasks`);
 - <task>/<model>_lag<L>.yaml: a training of the memory tasks' lag sweep (`memory_tasks` x `models` x `memory_lags`);
 - compare.yaml: the comparison's settings, its code and every task's serving code;
-- memory_report.yaml: the lag sweep report's settings, what it reads of each memory task's config, its code.
+- memory_report.yaml: the lag sweep report's settings, what it reads of each memory task's config, its code;
+- study_report.yaml: the code of the studies' report (its input, the journals in optuna/, is a DVC dependency).
 
 The stages list these files under `params:`, so DVC compares values, not file bytes: a comment
 in a config stales nothing, a changed learning rate stales that model's runs only, and an edit
@@ -171,6 +172,7 @@ def write_all(root: Path) -> list[Path]:
             _check_tuned_differs(files, task, model)
         files["compare.yaml"] = compare_params(profile, params["tasks"])
         files["memory_report.yaml"] = memory_report_params(profile, params)
+        files["study_report.yaml"] = {"code": code_of("rnnlab.study_report", {})}
     with io.atomic_dir(root / OUT_DIR) as tmp:
         for name, values in files.items():
             path = tmp / name
