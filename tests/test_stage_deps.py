@@ -13,6 +13,7 @@ from pathlib import Path
 from unittest.mock import ANY
 
 import pytest
+import yaml
 from helpers import isolated_outputs
 from omegaconf import OmegaConf
 from test_forecast import fetch_and_preprocess, make_series
@@ -141,6 +142,18 @@ def test_the_study_report_depends_on_the_code_it_imports_not_on_search_code(proj
     assert holding(project.first, "rnnlab/study_report.py") == {"study_report.yaml"}
 
 
+def test_every_training_stage_lists_the_hparams_and_the_digest_of_its_config_and_code(project: Project) -> None:
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    trainings = {name: stage for name, stage in stages.items() if "python -m rnnlab.train" in stage.get("cmd", "")}
+    assert {"train", "train_more", "train_tuned", "train_tuned_more", "train_single_seed", "train_lag"} <= set(trainings)
+    for name, stage in trainings.items():
+        (resolved,) = stage["params"]
+        assert list(resolved.values()) == [["hparams", "digest"]], name
+    for name, values in project.first.items():
+        if "hparams" in values:
+            assert values["digest"] == {"config": resolve._digest(values["config"]), "code": resolve._digest(values["code"])}, name
+
+
 def test_every_training_declares_the_shared_training_code(project: Project) -> None:
     trainings = {name: values for name, values in project.first.items() if "hparams" in values}
     assert len(trainings) == 4 * 3 + 2
@@ -162,6 +175,9 @@ def test_a_comment_changes_nothing_and_a_learning_rate_one_model(tmp_path: Path)
     changed = {name for name in after if after[name] != before[name]}
     assert changed == {"sentiment/gru_tuned.yaml"}
     assert after["sentiment/gru_tuned.yaml"]["hparams"]["lr"] == 0.003
+    # What the trainings list in dvc.yaml: the digest follows the config (and the code), not the file's bytes.
+    assert after["sentiment/gru_tuned.yaml"]["digest"]["config"] != before["sentiment/gru_tuned.yaml"]["digest"]["config"]
+    assert after["sentiment/gru_tuned.yaml"]["digest"]["code"] == before["sentiment/gru_tuned.yaml"]["digest"]["code"]
 
 
 def test_a_tuned_configuration_equal_to_the_default_is_refused(tmp_path: Path) -> None:

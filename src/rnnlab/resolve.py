@@ -5,7 +5,7 @@ as the stage's command would and writes, under resolved/:
 
 - <task>/data.yaml: the fetch and preprocess settings and the code each of them runs;
 - <task>/<model>.yaml: the training's main hyperparameters (`hparams`, shown by `dvc exp show`),
-  its whole composed config, and the code it runs;
+  its whole composed config, the code it runs, and a `digest` of both (what the stage lists, with hparams);
 - <task>/baselines.yaml: the settings and code of the task's baseline (tasks in `baseline_tasks`);
 - <task>/<model>_lag<L>.yaml: a training of the memory tasks' lag sweep (`memory_tasks` x `models` x `memory_lags`);
 - compare.yaml: the comparison's settings, its code and every task's serving code;
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,7 +86,16 @@ def training_params(cfg: DictConfig) -> dict[str, Any]:
     for key in ("fetch", "preprocess", "predictor"):  # other stages' settings: training reads their outputs
         config["task"].pop(key, None)
     hparams = {name: OmegaConf.select(cfg, key) for name, key in HPARAMS.items()}
-    return {"hparams": hparams, "config": config, "code": code_of("rnnlab.train", config)}
+    code = code_of("rnnlab.train", config)
+    # What dvc.yaml's trainings list as params: the hyperparameters, and a digest of the config and of the code. Listing
+    # the whole file would copy ~100 lines per training into dvc.lock, which DVC rewrites after every stage (seconds
+    # each at 300 trainings); `git diff resolved/` shows what a changed digest stands for.
+    digest = {"config": _digest(config), "code": _digest(code)}
+    return {"hparams": hparams, "digest": digest, "config": config, "code": code}
+
+
+def _digest(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
 def data_params(cfg: DictConfig) -> dict[str, Any]:
