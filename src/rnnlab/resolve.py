@@ -214,9 +214,9 @@ def _check_tuned_differs(files: dict[str, dict[str, Any]], task: str, model: str
 
 
 def _unnamed(params: dict[str, Any]) -> dict[str, Any]:
-    """A training's params without its model name, to compare two configurations."""
+    """A training's params without its model name (nor the digest of a config that holds it), to compare two configurations."""
     model = {key: value for key, value in params["config"]["model"].items() if key != "name"}
-    return {**params, "config": {**params["config"], "model": model}}
+    return {**{key: value for key, value in params.items() if key != "digest"}, "config": {**params["config"], "model": model}}
 
 
 def _check_lag_sweep(params: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
