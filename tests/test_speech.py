@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from rnnlab.data.speech import (
     log_mel,
     preprocess,
     read_wav,
+    reference_check,
     split_sizes,
 )
 from rnnlab.errors import DataError
@@ -82,6 +84,37 @@ def test_synthesis_is_deterministic_for_a_seed(speech_dirs: tuple[Path, Path], t
     pd.testing.assert_frame_equal(first, second)
     for file in first["file"]:
         assert (raw / "wav" / file).read_bytes() == (tmp_path / "again" / "wav" / file).read_bytes()
+
+
+def source_of(raw: Path) -> dict:
+    return json.loads((raw / "source.json").read_text())
+
+
+def test_a_synthesis_hashes_its_steps_and_names_the_first_that_differs_from_its_reference(
+    speech_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    first = source_of(speech_dirs[0])
+    assert set(first["steps"]) == {"espeak_output", "resampled_16k", "clips"} and first["reference"].startswith("no reference")
+    reference = {key: first[key] for key in ("espeak_ng", "fingerprint", "steps")}
+    fetch(str(tmp_path / "same"), commands=TINY_COMMANDS, seed=3, espeak=TINY_ESPEAK, reference=reference)
+    assert source_of(tmp_path / "same")["reference"] == f"same data as the reference ({first['espeak_ng']})"
+    # Another espeak-ng build, as a louder one stands for it here: its first step differs, and fetch says so.
+    louder = tmp_path / "espeak-ng"
+    louder.write_text(f'#!/bin/sh\nexec {shutil.which("espeak-ng")} -a 60 "$@"\n')
+    louder.chmod(0o755)
+    fetch(str(tmp_path / "louder"), commands=TINY_COMMANDS, seed=3, espeak={**TINY_ESPEAK, "binary": str(louder)}, reference=reference)
+    other = source_of(tmp_path / "louder")
+    assert other["fingerprint"] == first["fingerprint"]  # where espeak-ng lies is not a setting of the data
+    assert all(other["steps"][step] != first["steps"][step] for step in first["steps"])
+    assert other["reference"].startswith(
+        "DIFFERS from the reference from step espeak_output on (made with the same espeak-ng version): this machine's espeak-ng build"
+    )
+    fetch(str(tmp_path / "more"), commands=TINY_COMMANDS, seed=4, espeak=TINY_ESPEAK, reference=reference)
+    assert source_of(tmp_path / "more")["reference"].startswith("no reference for these settings")
+    # Same espeak-ng output, other numerics after it: the step named is the resampler's.
+    resampled = {**first["steps"], "resampled_16k": "0" * 64, "clips": "1" * 64}
+    assert "from step resampled_16k on" in reference_check(reference, first["fingerprint"], "eSpeak NG 2.0", resampled)
+    assert "made with " + first["espeak_ng"] in reference_check(reference, first["fingerprint"], "eSpeak NG 2.0", resampled)
 
 
 def test_splits_are_speaker_disjoint(speech_dirs: tuple[Path, Path]) -> None:

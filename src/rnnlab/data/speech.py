@@ -10,6 +10,7 @@ Both write the same raw format: 16 kHz mono 16-bit WAVs plus manifest.csv with
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import shutil
@@ -61,6 +62,11 @@ def read_wav(path: str | Path, convert: bool) -> tuple[np.ndarray, str | None]:
         rate, data = wavfile.read(path)
     except (ValueError, OSError) as err:
         raise DataError(f"{path} is not a readable WAV file ({err}).") from err
+    return conform(data, rate, path, convert)
+
+
+def conform(data: np.ndarray, rate: int, path: str | Path, convert: bool) -> tuple[np.ndarray, str | None]:
+    """read_wav's samples of the WAV file at `path` as float32 mono at 16 kHz, and what was done to them."""
     if data.dtype.kind == "f":
         audio = data.astype(np.float32)
     elif data.dtype == np.uint8:  # 8-bit WAV is unsigned, centred on 128
@@ -90,9 +96,12 @@ def read_wav(path: str | Path, convert: bool) -> tuple[np.ndarray, str | None]:
     return audio, " and ".join(conversions)
 
 
-def write_wav(path: Path, audio: np.ndarray) -> None:
+def write_wav(path: Path, audio: np.ndarray) -> np.ndarray:
+    """Write 16-bit samples at 16 kHz; return them."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    wavfile.write(path, SAMPLE_RATE, (np.clip(audio, -1, 1) * 32767).astype(np.int16))
+    samples = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+    wavfile.write(path, SAMPLE_RATE, samples)
+    return samples
 
 
 def fit_length(audio: np.ndarray, length: int = SAMPLE_RATE) -> np.ndarray:
@@ -265,21 +274,50 @@ class Synthesis:
         return [Speaker(*combinations[i]) for i in sorted(rng.choice(len(combinations), self.num_speakers, replace=False))]
 
 
-def speak(binary: str, speaker: Speaker, word: str) -> np.ndarray:
-    """The word as spoken by `speaker`, at 16 kHz, leading and trailing silence removed."""
+def speak(binary: str, speaker: Speaker, word: str) -> tuple[np.ndarray, np.ndarray]:
+    """The word as spoken by `speaker`: espeak-ng's own samples (22,050 Hz), and the word at 16 kHz with leading and
+    trailing silence removed."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "word.wav"
         command = [binary, "-v", speaker.voice, "-s", str(speaker.rate), "-p", str(speaker.pitch), "-w", str(path), word]
         run_espeak(command)
-        audio, _ = read_wav(path, convert=True)  # espeak-ng speaks at 22,050 Hz
-    return trim_silence(audio)
+        try:
+            rate, spoken = wavfile.read(path)
+        except (ValueError, OSError) as err:
+            raise DataError(f"`{' '.join(command)}` wrote no readable WAV file ({err}).") from err
+    audio, _ = conform(spoken, rate, f"espeak-ng's WAV of {word!r}", convert=True)
+    return spoken, trim_silence(audio)
+
+
+# The steps of a synthesis whose output fetch hashes into source.json (`steps`), in order: espeak-ng's samples, the
+# words at 16 kHz (torchaudio's resampler), the written clips (augmentation). Machines that differ in the first step
+# differ in their espeak-ng build; in a later one only, in that step's numerics.
+STEPS = ("espeak_output", "resampled_16k", "clips")
+
+
+def reference_check(reference: dict[str, Any] | None, fingerprint: str, espeak_ng: str, steps: dict[str, str]) -> str:
+    """How this fetch's step hashes compare with `reference` (task.fetch.reference: the hashes that the committed data
+    had, for the settings of `fingerprint` and the espeak-ng version it names): the first step that differs is named."""
+    if not reference:
+        return "no reference (task.fetch.reference: null)"
+    if reference.get("fingerprint") != fingerprint:
+        return "no reference for these settings (task.fetch.reference is for the default profile's)"
+    differs = [step for step in STEPS if reference.get("steps", {}).get(step) != steps[step]]
+    if not differs:
+        return f"same data as the reference ({reference.get('espeak_ng')})"
+    version = "the same espeak-ng version" if reference.get("espeak_ng") == espeak_ng else f"{reference.get('espeak_ng')}"
+    return (
+        f"DIFFERS from the reference from step {differs[0]} on (made with {version}): this machine's "
+        f"{'espeak-ng build speaks' if differs[0] == 'espeak_output' else 'numerics compute'} differently, so its speech "
+        "data and results differ from the committed ones (docs/reliability.md)"
+    )
 
 
 def synthesize(
     settings: Synthesis, augmentation: Augmentation, commands: Sequence[str], val_fraction: float, test_fraction: float, seed: int
-) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-    """Speak every (speaker, word) once, then return a generator of (manifest row, one-second clip)
-    for every command take, unknown word and silence clip.
+) -> tuple[dict[str, str], Iterator[tuple[dict[str, Any], np.ndarray]]]:
+    """Speak every (speaker, word) once, then return the hashes of the first two STEPS and a generator of
+    (manifest row, one-second clip) for every command take, unknown word and silence clip.
 
     Every clip draws its augmentation from its own generator seeded by (seed, clip number),
     so the data set depends on the seed only.
@@ -306,9 +344,14 @@ def synthesize(
     noise_split = assign_splits([str(i) for i in range(settings.silence_clips)], val_fraction, test_fraction, rng, "silence clips")
 
     utterances = sorted({(speaker, word) for speaker, word, _, _ in plan}, key=lambda u: (u[0].name, u[1]))
+    hashes = {step: hashlib.sha256() for step in STEPS[:2]}
+    speech = {}
     with ThreadPoolExecutor() as pool:  # espeak-ng runs as one subprocess per word
-        spoken = pool.map(lambda u: speak(settings.binary, *u), utterances)
-        speech = dict(zip(utterances, progress(spoken, "Synthesising words with espeak-ng", total=len(utterances)), strict=True))
+        spoken = pool.map(lambda u: speak(settings.binary, *u), utterances)  # in the order of `utterances`
+        for utterance, (samples, audio) in zip(utterances, progress(spoken, "Synthesising words with espeak-ng", total=len(utterances)), strict=True):
+            hashes["espeak_output"].update(samples.tobytes())
+            hashes["resampled_16k"].update(audio.astype(np.float32).tobytes())
+            speech[utterance] = audio
 
     def clips() -> Iterator[tuple[dict[str, Any], np.ndarray]]:
         for number, (speaker, word, label, take) in enumerate(plan):
@@ -320,7 +363,7 @@ def synthesize(
             clip = augmentation.silence_clip(np.random.default_rng([seed, len(plan) + i]))
             yield {"file": f"{SILENCE}/noise_{i:05d}.wav", "label": SILENCE, "word": "", "speaker": "", "split": noise_split[str(i)]}, clip
 
-    return clips()
+    return {step: digest.hexdigest() for step, digest in hashes.items()}, clips()
 
 
 # --- the real Speech Commands archive ----------------------------------------------------
@@ -389,11 +432,13 @@ def fetch(
     speechcommands_root: str | None = None,
     speechcommands_version: str = "speech_commands_v0.02",
     convert_audio: bool = True,
+    reference: dict[str, Any] | None = None,
 ) -> None:
     """Write data/raw/speech/: one-second 16 kHz mono WAVs per label, manifest.csv and source.json.
 
     `espeak` holds the `Synthesis` settings and `augment` the `Augmentation` ranges (source=espeak);
     `speechcommands_root` is the directory holding SpeechCommands/<version>/ (source=speechcommands).
+    A synthesis records the hash of each of its STEPS and how they compare with `reference` (reference_check).
     """
     if not commands or not all(isinstance(word, str) for word in commands) or len(set(commands)) < len(commands):
         raise DataError(f"task.fetch.commands must be distinct words, got {list(commands)} (quote yes/no/on/off in YAML).")
@@ -404,25 +449,32 @@ def fetch(
         except TypeError as err:  # a missing or misspelt setting
             raise DataError(f"task.fetch.espeak / task.fetch.augment: {err}.") from err
         origin = {"source": source, "espeak_ng": espeak_version(settings.binary), "seed": seed, "espeak": espeak, "augment": augment}
-        clips = synthesize(settings, augmentation, commands, val_fraction, test_fraction, seed)
+        # The settings that decide the data (not where espeak-ng lies): a reference holds only for the settings it was made with.
+        decided_by = {"commands": list(commands), "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
+        decided_by |= {"espeak": {key: value for key, value in (espeak or {}).items() if key != "binary"}, "augment": augment}
+        origin["fingerprint"] = hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()
+        steps, clips = synthesize(settings, augmentation, commands, val_fraction, test_fraction, seed)
     elif source == "speechcommands":
         if not speechcommands_root:
             raise DataError("task.fetch.source=speechcommands needs task.fetch.speechcommands_root=<directory holding SpeechCommands/>.")
         origin = {"source": source, "root": str(Path(speechcommands_root).resolve()), "version": speechcommands_version}
-        clips = read_speechcommands(speechcommands_root, speechcommands_version, commands, val_fraction, test_fraction, convert_audio)
+        steps, clips = {}, read_speechcommands(speechcommands_root, speechcommands_version, commands, val_fraction, test_fraction, convert_audio)
     else:
         raise DataError(f"Unknown speech source {source!r}; choose espeak or speechcommands.")
 
-    rows, converted = [], []
+    rows, converted, written = [], [], hashlib.sha256()
     with io.atomic_dir(out_dir) as tmp:
         for row, clip in progress(clips, "Writing clips"):
             note = row.pop("note", None)
             if note:
                 converted.append(f"{row['file']} ({note})")
-            write_wav(tmp / "wav" / row["file"], clip)
+            written.update(row["file"].encode() + write_wav(tmp / "wav" / row["file"], clip).tobytes())
             rows.append(row)
         manifest = pd.DataFrame(rows, dtype=object).fillna("")  # silence clips have no speaker or voice
         manifest.to_csv(tmp / MANIFEST, index=False)
+        if source == "espeak":
+            origin["steps"] = {**steps, "clips": written.hexdigest()}
+            origin["reference"] = reference_check(reference, origin["fingerprint"], origin["espeak_ng"], origin["steps"])
         io.write_json(
             tmp / "source.json", {**origin, "classes": class_names(commands), "clips": len(manifest), "converted": len(converted)}
         )
@@ -433,6 +485,7 @@ def fetch(
             "clips": len(manifest),
             **{f"{split} speakers": int((speakers["split"] == split).sum()) for split in SPLITS},
             "converted to 16 kHz mono": f"{len(converted)} file(s)" + (f", e.g. {converted[0]}" if converted else ""),
+            **({"synthesis": origin["reference"]} if "reference" in origin else {}),
             "written": Path(out_dir) / MANIFEST,
         },
     )
