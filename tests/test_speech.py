@@ -62,7 +62,10 @@ def read_manifest(raw: Path) -> pd.DataFrame:
 def test_fetch_synthesises_one_second_16khz_clips_of_every_class(speech_dirs: tuple[Path, Path]) -> None:
     raw, _ = speech_dirs
     manifest = read_manifest(raw)
-    assert json.loads((raw / "source.json").read_text())["classes"] == ["yes", "no", "unknown", "silence"]
+    source = json.loads((raw / "source.json").read_text())
+    assert source["classes"] == ["yes", "no", "unknown", "silence"]
+    # The version, not where this machine keeps espeak-ng's data: the raw data hold no path of the machine.
+    assert source["espeak_ng"].startswith("eSpeak NG") and "/" not in source["espeak_ng"]
     assert len(manifest) == 5 * (2 + 1) + 3
     assert manifest["label"].value_counts().to_dict() == {"yes": 5, "no": 5, "unknown": 5, "silence": 3}
     assert set(manifest.loc[manifest["label"] == "unknown", "word"]) <= {"bed", "cat"}
@@ -127,8 +130,10 @@ def test_splits_are_speaker_disjoint(speech_dirs: tuple[Path, Path]) -> None:
 
 def test_the_default_split_holds_whole_voices_out_of_training(tmp_path: Path, compose_cfg: Callable[..., DictConfig]) -> None:
     assert compose_cfg("task=speech").task.fetch.espeak.split_by == "voice"
-    # Twelve speakers of six voices (2 accents x 3 variants) at several rates and pitches.
-    fetch_tiny(tmp_path / "raw", split_by="voice", num_speakers=12, variants=["m1", "f2", "m3"])
+    # Twelve speakers of six voices (2 accents x 3 variants) at several rates and pitches; no split_by: the default.
+    espeak = {key: value for key, value in TINY_ESPEAK.items() if key != "split_by"} | {"num_speakers": 12, "variants": ["m1", "f2", "m3"]}
+    fetch(str(tmp_path / "raw"), commands=TINY_COMMANDS, seed=3, espeak=espeak)
+    assert json.loads((tmp_path / "raw" / "source.json").read_text())["held_out"] == "voice"
     manifest = read_manifest(tmp_path / "raw")
     spoken = manifest[manifest["speaker"] != ""]
     voices = (spoken["accent"] + "+" + spoken["variant"]).groupby(spoken["split"]).agg(set)

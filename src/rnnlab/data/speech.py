@@ -219,10 +219,11 @@ def run_espeak(command: list[str]) -> str:
 
 
 def espeak_version(binary: str) -> str:
-    """The espeak-ng version line, or a DataError saying how to install it."""
+    """The espeak-ng version line without where its data lie (a path of this machine, which would make the raw
+    data differ between machines), or a DataError saying how to install it."""
     if shutil.which(binary) is None:
         raise DataError(f"espeak-ng ({binary!r}) is not installed or not on PATH; {INSTALL_HINT}.")
-    return run_espeak([binary, "--version"]).strip()
+    return run_espeak([binary, "--version"]).split("Data at:")[0].strip()
 
 
 def check_voices(binary: str, accents: Sequence[str], variants: Sequence[str]) -> None:
@@ -348,7 +349,9 @@ def synthesize(
     speech = {}
     with ThreadPoolExecutor() as pool:  # espeak-ng runs as one subprocess per word
         spoken = pool.map(lambda u: speak(settings.binary, *u), utterances)  # in the order of `utterances`
-        for utterance, (samples, audio) in zip(utterances, progress(spoken, "Synthesising words with espeak-ng", total=len(utterances)), strict=True):
+        for utterance, (samples, audio) in zip(
+            utterances, progress(spoken, "Synthesising words with espeak-ng", total=len(utterances)), strict=True
+        ):
             hashes["espeak_output"].update(samples.tobytes())
             hashes["resampled_16k"].update(audio.astype(np.float32).tobytes())
             speech[utterance] = audio
@@ -449,6 +452,7 @@ def fetch(
         except TypeError as err:  # a missing or misspelt setting
             raise DataError(f"task.fetch.espeak / task.fetch.augment: {err}.") from err
         origin = {"source": source, "espeak_ng": espeak_version(settings.binary), "seed": seed, "espeak": espeak, "augment": augment}
+        origin["held_out"] = settings.split_by  # the effective unit, the dataclass's default included
         # The settings that decide the data (not where espeak-ng lies): a reference holds only for the settings it was made with.
         decided_by = {"commands": list(commands), "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
         decided_by |= {"espeak": {key: value for key, value in (espeak or {}).items() if key != "binary"}, "augment": augment}
@@ -457,8 +461,12 @@ def fetch(
     elif source == "speechcommands":
         if not speechcommands_root:
             raise DataError("task.fetch.source=speechcommands needs task.fetch.speechcommands_root=<directory holding SpeechCommands/>.")
-        origin = {"source": source, "root": str(Path(speechcommands_root).resolve()), "version": speechcommands_version}
-        steps, clips = {}, read_speechcommands(speechcommands_root, speechcommands_version, commands, val_fraction, test_fraction, convert_audio)
+        # the root as given: no absolute path of this machine in the data (docs/reliability.md)
+        origin = {"source": source, "root": str(speechcommands_root), "version": speechcommands_version, "held_out": "speaker"}
+        steps, clips = (
+            {},
+            read_speechcommands(speechcommands_root, speechcommands_version, commands, val_fraction, test_fraction, convert_audio),
+        )
     else:
         raise DataError(f"Unknown speech source {source!r}; choose espeak or speechcommands.")
 
@@ -553,9 +561,9 @@ def preprocess(
         raise DataError(f"{source_file} is missing: run the fetch stage first (`python -m rnnlab.fetch task=speech`).")
     source = json.loads(source_file.read_text())
     classes = source["classes"]
-    # What the splits hold out (the real archive's lists and earlier syntheses: speakers): each test clip's group
+    # What the splits hold out (raw data written before fetch recorded it: speakers): each test clip's group
     # for compare's resampling, as clips of one held-out voice are not independent of each other.
-    held_out = (source.get("espeak") or {}).get("split_by", "speaker")
+    held_out = source.get("held_out", "speaker")
     manifest = read_manifest(raw_dir, classes)
     index = {name: i for i, name in enumerate(classes)}
     rng = np.random.default_rng(shuffle_seed)
