@@ -23,7 +23,7 @@ from scipy import stats
 from statsmodels.regression.linear_model import OLS
 from statsmodels.stats.multitest import multipletests
 
-from rnnlab.compare import baselines_to_test, compare, forecast_accuracy, learning_curve, with_owa
+from rnnlab.compare import baselines_to_test, compare, forecast_accuracy, learning_curve, requested_seeds, with_owa
 from rnnlab.compare import main as compare_main
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError, DataError
@@ -435,6 +435,9 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
     assert all(max(m["seeds"]) <= 2 for task in others for m in more["tasks"][task]["models"].values())
     header = f"(profile `default`, seeds 1, 2 ({', '.join(others)}); seeds 1, 2, 3, 4 (sentiment))"
     assert header in (tmp_path / "more" / "reports" / "comparison.md").read_text()
+    params.write_text("seeds: [1]\nmore_seeds: [2, b]\n")
+    with pytest.raises(ConfigError, match=r"more_seeds in .*params.yaml must be null \(no more seeds\), a whole number or a list of them"):
+        compare(compose_compare(*store_overrides(store, tmp_path / "bad"), NO_ALIAS, f"seeds_from={params}"))
     params.write_text("seeds: [1]\nmore_seeds: [2]\nmore_seeds_tasks: sentiment\n")
     with pytest.raises(ConfigError, match=r"more_seeds_tasks in .*params.yaml must be a list of tasks, e.g. \[speech\]; got 'sentiment'"):
         compare(compose_compare(*store_overrides(store, tmp_path / "bad"), NO_ALIAS, f"seeds_from={params}"))
@@ -446,6 +449,19 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
     params.write_text("models: [gru]\ntuned: [sentiment]\n")
     tuned = compare(compose_compare(*store_overrides(store, tmp_path / "tuned"), *from_params))
     assert list(tuned["tasks"]["sentiment"]["models"]) == ["gru", "gru_tuned"]
+    # default_tasks without sentiment: its default runs (on disk, in the store) are not this pipeline's.
+    params.write_text("seeds: [1]\nmore_seeds: [2]\nmodels: [gru]\ntuned: [sentiment]\ndefault_tasks: [textgen]\n")
+    both = (NO_ALIAS, FEW_RESAMPLES, f"models_from={params}", "seeds=[1]", "tasks=[sentiment,textgen]")
+    only_tuned = compare(compose_compare(*store_overrides(store, tmp_path / "only_tuned"), *both))
+    assert list(only_tuned["tasks"]["sentiment"]["models"]) == ["gru_tuned"] and list(only_tuned["tasks"]["textgen"]["models"]) == ["gru"]
+    # Tuned models train over more_seeds too (the store's tuned runs have seed 1 only, so this is read, not compared).
+    assert requested_seeds(compose_compare(f"seeds_from={params}"), ["sentiment", "textgen"]) == {"sentiment": [1, 2], "textgen": [1]}
+    params.write_text("models: [gru, lstm_scratch]\ntuned: []\ndefault_tasks: [sentiment]\n")
+    with pytest.raises(DataError, match=r"no FINISHED training runs of lstm_scratch on sentiment .*Produce them with"):
+        compare(compose_compare(*store_overrides(store, tmp_path / "missing"), NO_ALIAS, f"models_from={params}", "tasks=[sentiment]"))
+    params.write_text("models: [gru]\ntuned: []\ndefault_tasks: [textgen]\n")
+    with pytest.raises(ConfigError, match=r"models_from=.*params.yaml trains no model on sentiment \(neither its default_tasks nor"):
+        compare(compose_compare(*store_overrides(store, tmp_path / "untrained"), NO_ALIAS, f"models_from={params}", "tasks=[sentiment]"))
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,9 @@ single_seed_models: [gru_scratch]
 tuned: [sentiment]
 """
 
+# The tuned task's default models left out (params.yaml leaves out the tuned series' defaults).
+TUNED_ONLY = "default_tasks: [forecast, forecast_stock, speech]"
+
 
 class Project:
     """A copy of this project's conf/ with `pipeline` as params.yaml (src/ is the installed one), resolved on demand."""
@@ -211,7 +214,11 @@ def test_tuned_names_tasks_whose_every_model_has_a_study(tmp_path: Path, tuned: 
     [
         (
             "more_seeds: [2]\nmore_seeds_tasks: [textgen]",
-            r"more_seeds_tasks in .*params.yaml must list tasks of `tasks`, e.g. \[speech\]; got \['textgen'\]",
+            r"more_seeds_tasks in .*params.yaml must list tasks of `default_tasks`, e.g. \[speech\]; got \['textgen'\]",
+        ),
+        (
+            "more_seeds: [2]\nmore_seeds_tasks: [sentiment]\n" + TUNED_ONLY,
+            r"more_seeds_tasks in .*params.yaml must list tasks of `default_tasks`, e.g. \[speech\]; got \['sentiment'\]",
         ),
         (
             "more_seeds: [2]\nmore_seeds_tasks: [speech]",
@@ -230,6 +237,41 @@ def test_more_seeds_for_every_tuned_task_or_none_at_all_resolve(tmp_path: Path) 
     for more in ("more_seeds: [2]\nmore_seeds_tasks: [sentiment, speech]", "more_seeds: []\nmore_seeds_tasks: [speech]"):
         files = Project(tmp_path / str(len(more)), PIPELINE + more).resolve()
         assert {"sentiment/gru_tuned.yaml", "speech/gru.yaml"} <= set(files)
+    # A tuned task without default models needs no more_seeds_tasks entry: its tuned models get more_seeds alone.
+    files = Project(tmp_path / "tuned_only", PIPELINE + "more_seeds: [2]\nmore_seeds_tasks: [speech]\n" + TUNED_ONLY).resolve()
+    assert "sentiment/gru_tuned.yaml" in files
+
+
+def test_default_tasks_choose_which_tasks_train_their_default_models(tmp_path: Path) -> None:
+    every = Project(tmp_path / "every").resolve()  # no default_tasks: every task, as before it existed
+    assert {"sentiment/gru.yaml", "sentiment/gru_scratch.yaml", "sentiment/gru_tuned.yaml", "speech/gru.yaml"} <= set(every)
+    files = Project(tmp_path / "tuned_only", PIPELINE + TUNED_ONLY).resolve()
+    assert set(every) - set(files) == {"sentiment/gru.yaml", "sentiment/lstm.yaml", "sentiment/gru_scratch.yaml"}
+    assert files["sentiment/gru_tuned.yaml"] == every["sentiment/gru_tuned.yaml"]
+    assert "sentiment/data.yaml" in files  # still fetched and preprocessed for its tuned models
+
+
+@pytest.mark.parametrize(
+    ("default_tasks", "message"),
+    [
+        ("[textgen]", r"default_tasks in .*params.yaml must list tasks of `tasks`, e.g. \[sentiment, speech\]; got \['textgen'\]"),
+        (
+            "[forecast, speech]",
+            r"tasks in .*params.yaml lists forecast_stock, which neither default_tasks nor tuned lists, so no model would train on it: "
+            r"add it to default_tasks \(or to tuned\), or drop it from tasks\.",
+        ),
+    ],
+)
+def test_default_tasks_outside_tasks_or_a_task_nothing_trains_on_are_refused(tmp_path: Path, default_tasks: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Project(tmp_path, PIPELINE + f"default_tasks: {default_tasks}").resolve()
+
+
+def test_a_tuned_configuration_equal_to_an_untrained_default_is_refused_too(tmp_path: Path) -> None:
+    project = Project(tmp_path, PIPELINE + TUNED_ONLY)
+    project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.002"))  # the default's value
+    with pytest.raises(ConfigError, match=r"sentiment_gru_tuned.yaml is model=gru's default .*remove sentiment from `tuned`"):
+        project.resolve()
 
 
 MEMORY_PIPELINE = """

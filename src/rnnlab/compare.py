@@ -101,14 +101,14 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if isinstance(value, ListConfig | DictConfig) else value
 
 
-def check_seeds(value: Any, where: str = "seeds") -> list[int] | None:
-    """The seeds to compare, sorted: None (every seed), one whole number or a non-empty list of them."""
+def check_seeds(value: Any, where: str = "seeds", null: str = "every seed") -> list[int] | None:
+    """The seeds to compare, sorted: None (what `null` says), one whole number or a non-empty list of them."""
     value = _plain(value)
     if value is None:
         return None
     seeds = value if isinstance(value, list) else [value]
     if not seeds or not all(is_int(seed) for seed in seeds):
-        raise ConfigError(f"{where} must be null (every seed), a whole number or a list of them, e.g. seeds=[42,43,44]; got {value!r}.")
+        raise ConfigError(f"{where} must be null ({null}), a whole number or a list of them, e.g. seeds=[42,43,44]; got {value!r}.")
     return sorted(set(seeds))
 
 
@@ -130,7 +130,7 @@ TaskSeeds = dict[str, list[int]] | None
 
 def requested_seeds(cfg: DictConfig, tasks: list[str]) -> TaskSeeds:
     """Per task, `seeds`; or from the YAML file `seeds_from` (the DVC stage passes params.yaml: DVC cannot put a list
-    into a command line) its `seeds`, and for the tasks of its `more_seeds_tasks` its `more_seeds` too."""
+    into a command line) its `seeds`, and for the tasks of its `more_seeds_tasks` and `tuned` its `more_seeds` too."""
     if cfg.seeds_from is None:
         seeds = check_seeds(cfg.seeds)
         return None if seeds is None else {task: seeds for task in tasks}
@@ -140,25 +140,52 @@ def requested_seeds(cfg: DictConfig, tasks: list[str]) -> TaskSeeds:
     if "seeds" not in params:
         raise ConfigError(f"seeds_from={cfg.seeds_from}: it has no top-level `seeds` list, e.g. `seeds: [42, 43, 44]`.")
     seeds = check_seeds(params.seeds, f"seeds in {cfg.seeds_from}")
-    more = check_seeds(params.get("more_seeds") or None, f"more_seeds in {cfg.seeds_from}") or []
-    more_tasks = _plain(params.get("more_seeds_tasks")) or []
-    if not isinstance(more_tasks, list):
-        raise ConfigError(f"more_seeds_tasks in {cfg.seeds_from} must be a list of tasks, e.g. [speech]; got {more_tasks!r}.")
+    more = check_seeds(params.get("more_seeds") or None, f"more_seeds in {cfg.seeds_from}", "no more seeds") or []
+    more_tasks = [*_task_list(params, "more_seeds_tasks", cfg.seeds_from), *_task_list(params, "tuned", cfg.seeds_from)]
     return {task: sorted(set(seeds) | set(more)) if task in more_tasks else seeds for task in tasks}
 
 
-def requested_models(cfg: DictConfig) -> Any:
-    """`models`, or the models a pipeline's params file trains (`models_from`): its `models`, `single_seed_models` and
-    `<model>_tuned` of each of `models` if it tunes any task, so that metrics files of models it no longer trains are not compared."""
+def _task_list(params: DictConfig, key: str, path: str) -> list[str]:
+    tasks = _plain(params.get(key)) or []
+    if not isinstance(tasks, list):
+        raise ConfigError(f"{key} in {path} must be a list of tasks, e.g. [speech]; got {tasks!r}.")
+    return tasks
+
+
+# Per task, the models to compare; or one list (or None: every model with runs) for every task.
+TaskModels = dict[str, list[str]] | list[str] | None
+
+
+def requested_models(cfg: DictConfig, tasks: list[str]) -> TaskModels:
+    """`models`, or per task the models a pipeline's params file trains (`models_from`): its `models` and
+    `single_seed_models` on the tasks of `default_tasks` (if it has none: of its `tasks`, or every task) and
+    `<model>_tuned` of each of `models` on the tasks of `tuned`, so that metrics files of models it no longer trains
+    are not compared. A task it trains nothing on is left out, or refused if `tasks` names it."""
     if cfg.models_from is None:
-        return cfg.models
+        return None if cfg.models is None else _names(cfg.models)
     if cfg.models is not None:
         raise ConfigError(f"give models or models_from, not both (models={_plain(cfg.models)}, models_from={cfg.models_from}).")
-    params = _params_file(cfg, "models_from", "`models` (and optionally `single_seed_models`, `tuned`)")
+    params = _params_file(cfg, "models_from", "`models` (and optionally `single_seed_models`, `tuned`, `default_tasks`)")
     if "models" not in params:
         raise ConfigError(f"models_from={cfg.models_from}: it has no top-level `models` list, e.g. `models: [gru, lstm, rnn]`.")
-    tuned = [f"{model}_tuned" for model in params.models] if params.get("tuned") else []
-    return list(dict.fromkeys([*params.models, *(params.get("single_seed_models") or []), *tuned]))
+    defaults = [*params.models, *(params.get("single_seed_models") or [])]
+    listed = next((key for key in ("default_tasks", "tasks") if key in params), None)
+    default_tasks = _task_list(params, listed, cfg.models_from) if listed else tasks
+    tuned_tasks = _task_list(params, "tuned", cfg.models_from)
+    models = {
+        task: [
+            *(defaults if task in default_tasks else []),
+            *([f"{model}_tuned" for model in params.models] if task in tuned_tasks else []),
+        ]
+        for task in tasks
+    }
+    untrained = [task for task, names in models.items() if not names]
+    if untrained and cfg.tasks is not None:
+        raise ConfigError(
+            f"models_from={cfg.models_from} trains no model on {', '.join(untrained)} (neither its default_tasks nor its tuned "
+            "lists it): leave it out of tasks, or compare given models (models=[...])."
+        )
+    return {task: names for task, names in models.items() if names}
 
 
 def check_alias(alias: Any) -> str | None:
@@ -255,9 +282,10 @@ def _named_run(client: MlflowClient, task: str, path: Path, profile: str) -> dic
     return row
 
 
-def select_runs(runs: pd.DataFrame, models: Any, seeds: TaskSeeds, where: str) -> pd.DataFrame:
-    """The runs of the requested models (null: every model with runs) and of each task's seeds (null: every seed); each
-    requested seed must have runs. `where` says in the errors which profile and store were searched."""
+def select_runs(runs: pd.DataFrame, models: TaskModels, seeds: TaskSeeds, where: str) -> pd.DataFrame:
+    """The runs of the requested models (per task or for every task; null: every model with runs) and of each task's
+    seeds (null: every seed); each requested model and seed must have runs. `where` says in the errors which profile
+    and store were searched."""
     train = "`dvc repro`, or `python -m rnnlab.train task=<task> model=<model> seed=<seed> profile=<profile>` for each seed"
     if runs.empty:
         raise DataError(
@@ -265,21 +293,26 @@ def select_runs(runs: pd.DataFrame, models: Any, seeds: TaskSeeds, where: str) -
             "profile (profile=...)."
         )
     found = sorted(runs["model"].unique())
-    if models is not None:
-        names = _names(models)
+    if isinstance(models, list):
         known = sorted(set(choices("model", None)) | set(found))  # trained models include configured variants such as gru_tuned
-        unknown = [name for name in names if name not in known]
+        unknown = [name for name in models if name not in known]
         if unknown:
             raise ConfigError(
                 f"unknown model {', '.join(map(repr, unknown))}; known: {', '.join(known)} (conf/model/ and models with runs)."
             )
-        missing = [name for name in names if name not in found]
+        missing = [name for name in models if name not in found]
         if missing:
             raise DataError(
                 f"no FINISHED training runs of model {', '.join(missing)} {where}; models with runs: {', '.join(found)}. "
                 f"Produce them with {train}."
             )
-        runs = runs[runs["model"].isin(names)]
+        runs = runs[runs["model"].isin(models)]
+    elif models is not None:
+        trained = runs.groupby("task")["model"].agg(set).to_dict()
+        missing = [f"{model} on {task}" for task, names in models.items() for model in names if model not in trained.get(task, ())]
+        if missing:
+            raise DataError(f"no FINISHED training runs of {', '.join(missing)} {where}. Produce them with {train}.")
+        runs = runs[[model in models.get(task, ()) for task, model in zip(runs["task"], runs["model"], strict=True)]]
     if seeds is not None:
         have = sorted(int(seed) for seed in runs["seed"].unique())
         absent = [seed for seed in sorted(set().union(*seeds.values())) if seed not in have]
@@ -905,7 +938,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         where = f"named by {cfg.metrics_dir}/<task>/<model>/seed<seed>.json for tasks {', '.join(tasks)}"
     else:
         found = load_runs(client, tasks, cfg.profile)
-    runs = select_runs(found, requested_models(cfg), seeds, where)
+    runs = select_runs(found, requested_models(cfg, tasks), seeds, where)
     best = [best_validation(client, run) for _, run in runs.iterrows()]
     runs = runs.assign(best_val=[value for value, _ in best], best_epoch=[epoch for _, epoch in best])
     unmargined = runs.loc[runs["margin"].isna(), "run_name"].tolist()

@@ -151,8 +151,8 @@ def lag_run(task: str, model: str, lag: int) -> tuple[str, str, list[str]]:
 
 def stage_models(params: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
     """(task, model name, overrides) of every training the pipeline runs, as dvc.yaml lists them."""
-    runs = [(task, model, [f"task={task}", f"model={model}"]) for task in params["tasks"] for model in params["models"]]
-    runs += [(task, model, [f"task={task}", f"model={model}"]) for task in params["tasks"] for model in params["single_seed_models"]]
+    defaults = [*params["models"], *params["single_seed_models"]]
+    runs = [(task, model, [f"task={task}", f"model={model}"]) for task in params["default_tasks"] for model in defaults]
     runs += [(task, f"{model}_tuned", [f"experiment={task}_{model}_tuned"]) for task, model in tuned_pairs(params)]
     runs += [lag_run(task, model, lag) for task in params["memory_tasks"] for model in params["models"] for lag in params["memory_lags"]]
     return runs
@@ -180,7 +180,10 @@ def write_all(root: Path) -> list[Path]:
         for task, model, overrides in stage_models(params):
             files[f"{task}/{model}.yaml"] = training_params(compose_run([*overrides, f"profile={profile}"]))
         for task, model in tuned_pairs(params):
-            _check_tuned_differs(files, task, model)
+            default = files.get(f"{task}/{model}.yaml") or training_params(
+                compose_run([f"task={task}", f"model={model}", f"profile={profile}"])
+            )
+            _check_tuned_differs(default, files[f"{task}/{model}_tuned.yaml"], task, model)
         files["compare.yaml"] = compare_params(profile, params["tasks"])
         files["memory_report.yaml"] = memory_report_params(profile, params)
         files["study_report.yaml"] = {"code": code_of("rnnlab.study_report", {})}
@@ -201,10 +204,9 @@ def _check_tuned_exists(root: Path, task: str, model: str) -> None:
         )
 
 
-def _check_tuned_differs(files: dict[str, dict[str, Any]], task: str, model: str) -> None:
+def _check_tuned_differs(default: dict[str, Any], tuned: dict[str, Any], task: str, model: str) -> None:
     """A tuned configuration equal to the default would train the default again under another name, and the
     report would show one model as two: refuse it."""
-    default, tuned = (files.get(f"{task}/{name}.yaml") for name in (model, f"{model}_tuned"))
     if _unnamed(tuned) == _unnamed(default):
         raise ConfigError(
             f"tuned in params.yaml lists {task}, but conf/experiment/{task}_{model}_tuned.yaml is model={model}'s default "
@@ -252,6 +254,7 @@ def _pipeline_params(path: Path) -> dict[str, Any]:
             f"tuned in {path} must list tasks of `tasks` whose every model has a tuned configuration, e.g. [forecast]; "
             f"got {params['tuned']}."
         )
+    _check_default_tasks(params, path)
     _check_more_seeds(params, path)
     params.setdefault("baseline_tasks", [])
     params.setdefault("memory_tasks", [])
@@ -259,14 +262,30 @@ def _pipeline_params(path: Path) -> dict[str, Any]:
     return params
 
 
+def _check_default_tasks(params: dict[str, Any], path: Path) -> None:
+    """`default_tasks` (every task of `tasks` if absent) train their models' default configurations (dvc.yaml's train
+    and train_single_seed), the tasks of `tuned` their tuned ones; a task in neither would be fetched for nothing."""
+    params.setdefault("default_tasks", params["tasks"])
+    default_tasks = params["default_tasks"] or []
+    if not isinstance(default_tasks, list) or not set(default_tasks) <= set(params["tasks"]):
+        raise ConfigError(f"default_tasks in {path} must list tasks of `tasks`, e.g. [sentiment, speech]; got {default_tasks}.")
+    untrained = [task for task in params["tasks"] if task not in default_tasks and task not in params["tuned"]]
+    if untrained:
+        raise ConfigError(
+            f"tasks in {path} lists {', '.join(untrained)}, which neither default_tasks nor tuned lists, so no model would train "
+            "on it: add it to default_tasks (or to tuned), or drop it from tasks."
+        )
+    params["default_tasks"] = default_tasks
+
+
 def _check_more_seeds(params: dict[str, Any], path: Path) -> None:
-    """`more_seeds` trains the tasks of `more_seeds_tasks` over more seeds (dvc.yaml's train_more), and their tuned models
-    too (train_tuned_more, over every task of `tuned`): a tuned task outside more_seeds_tasks would get tuned runs of seeds
-    that its default models lack."""
+    """`more_seeds` trains the default models of the tasks of `more_seeds_tasks` over more seeds (dvc.yaml's train_more),
+    and the tuned models of every task of `tuned` (train_tuned_more): a task with both whose default models lack
+    more_seeds would get tuned runs of seeds that its default models lack."""
     more_seeds, more_tasks = params.get("more_seeds") or [], params.get("more_seeds_tasks") or []
-    if not isinstance(more_tasks, list) or not set(more_tasks) <= set(params["tasks"]):
-        raise ConfigError(f"more_seeds_tasks in {path} must list tasks of `tasks`, e.g. [speech]; got {more_tasks}.")
-    outside = [task for task in params["tuned"] if task not in more_tasks]
+    if not isinstance(more_tasks, list) or not set(more_tasks) <= set(params["default_tasks"]):
+        raise ConfigError(f"more_seeds_tasks in {path} must list tasks of `default_tasks`, e.g. [speech]; got {more_tasks}.")
+    outside = [task for task in params["tuned"] if task in params["default_tasks"] and task not in more_tasks]
     if more_seeds and outside:
         raise ConfigError(
             f"tuned in {path} lists {', '.join(outside)}, which more_seeds_tasks lacks: tuned models train over more_seeds "
