@@ -195,15 +195,19 @@ def test_a_tuned_configuration_equal_to_the_default_is_refused(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
-    ("tuned", "message"),
+    ("tuned", "missing", "message"),
     [
-        ("[textgen]", r"tuned in .*params.yaml must list tasks of `tasks` .*got \['textgen'\]"),
-        ("{sentiment-gru: {task: sentiment, model: gru}}", r"tuned in .*params.yaml must list tasks of `tasks`"),
-        ("[speech]", r"lists speech, but conf/experiment/speech_gru_tuned.yaml does not exist: run its study .*model=gru"),
+        ("[textgen]", None, r"tuned in .*params.yaml must list tasks of `tasks` .*got \['textgen'\]"),
+        ("{sentiment-gru: {task: sentiment, model: gru}}", None, r"tuned in .*params.yaml must list tasks of `tasks`"),
+        ("[speech]", "speech_lstm", r"lists speech, but conf/experiment/speech_lstm_tuned.yaml does not exist: run its study .*model=lstm"),
+        # The project's own speech studies: the GRU's best trial was its default configuration.
+        ("[speech]", None, r"lists speech, but conf/experiment/speech_gru_tuned.yaml is model=gru's default configuration"),
     ],
 )
-def test_tuned_names_tasks_whose_every_model_has_a_study(tmp_path: Path, tuned: str, message: str) -> None:
+def test_tuned_names_tasks_whose_every_model_has_a_study(tmp_path: Path, tuned: str, missing: str | None, message: str) -> None:
     project = Project(tmp_path)
+    if missing:
+        (tmp_path / "conf" / "experiment" / f"{missing}_tuned.yaml").unlink()
     (tmp_path / "params.yaml").write_text(PIPELINE.replace("tuned: [sentiment]", f"tuned: {tuned}"))
     with pytest.raises(ConfigError, match=message):
         project.resolve()
