@@ -18,6 +18,7 @@ import yaml
 from conftest import TINY
 from helpers import Finished, run_main
 from hydra import compose, initialize_config_dir
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -25,7 +26,7 @@ from optuna.trial import TrialState
 
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError
-from rnnlab.search import parse_search_space
+from rnnlab.search import parse_search_space, shared_tag
 from rnnlab.train import main as train_main
 from rnnlab.trial import RUN_ID_ATTR, open_storage
 
@@ -288,6 +289,26 @@ def test_a_pruner_stops_bad_trials_and_marks_them_pruned(run_study: Callable[...
     assert {(run.info.status, run.data.tags["optuna.state"]) for run in children} == {("KILLED", "PRUNED")}
     assert "trial 0: PRUNED" in output
     assert not (tmp_path / "conf" / "experiment" / "sentiment_gru_tuned.yaml").exists()  # nothing completed, nothing to recommend
+
+
+def test_a_tag_that_another_worker_inserted_at_the_same_moment_is_set_again(tmp_path: Path) -> None:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.create_run(client.create_experiment("race"))
+    real, calls = client.set_tag, []
+
+    def racing(run_id: str, key: str, value: str) -> None:  # the other worker's insert lands first, once
+        calls.append(value)
+        if len(calls) == 1:
+            real(run_id, key, "the other worker's")
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: tags.key, tags.run_uuid")
+        real(run_id, key, value)
+
+    client.set_tag = racing
+    shared_tag(client, run.info.run_id, "best_trial", "3")
+    assert calls == ["3", "3"] and client.get_run(run.info.run_id).data.tags["best_trial"] == "3"
+    client.set_tag = lambda *args: (_ for _ in ()).throw(MlflowException("another error"))
+    with pytest.raises(MlflowException, match="another error"):  # anything else is not retried
+        shared_tag(client, run.info.run_id, "best_trial", "4")
 
 
 def test_a_study_resumes_where_its_mlflow_parent_run_is_not(run_study: Callable[..., Finished], tmp_path: Path) -> None:

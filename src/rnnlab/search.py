@@ -652,9 +652,8 @@ class Search:
         if complete:
             best = self.study.best_trial
             self.client.log_metric(self.parent_run_id, f"best_{self.metric}", best.value)
-            self.client.set_tag(self.parent_run_id, "best_trial", str(best.number))
-            for key, value in best.params.items():
-                self.client.set_tag(self.parent_run_id, f"best.{key}", str(value))
+            for key, value in {"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}}.items():
+                shared_tag(self.client, self.parent_run_id, key, str(value))
             io.write_json(self.report_dir / "best.json", {"trial": best.number, self.metric: best.value, "params": best.params})
             experiment = self.write_experiment(best)
             rows |= {f"best {self.metric}": f"{best.value:.4f} (trial {best.number})", **{k: v for k, v in best.params.items()}}
@@ -714,6 +713,19 @@ class Search:
         defaults = OmegaConf.create({"defaults": [{"override /task": task}, {"override /model": model}]})
         io.write_text(path, header + OmegaConf.to_yaml(defaults) + OmegaConf.to_yaml(values))
         return path
+
+
+def shared_tag(client: Any, run_id: str, key: str, value: str, attempts: int = 3) -> None:
+    """Set a tag of a run that other workers of the study write too: two workers that finish together insert the same
+    new tag at once, and SQLite refuses the second insert (UNIQUE constraint); tried again, it updates the tag."""
+    for attempt in range(attempts):
+        try:
+            client.set_tag(run_id, key, value)
+            return
+        except MlflowException as err:
+            if "UNIQUE constraint failed" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def _state_counts(trials: list[FrozenTrial]) -> dict[TrialState, int]:
