@@ -265,8 +265,7 @@ def _pipeline_params(path: Path) -> dict[str, Any]:
 def _check_default_tasks(params: dict[str, Any], path: Path) -> None:
     """`default_tasks` (every task of `tasks` if absent) train their models' default configurations (dvc.yaml's train
     and train_single_seed), the tasks of `tuned` their tuned ones; a task in neither would be fetched for nothing."""
-    params.setdefault("default_tasks", params["tasks"])
-    default_tasks = params["default_tasks"] or []
+    default_tasks = params.get("default_tasks", params["tasks"]) or []
     if not isinstance(default_tasks, list) or not set(default_tasks) <= set(params["tasks"]):
         raise ConfigError(f"default_tasks in {path} must list tasks of `tasks`, e.g. [sentiment, speech]; got {default_tasks}.")
     untrained = [task for task in params["tasks"] if task not in default_tasks and task not in params["tuned"]]
