@@ -195,6 +195,34 @@ OVERRIDES = [
     case("train", "paths.run_dir=.", says=("paths.run_dir=", "a folder of the project (or above it)"), id="run-dir-root"),
     case("train", "paths.model_dir=conf/model", says=("paths.model_dir=", "would replace"), id="model-dir-in-conf"),
     case(
+        "fetch",
+        "task=speech",
+        "task.fetch.convert_audio=no",
+        says=("task.fetch.convert_audio must be true or false, got 'no'",),
+        id="convert-audio-text",
+    ),
+    case(
+        "train",
+        "paths.plots_dir=reports/figures",
+        says=("paths.plots_dir=", "/reports/figures, a folder of the project"),
+        id="plots-dir-in-reports",
+    ),
+    case(
+        "train",
+        "paths.metrics_file=src/rnnlab/train.py",
+        says=("paths.metrics_file=", "/src/rnnlab/train.py would write into", "/src/rnnlab, a folder of the project"),
+        id="metrics-file-in-sources",
+    ),
+    *(
+        case(
+            "train",
+            f"paths.{key}={{bad_inputs}}",
+            says=(f"paths.{key}=", "holds files that no earlier run of sentiment/gru/seed42 wrote there", "a new or empty folder"),
+            id=f"{key.replace('_', '-')}-not-owned",
+        )
+        for key in ("plots_dir", "model_dir")
+    ),
+    case(
         "train",
         "paths.run_dir={bad_inputs}",
         says=(

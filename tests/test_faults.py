@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +140,65 @@ def test_resuming_from_a_corrupt_checkpoint_names_it(compose_cfg, tiny_overrides
     last.write_bytes(last.read_bytes()[:1000])  # cut short, as by a full disk
     with pytest.raises(ConfigError, match=rf"{last} is not a readable checkpoint of a run .*without resume=true"):
         train(compose_cfg(*tiny_overrides, "trainer.max_epochs=1", "resume=true"))
+
+
+def test_a_model_or_plots_folder_that_another_run_or_no_run_wrote_is_refused_and_kept(
+    compose_cfg, tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    train(compose_cfg(*tiny_overrides, "trainer.max_epochs=1"))
+    models, plots = tmp_path / "models", tmp_path / "plots"
+    written = {path: path.read_bytes() for path in sorted(models.iterdir())}
+    assert {path.name for path in written} == {"config.yaml", "model.ckpt"}
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(models))} holds files that no earlier run of sentiment/gru/seed7"):
+        train(compose_cfg(*tiny_overrides, "trainer.max_epochs=1", "seed=7"))
+    assert {path: path.read_bytes() for path in sorted(models.iterdir())} == written
+    # The same (task, model, seed) again replaces its own folders.
+    train(compose_cfg(*tiny_overrides, "trainer.max_epochs=1"))
+    # A file that no run writes into a plots folder: the folder is not a run's.
+    (plots / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(plots))} holds files that no earlier run of sentiment/gru/seed42"):
+        train(compose_cfg(*tiny_overrides, "trainer.max_epochs=1"))
+    assert (plots / "notes.txt").read_text() == "mine"
+
+
+def test_processed_data_that_cannot_be_read_is_one_line_naming_the_file(
+    tiny_overrides: list[str], sentiment_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    processed = tmp_path / "processed"
+    shutil.copytree(sentiment_root / "data" / "processed" / "sentiment", processed)
+    (processed / "train.pt").write_bytes((processed / "train.pt").read_bytes()[:100])  # cut short, as by a full disk
+    result = run_main(train_main, *tiny_overrides, f"paths.processed={processed}", run_dir=tmp_path / "hydra", capsys=capsys)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("rnnlab: error:")]
+    assert f"{processed / 'train.pt'} is not readable processed data" in line and "dvc repro -f preprocess@<task>" in line
+    assert not any((tmp_path / output).exists() for output in OUTPUTS)
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line(
+    tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A path through a file stands for any folder the run cannot write (read-only, full): the same OSError, also as root.
+    (tmp_path / "file").write_text("")
+    result = run_main(train_main, *tiny_overrides, f"paths.run_dir={tmp_path}/file/run", run_dir=tmp_path / "hydra", capsys=capsys)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("rnnlab: error:")]
+    assert f"cannot write into paths.run_dir={tmp_path}/file/run (Not a directory)" in line
+    assert not any((tmp_path / output).exists() for output in OUTPUTS)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_publishes_nothing(
+    tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(self: object, checkpoint: dict, path: str, storage_options: object = None) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("lightning.pytorch.plugins.io.torch_plugin.TorchCheckpointIO.save_checkpoint", full)
+    result = run_main(train_main, *tiny_overrides, run_dir=tmp_path / "hydra", capsys=capsys)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("rnnlab: error:")]
+    assert "(No space left on device) while training; free space there" in line
+    assert not any((tmp_path / output).exists() for output in OUTPUTS)
+    assert only_run(tmp_path).info.status == "FAILED"
 
 
 def test_an_early_stopping_monitor_that_is_never_logged_is_one_line(

@@ -73,13 +73,14 @@ def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: 
     assert type(net.encoder.rnn).__name__ == "LSTM"
 
 
+@pytest.mark.parametrize("package", ["lightning.pytorch", "pytorch_lightning"])
 def test_lightnings_litlogger_advert_is_dropped_and_its_other_notices_kept(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, package: str
 ) -> None:
-    # The logger Lightning's trainer notices go to while pytorch_lightning is not imported (rnnlab.train's own runs;
-    # mlflow.pytorch imports it, and a process's later runs then print the advert: a known gap, see docs/development.md).
-    notices = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    monkeypatch.setattr(logging.getLogger("lightning.pytorch"), "propagate", True)  # Lightning stops it at its own handler
+    # The loggers Lightning's trainer notices go to: lightning's while pytorch_lightning is not imported (a process's
+    # first run), the standalone pytorch_lightning's once mlflow.pytorch has imported it (an in-process multirun's later runs).
+    notices = logging.getLogger(f"{package}.utilities.rank_zero")
+    monkeypatch.setattr(logging.getLogger(package), "propagate", True)  # Lightning stops it at its own handler
     with caplog.at_level(logging.INFO, logger=notices.name):
         notices.info(
             "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](https://pypi.org/project/litlogger/)"

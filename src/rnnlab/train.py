@@ -7,6 +7,7 @@ registers the model; the metrics file and best checkpoint are the DVC outputs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import shlex
 import shutil
@@ -41,8 +42,10 @@ from rnnlab.models.lit import RecurrentModule
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # A resumed run's checkpoint directory holds its earlier epochs, as it should; a fresh run empties it first.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-# Lightning advertises its hosted logger (litlogger) at every run's start; rnnlab tracks in MLflow.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+# Lightning advertises its hosted logger (litlogger) at every run's start; rnnlab tracks in MLflow. Its notices go to
+# the standalone pytorch_lightning's logger instead once a process has imported it (mlflow.pytorch does).
+for notices in ("lightning.pytorch.utilities.rank_zero", "pytorch_lightning.utilities.rank_zero"):
+    logging.getLogger(notices).addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
 def build(cfg: DictConfig) -> tuple[SplitTensorDataModule, RecurrentModule]:
@@ -69,6 +72,10 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+# A folder that cannot take what a run writes: full, over quota, read-only or not ours.
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -140,6 +147,13 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
                 raise
             # EarlyStopping's monitor is checked only after the first validation; its message lists what was logged.
             raise ConfigError(f"callbacks.early_stopping.monitor names no logged metric: {' '.join(str(err).split())}") from None
+        except OSError as err:
+            if err.errno not in WRITE_ERRORS:
+                raise
+            raise ConfigError(
+                f"cannot write {err.filename or 'into ' + cfg.paths.run_dir} ({err.strerror}) while training; free space there, or "
+                "point paths.run_dir (checkpoints) and tracking.artifact_location at writable folders with free space."
+            ) from None
         train_seconds = time.perf_counter() - started
         if trainer.global_step == 0:
             raise TrainingError(

@@ -57,11 +57,18 @@ def save_split(out_dir: Path, split: str, tensors: dict[str, torch.Tensor]) -> N
     torch.save(tensors, out_dir / f"{split}.pt")
 
 
+# What to do about processed data that cannot be read: DVC restores or rebuilds it.
+REPROCESS = "restore it with `dvc checkout`, or preprocess again with `dvc repro -f preprocess@<task>`"
+
+
 def load_split(processed_dir: Path, split: str) -> dict[str, torch.Tensor]:
     path = Path(processed_dir) / f"{split}.pt"
     if not path.is_file():
         raise DataError(f"{path} is missing: run the preprocess stage first (`dvc repro` or `python -m rnnlab.preprocess task=...`).")
-    return torch.load(path, weights_only=True)
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # truncated, overwritten or not torch's: torch.load's error depends on the bytes
+        raise DataError(f"{path} is not readable processed data ({err}); {REPROCESS}.") from err
 
 
 class EpochShuffle(Sampler[int]):
@@ -119,7 +126,10 @@ class SplitTensorDataModule(L.LightningDataModule):
         path = self.processed_dir / "metadata.json"
         if not path.is_file():
             raise DataError(f"{path} is missing: run the preprocess stage first.")
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:  # truncated or not JSON (a UnicodeDecodeError is a ValueError)
+            raise DataError(f"{path} is not readable processed data ({err}); {REPROCESS}.") from None
 
     def transform(self, split: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook for load-time changes (e.g. truncation); identity by default."""

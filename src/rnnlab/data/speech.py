@@ -443,6 +443,8 @@ def fetch(
     `speechcommands_root` is the directory holding SpeechCommands/<version>/ (source=speechcommands).
     A synthesis records the hash of each of its STEPS and how they compare with `reference` (reference_check).
     """
+    if not isinstance(convert_audio, bool):  # "no" would otherwise count as true
+        raise DataError(f"task.fetch.convert_audio must be true or false, got {convert_audio!r}; e.g. task.fetch.convert_audio=false.")
     if not commands or not all(isinstance(word, str) for word in commands) or len(set(commands)) < len(commands):
         raise DataError(f"task.fetch.commands must be distinct words, got {list(commands)} (quote yes/no/on/off in YAML).")
     if source == "espeak":
