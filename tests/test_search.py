@@ -269,6 +269,28 @@ def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(run_stud
     assert (tuned.task.name, tuned.model.name) == ("sentiment", "gru_tuned")
 
 
+def test_a_two_objective_study_finds_the_front_of_validation_score_against_parameters(
+    run_study: Callable[..., Finished], tmp_path: Path
+) -> None:
+    objectives = ("search.cost=n_params", "hydra.sweeper.direction=[maximize,minimize]", "hydra/sweeper/sampler=nsgaii")
+    result = run_study("sentiment", *objectives, "hydra.sweeper.n_trials=3", "search.study=pareto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(tmp_path, "pareto")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for trial in study.trials:  # the best validation accuracy over its epochs, and the network's parameter count
+        run_id = trial.user_attrs[RUN_ID_ATTR]
+        best_val = max(m.value for m in client.get_metric_history(run_id, "val_acc"))
+        assert trial.values == [pytest.approx(best_val), client.get_run(run_id).data.metrics["n_params"]]
+        assert trial.intermediate_values == {}  # no per-epoch reports: Optuna prunes single-objective studies only
+    report = tmp_path / "reports" / "search" / "pareto"
+    front = yaml.safe_load((report / "pareto_front.json").read_text())
+    assert {point["trial"] for point in front} == {t.number for t in study.best_trials}
+    assert (report / "pareto_front.png").is_file() and not (report / "best.json").exists()
+    assert not (tmp_path / "conf" / "experiment" / "sentiment_gru_tuned.yaml").exists()  # a front has no single best config
+
+
 def test_a_pruner_stops_bad_trials_and_marks_them_pruned(run_study: Callable[..., Finished], tmp_path: Path) -> None:
     # Any validation accuracy is below 1.1: every trial is pruned at its first report.
     configs = {

@@ -151,14 +151,23 @@ def test_settings_it_cannot_honour_are_refused_in_one_line_with_the_fix(tmp_path
 
 
 @pytest.mark.parametrize(
-    ("settings", "fix"),
+    ("settings", "cost", "fix"),
     [
-        ({"direction": ["minimize", "maximize"], "storage": "s.log", "study_name": "s"}, "write one direction"),
-        ({"storage": None, "study_name": "s"}, "write a journal file path or an RDB URL"),
+        (
+            {"direction": ["minimize", "maximize"], "storage": "s.log", "study_name": "s"},
+            None,
+            "write one direction, or add search.cost=n_params",
+        ),
+        ({"storage": None, "study_name": "s"}, None, "write a journal file path or an RDB URL"),
+        # A second objective needs the search.cost that names it, minimised, after the metric's direction.
+        ({"direction": "maximize", "storage": "s.log", "study_name": "s"}, "n_params", "write hydra.sweeper.direction=[maximize,minimize]"),
+        ({"direction": ["maximize", "maximize"], "storage": "s.log", "study_name": "s"}, "n_params", "direction=[maximize,minimize]"),
+        ({"direction": ["maximize", "minimize"], "storage": "s.log", "study_name": "s"}, "latency", "write one of n_params, or null"),
     ],
 )
-def test_what_rnnlab_train_cannot_do_is_refused_in_one_line(tmp_path: Path, settings: dict[str, Any], fix: str) -> None:
-    config = plain_config(tmp_path, search={"trial": None, "parent_run_id": None, "study": "s", "storage": "s.log"})
+def test_what_rnnlab_train_cannot_do_is_refused_in_one_line(tmp_path: Path, settings: dict[str, Any], cost: str | None, fix: str) -> None:
+    search = {"trial": None, "parent_run_id": None, "study": "s", "storage": "s.log", "metric": "val_acc", "direction": "maximize"}
+    config = plain_config(tmp_path, search={**search, "cost": cost})
     with pytest.raises(ConfigError) as err:
         Search(config, launcher=None, sweeper=sweeper(**settings))
     assert fix in str(err.value) and "\n" not in str(err.value)

@@ -55,7 +55,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rnnlab import io, tracking
 from rnnlab.console import console, summary
 from rnnlab.errors import ConfigError, RnnlabError
-from rnnlab.trial import RUN_ID_ATTR, open_storage, trial_id
+from rnnlab.trial import COSTS, RUN_ID_ATTR, open_storage, trial_id
 from rnnlab.validation import is_number
 
 SYNTAX_HELP = (
@@ -311,8 +311,8 @@ class Search:
         self.name: str | None = sweeper.study_name
         self.storage_label = "in memory" if sweeper.storage is None else str(sweeper.storage)
         if self.rnnlab:
+            self.metric = str(config.search.get("metric"))
             self._check_rnnlab()
-            self.metric = str(config.search.metric)
             self.client = tracking.open_store(config.tracking.uri)
             self.report_dir = Path(config.search.report_dir)
         self.sampler_cfg = sweeper.sampler
@@ -344,10 +344,19 @@ class Search:
             raise ConfigError(f"hydra.sweeper.total_trials is {self.total_trials}; write the size of the study (1 or more) or null.")
 
     def _check_rnnlab(self) -> None:
-        if len(self.directions) != 1:
+        cost, direction = self.config.search.get("cost"), str(self.config.search.get("direction"))
+        two = [direction, "minimize"]
+        if cost is not None and cost not in COSTS:
+            raise ConfigError(f"search.cost={cost} is not a cost a trial records; write one of {', '.join(COSTS)}, or null.")
+        if cost is not None and self.directions != two:
             raise ConfigError(
-                f"hydra.sweeper.direction lists {len(self.directions)} objectives, but rnnlab.train returns one (the best search.metric); "
-                "write one direction, maximize or minimize."
+                f"search.cost={cost} makes the study two-objective ({self.metric} and {cost}), but hydra.sweeper.direction "
+                f"is {self.directions}; write hydra.sweeper.direction=[{','.join(two)}] (and hydra/sweeper/sampler=nsgaii)."
+            )
+        if cost is None and len(self.directions) != 1:
+            raise ConfigError(
+                f"hydra.sweeper.direction lists {len(self.directions)} objectives, but rnnlab.train returns one (the best search.metric) "
+                f"unless search.cost names the second; write one direction, or add search.cost={COSTS[0]}."
             )
         if self.sweeper.storage is None:
             raise ConfigError(
@@ -649,7 +658,12 @@ class Search:
             return
         self.report_dir.mkdir(parents=True, exist_ok=True)
         self.study.trials_dataframe().to_csv(self.report_dir / "trials.csv", index=False)
-        if complete:
+        if complete and len(self.directions) > 1:  # a front has no single best configuration to write
+            cost = str(self.config.search.cost)
+            front = [{"trial": t.number, self.metric: t.values[0], cost: t.values[1], "params": t.params} for t in self.study.best_trials]
+            io.write_json(self.report_dir / "pareto_front.json", sorted(front, key=lambda point: point[cost]))
+            rows["Pareto front"] = ", ".join(f"{p[self.metric]:.4f} at {p[cost]:,.0f} (trial {p['trial']})" for p in front)
+        elif complete:
             best = self.study.best_trial
             self.client.log_metric(self.parent_run_id, f"best_{self.metric}", best.value)
             for key, value in {"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}}.items():
@@ -684,6 +698,10 @@ class Search:
     def _plots(self, complete: list[FrozenTrial]) -> None:
         from optuna.visualization import matplotlib as vis
 
+        if len(self.directions) > 1:  # the history, reports and importances are single-objective views
+            figures = {"pareto_front": lambda: vis.plot_pareto_front(self.study, target_names=[self.metric, str(self.config.search.cost)])}
+            self._save(figures)
+            return
         figures = {"optimization_history": lambda: vis.plot_optimization_history(self.study, target_name=self.metric)}
         figures["intermediate_values"] = lambda: vis.plot_intermediate_values(self.study)
         varied = {k for t in complete for k in t.params if len({str(u.params.get(k)) for u in complete}) > 1}
@@ -692,6 +710,9 @@ class Search:
             importances = optuna.importance.get_param_importances(self.study, evaluator=evaluator)
             io.write_json(self.report_dir / "importances.json", importances)
             figures["param_importances"] = lambda: vis.plot_param_importances(self.study, evaluator=evaluator, target_name=self.metric)
+        self._save(figures)
+
+    def _save(self, figures: dict[str, Callable[[], Any]]) -> None:
         for name, draw in figures.items():
             axes = draw()
             axes.figure.savefig(self.report_dir / f"{name}.png", dpi=120, bbox_inches="tight")

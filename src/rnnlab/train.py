@@ -124,10 +124,11 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
         tracking.check_resumable(cfg, run_id)
     logger = tracking.make_logger(cfg, run_id=run_id)
     try:
-        if trial is not None:
+        if trial is not None and cfg.search.cost is None:  # a study of two objectives takes no per-epoch reports
             from optuna_integration import PyTorchLightningPruningCallback
 
             callbacks.append(PyTorchLightningPruningCallback(trial, monitor=cfg.search.metric))
+        if trial is not None:
             from rnnlab.trial import RUN_ID_ATTR
 
             trial.set_user_attr(RUN_ID_ATTR, logger.run_id)
@@ -162,10 +163,14 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
                 "and the trainer.* overrides."
             )
         if trial is not None:
-            from rnnlab.trial import trial_objective
+            from rnnlab.trial import best_in_history, trial_objective
 
             logger.finalize("success")
-            return {"train_seconds": round(train_seconds, 2), "epochs": len(history.rows), "objective": trial_objective(trial)}
+            if cfg.search.cost is None:
+                objective = trial_objective(trial)
+            else:  # search.cost names n_params, the one cost (resolved before any trial by the sweeper's checks)
+                objective = (best_in_history(history.rows, cfg.search.metric, cfg.search.direction), n_params)
+            return {"train_seconds": round(train_seconds, 2), "epochs": len(history.rows), "objective": objective}
         stop.check()  # a signal after the last batch
         tester = _tester(cfg, trainer, [cost, stop])
         if tester is None:

@@ -60,6 +60,19 @@ def best_reported(trial: FrozenTrial, direction: str) -> float | None:
     return max(values) if direction == "maximize" else min(values)
 
 
+# The second objectives a trial can return beside its validation value (search.cost), each a number the run records.
+COSTS = ("n_params",)
+
+
+def best_in_history(rows: list[dict[str, float]], metric: str, direction: str) -> float:
+    """The best per-epoch value of `metric` in a run's history (nan if none was finite): a two-objective trial's first
+    value, as Optuna cannot take per-epoch reports (nor prune) in a study of several objectives."""
+    values = [row[metric] for row in rows if metric in row and math.isfinite(row[metric])]
+    if not values:
+        return math.nan
+    return max(values) if direction == "maximize" else min(values)
+
+
 def trial_objective(trial: optuna.Trial) -> float:
     """What a training job returns to the sweeper: the best validation value it reported (nan if none was finite)."""
     frozen = trial.study.get_trials(deepcopy=False)[trial.number]
