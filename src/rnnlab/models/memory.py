@@ -14,7 +14,23 @@ from rnnlab.models.encoder import RecurrentEncoder, match_parameters
 from rnnlab.models.lit import RecurrentModule
 
 
-class AddingRegressor(RecurrentModule):
+class _StagedModule(RecurrentModule):
+    """A task module whose training, validation and test steps are one `_step(batch, stage)`."""
+
+    def _step(self, batch: list[torch.Tensor], stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+
+class AddingRegressor(_StagedModule):
     """The adding problem: the sum of the two marked values, from the pooled encoder outputs, with a squared-error loss.
 
     Logs `<stage>_loss` and `<stage>_mse` (the same mean squared error; `mse` names the primary metric) and
@@ -50,15 +66,6 @@ class AddingRegressor(RecurrentModule):
             self.record_test(target=targets, prediction=predictions, loss=squared)
         return loss
 
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
 
 class CopyNet(nn.Module):
     """front end -> recurrent encoder -> logits over the alphabet at each of the last `length` steps, where the
@@ -79,7 +86,7 @@ class CopyNet(nn.Module):
         return self.head(outputs[:, -self.length :])
 
 
-class SequenceCopier(RecurrentModule):
+class SequenceCopier(_StagedModule):
     """The copy task: the `length` symbols, as classes 0..alphabet - 1, at the steps after the delimiter, with
     cross-entropy over those steps only (the blanks before them are not scored).
 
@@ -117,12 +124,3 @@ class SequenceCopier(RecurrentModule):
         if stage == "test":
             self.record_test(target=targets, prediction=predicted, loss=losses)
         return loss
-
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
