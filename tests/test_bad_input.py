@@ -190,6 +190,13 @@ OVERRIDES = [
     ),
     case("train", "+task.data.num_workers=-1", says=("task.data.num_workers must be a whole number >= 0, got -1",), id="workers-negative"),
     case("train", "+foo=1", says=("foo is not a setting of a training (added with +?): nothing would read it",), id="unknown-key-added"),
+    case(
+        "train",
+        "+task.foo=1",
+        says=("task.foo is not a setting of a training (added with +): nothing would read it; the settings of task are name, ",),
+        id="unknown-task-key-added",
+    ),
+    case("train", "+model.encoder_size=64", says=("model.encoder_size is not a setting of a training",), id="unknown-model-key-added"),
     # A run deletes only what it created: no output path may replace or clear a folder of the project.
     case("train", "paths.run_dir=reports", says=("paths.run_dir=", "/reports, a folder of the project"), id="run-dir-reports"),
     case("train", "paths.run_dir=.", says=("paths.run_dir=", "a folder of the project (or above it)"), id="run-dir-root"),

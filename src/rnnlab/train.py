@@ -103,7 +103,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
     validation.check_run_config(cfg)  # before any data is read or MLflow run created
     if HydraConfig.initialized():
-        validation.check_overrides(list(HydraConfig.get().overrides.task), cfg.task.name)
+        validation.check_overrides(list(HydraConfig.get().overrides.task), cfg.task.name, cfg)
     run_paths.resolve_paths(cfg)
     run_paths.check_outputs(cfg)
     L.seed_everything(cfg.seed, workers=True)

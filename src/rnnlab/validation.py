@@ -121,9 +121,20 @@ HYDRA_NODE = "hydra"  # Hydra's own settings, in a config composed with return_h
 DATA_STAGES = {"fetch": "rnnlab.fetch", "preprocess": "rnnlab.preprocess"}
 
 
-def check_overrides(overrides: list[str], task: str) -> None:
-    """Refuse command-line overrides of a training that it would not apply: fetch and preprocess settings."""
+# Config nodes whose own keys rnnlab reads by name: a key added to one of them (`+task.foo=1`) is read by nothing.
+# Deeper additions (`+task.data.num_workers=2`, `+trainer.<Trainer argument>`) reach a constructor, which checks them.
+NAMED_NODES = ("task", "model", "paths", "search", "tracking")
+
+
+def check_overrides(overrides: list[str], task: str, cfg: DictConfig | None = None) -> None:
+    """Refuse command-line overrides of a training that it would not apply: fetch and preprocess settings, and keys
+    added (with +) to a node whose keys rnnlab reads by name (given the composed `cfg`, to list the node's keys)."""
     for override in overrides:
+        added = override.startswith("+") and not override.startswith("++")
+        node, _, name = override.split("=", 1)[0].lstrip("+~").partition(".")
+        if added and node in NAMED_NODES and name and "." not in name:
+            known = f"; the settings of {node} are {', '.join(k for k in cfg[node] if k != name)}" if cfg is not None else ""
+            raise ConfigError(f"{node}.{name} is not a setting of a training (added with +): nothing would read it{known}.")
         key = override.split("=", 1)[0].lstrip("+~")
         stage = key.split(".")[1] if key.startswith("task.") and key.count(".") >= 2 else None
         if stage in DATA_STAGES:
