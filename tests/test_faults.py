@@ -420,6 +420,29 @@ def test_outputs_that_cannot_be_written_publish_nothing_and_register_nothing(
     assert [run.info.status for run in client.search_runs([experiment.experiment_id])] == ["FAILED"]
 
 
+def test_a_failure_while_moving_outputs_into_place_puts_back_the_earlier_ones(
+    compose_cfg, tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = compose_cfg(*tiny_overrides, "trainer.max_epochs=1")
+    train(first)
+    before = {name: file_hashes(tmp_path / name) for name in ("models", "plots")} | {"history": rnnlab.io.sha256(tmp_path / "history.csv")}
+    move = os.replace
+
+    def full_at_the_metrics_file(src: object, dst: object) -> None:  # every other output is in place by then
+        if Path(dst) == tmp_path / "metrics.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        move(src, dst)
+
+    monkeypatch.setattr(rnnlab.io.os, "replace", full_at_the_metrics_file)
+    with pytest.raises(ConfigError, match=r"cannot write the run's outputs \(No space left on device: .*Nothing was published"):
+        train(compose_cfg(*tiny_overrides, "trainer.max_epochs=2"))
+    after = {name: file_hashes(tmp_path / name) for name in ("models", "plots")} | {"history": rnnlab.io.sha256(tmp_path / "history.csv")}
+    assert after == before  # the first run's outputs, put back
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing staged or set aside is left
+    versions = MlflowClient(first.tracking.uri).search_model_versions("name='rnnlab-sentiment-gru'")
+    assert [v.version for v in versions] == ["1"]  # the failed run's version was removed
+
+
 def file_hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): rnnlab.io.sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -59,6 +59,52 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def staged_sibling(path: str | Path, folder: bool) -> Path:
+    """A new temporary file or folder beside `path`, for publish() to move into its place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        tmp.chmod(0o755)
+        return tmp
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    Path(name).chmod(0o644)  # mkstemp's 0600 would leave outputs unreadable to others
+    return Path(name)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def publish(staged: list[tuple[Path, Path]]) -> None:
+    """Move each staged (temporary, target) pair into place, in order, all or none: a target's earlier version is set
+    aside until every move has succeeded, and put back if one fails (os.replace alone is atomic per path only)."""
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for tmp, target in staged:
+            aside = None
+            if target.exists():
+                aside = staged_sibling(target, folder=False)  # a free name; replaced by the old version below
+                aside.unlink()
+                os.replace(target, aside)
+            done.append((target, aside))
+            os.replace(tmp, target)
+    except BaseException:
+        for target, aside in reversed(done):
+            remove(target)
+            if aside is not None:
+                os.replace(aside, target)
+        raise
+    for _, aside in done:
+        if aside is not None:
+            remove(aside)
+
+
 def sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -307,16 +307,21 @@ def _publish(
     stop: StopOnSignal,
 ) -> None:
     """Write every DVC output to a temporary path, register the model, then move the outputs into place: the model
-    folder, history, test predictions, plots, the metrics file last. A failure or a signal on the way removes what this run staged and
-    the version it registered, so that DVC and the registry see all of it or none."""
+    folder, history, test predictions, plots, the metrics file last. A failure or a signal on the way removes what this
+    run staged and the version it registered, and puts back the earlier outputs it had replaced (io.publish), so that
+    DVC and the registry see all of it or none."""
     version = None
     try:
-        with contextlib.ExitStack() as staged:  # entered in reverse order of publishing: an ExitStack unwinds last-in first
-            metrics_tmp = staged.enter_context(io.atomic_path(cfg.paths.metrics_file))
-            plots_tmp = staged.enter_context(io.atomic_dir(cfg.paths.plots_dir))
-            predictions_tmp = staged.enter_context(io.atomic_path(cfg.paths.predictions_file))
-            history_tmp = staged.enter_context(io.atomic_path(cfg.paths.history_file))
-            model_tmp = staged.enter_context(io.atomic_dir(cfg.paths.model_dir))
+        with contextlib.ExitStack() as staged:  # what is still staged when the block ends was not published: removed
+
+            def stage(path: str, folder: bool = False) -> Path:
+                tmp = io.staged_sibling(path, folder)
+                staged.callback(io.remove, tmp)
+                return tmp
+
+            model_tmp, plots_tmp = stage(cfg.paths.model_dir, folder=True), stage(cfg.paths.plots_dir, folder=True)
+            history_tmp, predictions_tmp = stage(cfg.paths.history_file), stage(cfg.paths.predictions_file)
+            metrics_tmp = stage(cfg.paths.metrics_file)
             if best_checkpoint:
                 shutil.copy2(best_checkpoint, model_tmp / "model.ckpt")
             (model_tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -327,6 +332,15 @@ def _publish(
             metrics_tmp.write_text(io.json_text(metrics))
             version = tracking.register_model(cfg.tracking.uri, model_uri, cfg.tracking.registered_model)
             stop.check()  # the last point where a signal keeps every output unwritten
+            io.publish(
+                [
+                    (model_tmp, Path(cfg.paths.model_dir)),
+                    (history_tmp, Path(cfg.paths.history_file)),
+                    (predictions_tmp, Path(cfg.paths.predictions_file)),
+                    (plots_tmp, Path(cfg.paths.plots_dir)),
+                    (metrics_tmp, Path(cfg.paths.metrics_file)),  # last: DVC reads a run as done by its metrics file
+                ]
+            )
     except BaseException as err:
         if version is not None:
             tracking.delete_version(cfg.tracking.uri, cfg.tracking.registered_model, version)
