@@ -22,13 +22,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError
-from rnnlab.search import parse_search_space, shared_tag
+from rnnlab.search import WORKER_ATTR, parse_search_space, shared_tag
 from rnnlab.train import main as train_main
-from rnnlab.trial import RUN_ID_ATTR, open_storage
+from rnnlab.trial import RUN_ID_ATTR, open_storage, trial_id
 
 # ---------------------------------------------------------------------------- the search space
 
@@ -331,6 +332,27 @@ def test_a_tag_that_another_worker_inserted_at_the_same_moment_is_set_again(tmp_
     client.set_tag = lambda *args: (_ for _ in ()).throw(MlflowException("another error"))
     with pytest.raises(MlflowException, match="another error"):  # anything else is not retried
         shared_tag(client, run.info.run_id, "best_trial", "4")
+
+
+def test_a_trial_whose_heartbeat_stopped_runs_again_with_its_parameters(
+    run_study: Callable[..., Finished], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker on another machine took trial 0 of a study in an RDB storage, then died: its heartbeat stopped.
+    monkeypatch.setattr("rnnlab.trial.HEARTBEAT_SECONDS", 1)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="sentiment_gru", storage=open_storage(storage), direction="maximize")
+    lr = FloatDistribution(3e-4, 1e-2, log=True)
+    orphan = study.ask({"optimizer.lr": lr})
+    orphan.set_user_attr(WORKER_ATTR, "another-host:1")  # not this machine's: no process id to check
+    open_storage(storage).record_heartbeat(trial_id(open_storage(storage), "sentiment_gru", orphan.number))
+    time.sleep(2.5)  # past the grace period, twice the heartbeat
+    result = run_study("sentiment", f"search.storage={storage}", "hydra.sweeper.n_trials=1", "hydra.sweeper.total_trials=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trial 0's heartbeat stopped (a dead worker); its parameters run again" in result.stderr
+    trials = optuna.load_study(study_name="sentiment_gru", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # the retried trial counts, its stale copy not
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[1]) == 0
+    assert trials[1].params["optimizer.lr"] == trials[0].params["optimizer.lr"]
 
 
 def test_a_study_resumes_where_its_mlflow_parent_run_is_not(run_study: Callable[..., Finished], tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ objective as the task function's return value, for a plain Hydra app."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -298,7 +299,8 @@ def test_a_training_job_opens_its_trial_and_returns_the_best_value_it_reported(t
     study.ask({"x": FloatDistribution(0.0, 1.0)})
     asked = study.ask({"x": FloatDistribution(0.0, 1.0)})
     cfg = OmegaConf.create({"search": {"trial": asked.number, "study": "s", "storage": storage, "pruner": None}})
-    trial = open_trial(cfg)
+    with contextlib.ExitStack() as scope:
+        trial = open_trial(cfg, scope)
     assert trial is not None and trial.number == 1 and trial.params == asked.params
     for step, value in enumerate([0.5, 0.8, 0.7]):
         trial.report(value, step)

@@ -50,12 +50,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from rnnlab import io, tracking
 from rnnlab.console import console, summary
 from rnnlab.errors import ConfigError, RnnlabError
-from rnnlab.trial import COSTS, RUN_ID_ATTR, open_storage, trial_id
+from rnnlab.trial import COSTS, RUN_ID_ATTR, heartbeat_api, open_storage, trial_id
 from rnnlab.validation import is_number
 
 SYNTAX_HELP = (
@@ -322,7 +323,7 @@ class Search:
             self.n_trials = min(self.n_trials, math.prod(len(values) for values in grid.values()))
             self._grid = grid
         self.sampler = self._build_sampler(0)  # built now, so that a bad sampler setting fails before any trial
-        self.storage = open_storage(sweeper.storage)
+        self.storage = open_storage(sweeper.storage, on_stale=self._retry_stale)
         self.study, self.parent_run_id = self._open_study()
         self.name = self.study.study_name
 
@@ -487,6 +488,8 @@ class Search:
         try:
             while True:
                 self._recover_dead_trials()
+                with heartbeat_api():  # RDB storages: trials whose heartbeat stopped, on any host
+                    optuna.storages.fail_stale_trials(self.study)
                 missing = self.n_trials - launched
                 if self.total_trials is not None:
                     missing = min(missing, self.total_trials - self._counted())
@@ -514,12 +517,14 @@ class Search:
         self.finish()
 
     def _counted(self) -> int:
-        """Trials that count towards total_trials: finished ones (not interrupted ones) and those running now."""
+        """Trials that count towards total_trials: finished ones (not interrupted nor retried ones) and those running now."""
+        trials = self.study.get_trials(deepcopy=False)
+        retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
         return sum(
             1
-            for t in self.study.get_trials(deepcopy=False)
+            for t in trials
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-            or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR))
+            or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR) and t.number not in retried)
         )
 
     def _ask(self) -> optuna.Trial:
@@ -623,6 +628,17 @@ class Search:
         self.study.enqueue_trial(frozen.params)
         run_id = frozen.user_attrs.get(RUN_ID_ATTR)
         if run_id and self.rnnlab and self._in_store(run_id):  # a trial run elsewhere has its run in another store
+            self.client.set_tag(run_id, "optuna.state", "INTERRUPTED")
+            self.client.set_terminated(run_id, "KILLED")
+
+    def _retry_stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """A trial whose heartbeat stopped (its worker died, on any machine) runs again with its parameters; its
+        MLflow run, if in this store, is marked as an interrupted trial's."""
+        console.print(f"{self.name}: trial {trial.number}'s heartbeat stopped (a dead worker); its parameters run again.", soft_wrap=True)
+        with heartbeat_api():
+            RetryHeartbeatStaleTrialCallback()(study, trial)
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id and self.rnnlab and self._in_store(run_id):
             self.client.set_tag(run_id, "optuna.state", "INTERRUPTED")
             self.client.set_terminated(run_id, "KILLED")
 

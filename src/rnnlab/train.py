@@ -91,23 +91,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     the others return {} after fitting.
     """
     stop = StopOnSignal()
-    with stop.installed():
+    with stop.installed(), contextlib.ExitStack() as trial_scope:  # a search trial's heartbeat lasts while this run does
         try:
-            return _train(cfg, stop)
+            return _train(cfg, stop, trial_scope)
         except BaseException:
             if not stop.received:
                 raise
             raise RunInterrupted(stop.received[0], _interrupted_message(cfg, stop.received[0])) from None
 
 
-def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
+def _train(cfg: DictConfig, stop: StopOnSignal, trial_scope: contextlib.ExitStack) -> dict[str, float]:
     validation.check_run_config(cfg)  # before any data is read or MLflow run created
     if HydraConfig.initialized():
         validation.check_overrides(list(HydraConfig.get().overrides.task), cfg.task.name, cfg)
     run_paths.resolve_paths(cfg)
     run_paths.check_outputs(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    trial = _open_trial(cfg)
+    trial = _open_trial(cfg, trial_scope)
     resume_from = _resume_checkpoint(cfg)
     run_paths.claim_run_dir(cfg)
     if resume_from is None:
@@ -213,13 +213,13 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> dict[str, float]:
     return metrics
 
 
-def _open_trial(cfg: DictConfig) -> Any:
+def _open_trial(cfg: DictConfig, scope: contextlib.ExitStack) -> Any:
     """The Optuna trial a search's training job runs; None outside a search, which then never imports Optuna."""
     if cfg.search.trial is None:
         return None
     from rnnlab.trial import open_trial
 
-    return open_trial(cfg)
+    return open_trial(cfg, scope)
 
 
 def _last_checkpoint(cfg: DictConfig) -> Path | None:
