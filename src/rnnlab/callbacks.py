@@ -96,13 +96,32 @@ class InferenceCost(L.Callback):
         return {"latency_ms_per_sequence": round(self.latency_ms_per_sequence, 4), "peak_memory_mb": round(self.peak_memory_mb, 1)}
 
 
+# Set by rnnlab.warm in a run it forked: the process that asked for the run, which stands for this one's parents.
+WARM_CLIENT = "RNNLAB_CLIENT_PID"
+
+
+def _client_process() -> psutil.Process | None:
+    """The rnnlab.warm client this run was forked for, if any (and still there)."""
+    with contextlib.suppress(KeyError, ValueError, psutil.Error):
+        return psutil.Process(int(os.environ[WARM_CLIENT]))
+    return None
+
+
 def _dvc_process() -> psutil.Process | None:
-    """The `dvc` process this one runs under (through the shell that DVC starts a stage's command in), if found."""
-    for parent in psutil.Process().parents():
+    """The `dvc` process this one runs under (through the shell that DVC starts a stage's command in, and the
+    rnnlab.warm client if a warm server forked it), if found."""
+    client = _client_process()
+    for parent in [client, *client.parents()] if client else psutil.Process().parents():
         with contextlib.suppress(psutil.Error):
             if any(Path(part).name in ("dvc", "dvc.exe") or part == "dvc" for part in parent.cmdline()[:3]):
                 return parent
     return None
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    with contextlib.suppress(psutil.Error):
+        return process.cmdline()
+    return []
 
 
 class NoiseStream(L.Callback):
@@ -211,9 +230,9 @@ class StopOnSignal(L.Callback):
             yield self
             return
         previous = {signum: signal.signal(signum, self._received) for signum in (signal.SIGINT, signal.SIGTERM)}
-        dvc = _dvc_process() if os.environ.get("DVC_STAGE") else None
-        if dvc is not None:
-            threading.Thread(target=self._watch, args=(dvc,), name="rnnlab-watch-dvc", daemon=True).start()
+        watched = [_dvc_process() if os.environ.get("DVC_STAGE") else None, _client_process()]
+        for process in filter(None, watched):
+            threading.Thread(target=self._watch, args=(process,), name=f"rnnlab-watch-{process.pid}", daemon=True).start()
         try:
             yield self
         finally:
@@ -221,12 +240,17 @@ class StopOnSignal(L.Callback):
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
-    def _watch(self, dvc: psutil.Process, every: float = 1.0) -> None:
+    def _watch(self, process: psutil.Process, every: float = 1.0) -> None:
+        """Stop as for SIGTERM once `process` (the dvc that started this stage, or the rnnlab.warm client this run
+        stands in for) has ended: nothing would then record what this run writes."""
+        name = "dvc" if any("dvc" in Path(part).name for part in _cmdline(process)[:3]) else "the rnnlab.warm client"
         while not self._stopped.wait(every):
-            if not dvc.is_running() or dvc.status() == psutil.STATUS_ZOMBIE:
-                print(f"rnnlab: dvc (pid {dvc.pid}), which started this stage, has ended: stopping as for SIGTERM.", file=sys.stderr)
-                self.received.append(signal.SIGTERM)
-                return
+            with contextlib.suppress(psutil.Error):
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    continue
+            print(f"rnnlab: {name} (pid {process.pid}), which started this run, has ended: stopping as for SIGTERM.", file=sys.stderr)
+            self.received.append(signal.SIGTERM)
+            return
 
     def _received(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)

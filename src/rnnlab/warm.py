@@ -1,0 +1,251 @@
+"""Run a module in a process forked from a server that has imported it already: a light start.
+
+`python -m rnnlab.warm rnnlab.train task=forecast seed=42` does what `python -m rnnlab.train task=forecast seed=42`
+does (the same arguments, working directory, environment, standard streams, signals and exit code), but the
+first call starts a server that imports the module (torch, Lightning and MLflow: about 5 s) and every later
+call is a fork of it. The pipeline runs each training as its own process, so that each stays its own DVC stage
+and MLflow run; this keeps that, without paying the imports 200 times.
+
+Why a server of our own: Python's multiprocessing forkserver serves its own children, not another command's.
+
+Safety, kept small on purpose:
+- the server imports only; it runs no torch computation (whose OpenMP threads would not survive a fork), and
+  it forks from its one thread;
+- a server is keyed by the interpreter, the module, the source files' sizes and times and the environment
+  variables read at import (KEY_ENV): after an edit or with other thread settings a new server starts;
+- it exits after IDLE_SECONDS without children; `RNNLAB_WARM=0` (or any failure to reach a server) runs the
+  module in a plain process instead (os.execv), which gives the same results.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import runpy
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Environment variables that change what importing the module does (thread pools, module search path).
+KEY_ENV = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES")
+IDLE_SECONDS = float(os.environ.get("RNNLAB_WARM_IDLE", "120"))
+START_SECONDS = 60.0  # how long a client waits for a server it started to import its module
+CLIENT_PID = "RNNLAB_CLIENT_PID"  # set in the child: the process that asked for it (rnnlab.callbacks watches it)
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+_INT = struct.Struct("!i")
+
+
+def server_key(module: str) -> str:
+    """What a server must share with its client for a fork to behave as a fresh process would."""
+    spec = importlib.util.find_spec(module.split(".")[0])
+    sources = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.py")) if spec and spec.submodule_search_locations else []
+    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
+    parts = [sys.executable, module, stamp, [os.environ.get(key) for key in KEY_ENV], sys.path]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+def socket_path(key: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"rnnlab-warm-{os.getuid()}-{key}.sock"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        print("usage: python -m rnnlab.warm <module> [arguments...]   (RNNLAB_WARM=0: a plain process)", file=sys.stderr)
+        sys.exit(2)
+    module, args = argv[0], argv[1:]
+    if os.environ.get("RNNLAB_WARM") == "0":
+        _run_plain(module, args)
+    path = socket_path(server_key(module))
+    connection = _connect(path) or _start_server(module, path)
+    if connection is None:
+        _run_plain(module, args)
+    sys.exit(_ask(connection, module, args))
+
+
+# ---------------------------------------------------------------------------- the client
+
+
+def _run_plain(module: str, args: list[str]) -> None:
+    os.execv(sys.executable, [sys.executable, "-m", module, *args])
+
+
+def _connect(path: Path) -> socket.socket | None:
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(str(path))
+    except OSError:
+        connection.close()
+        return None
+    return connection
+
+
+def _start_server(module: str, path: Path) -> socket.socket | None:
+    """Start a server in its own session (it outlives this client) and wait until it listens."""
+    with path.with_suffix(".log").open("ab") as log:  # the server's own errors, if any, for whoever debugs it
+        server = subprocess.Popen(
+            [sys.executable, "-m", "rnnlab.warm", "--serve", module, str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline and server.poll() is None:  # a module that fails to import ends its server
+        connection = _connect(path)
+        if connection is not None:
+            return connection
+        time.sleep(0.05)
+    return None
+
+
+def _ask(connection: socket.socket, module: str, args: list[str]) -> int:
+    """Have the server fork a child that runs the module with this process's arguments, directory, environment and
+    streams; forward the signals this process gets to it; return its exit code, as a shell reports it."""
+    request = json.dumps({"module": module, "args": args, "cwd": os.getcwd(), "env": dict(os.environ), "client": os.getpid()})
+    socket.send_fds(connection, [_INT.pack(len(request)) + request.encode()], [_open_or_null(fd) for fd in (0, 1, 2)])
+    child = _INT.unpack(_receive(connection, _INT.size))[0]
+    for signum in FORWARDED:
+        signal.signal(signum, lambda received, frame: os.kill(child, received))
+    raw = _receive(connection, _INT.size)
+    if not raw:  # the server died before its child ended: its status is lost
+        print(f"rnnlab.warm: the server ended before process {child} did; its exit status is unknown.", file=sys.stderr)
+        return 1
+    status = _INT.unpack(raw)[0]
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # end as the child did, so that a caller sees the same signal
+    return os.waitstatus_to_exitcode(status)
+
+
+def _open_or_null(fd: int) -> int:
+    """`fd` if this process has it open, else /dev/null (a stage may run without a standard input)."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return os.open(os.devnull, os.O_RDWR)
+    return fd
+
+
+def _receive(connection: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+def serve(module: str, path: Path) -> None:
+    """Import `module`, then fork a child per request until IDLE_SECONDS pass without one running."""
+    importlib.import_module(module)
+    gc.freeze()  # the imported objects stay shared with the children instead of being copied by their collector
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a dead server's; a live one would have answered the client
+    listener.bind(str(path))
+    listener.listen()
+    listener.settimeout(0.2)
+    children: dict[int, socket.socket] = {}
+    idle_since = time.monotonic()
+    try:
+        while children or time.monotonic() - idle_since < IDLE_SECONDS:
+            for pid in list(children):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    with contextlib.suppress(OSError):
+                        children[pid].sendall(_INT.pack(status))
+                    children.pop(pid).close()
+                    idle_since = time.monotonic()
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.settimeout(None)
+            message, fds, _, _ = socket.recv_fds(connection, 1 << 16, 3)
+            length = _INT.unpack(message[: _INT.size])[0]
+            body = message[_INT.size :]
+            request = json.loads(body + _receive(connection, length - len(body)))
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                _child(request, fds, connection)
+            for fd in fds:
+                os.close(fd)
+            connection.sendall(_INT.pack(pid))
+            children[pid] = connection
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if os.getpid() == _SERVER_PID:
+                path.unlink()
+
+
+def _child(request: dict[str, Any], fds: list[int], connection: socket.socket) -> None:
+    """In the fork: become the client's process (streams, directory, environment, arguments), run the module as
+    `python -m` would, and exit with its code; never return into the server's loop."""
+    code, interrupted = 1, False
+    try:
+        connection.close()
+        warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning)
+        for target, fd in zip((0, 1, 2), fds, strict=True):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.environ[CLIENT_PID] = str(request["client"])
+        for signum in FORWARDED:  # as in a fresh interpreter: KeyboardInterrupt on SIGINT, the default for the others
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        spec = importlib.util.find_spec(request["module"])
+        sys.argv = [spec.origin if spec and spec.origin else request["module"], *request["args"]]
+        try:
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            if not isinstance(stop.code, int | None):
+                print(stop.code, file=sys.stderr)
+    except KeyboardInterrupt:  # uncaught, it ends a Python process by SIGINT itself, which the client passes on
+        traceback.print_exc()
+        interrupted = True
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()  # what a normal exit runs (MLflow's handlers, say): os._exit skips them
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        if interrupted:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        os._exit(code)
+
+
+_SERVER_PID = os.getpid()
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        serve(sys.argv[2], Path(sys.argv[3]))
+    else:
+        main()
