@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError
-from rnnlab.search import WORKER_ATTR, parse_search_space, shared_tag
+from rnnlab.search import PARENT_RUN_ATTR, WORKER_ATTR, parse_search_space, shared_tag
 from rnnlab.train import main as train_main
 from rnnlab.trial import RUN_ID_ATTR, open_storage, trial_id
 
@@ -341,6 +341,7 @@ def test_a_trial_whose_heartbeat_stopped_runs_again_with_its_parameters(
     monkeypatch.setattr("rnnlab.trial.HEARTBEAT_SECONDS", 1)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(study_name="sentiment_gru", storage=open_storage(storage), direction="maximize")
+    study.set_user_attr(PARENT_RUN_ATTR, "0" * 32)  # its MLflow parent run is in that worker's store, not here
     lr = FloatDistribution(3e-4, 1e-2, log=True)
     orphan = study.ask({"optimizer.lr": lr})
     orphan.set_user_attr(WORKER_ATTR, "another-host:1")  # not this machine's: no process id to check
