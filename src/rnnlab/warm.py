@@ -27,6 +27,7 @@ import importlib
 import importlib.util
 import json
 import os
+import random
 import runpy
 import signal
 import socket
@@ -188,7 +189,8 @@ def serve(module: str, path: Path) -> None:
             request = json.loads(body + _receive(connection, length - len(body)))
             pid = os.fork()
             if pid == 0:
-                listener.close()
+                for other in (listener, *children.values()):  # the server's, not this child's
+                    other.close()
                 _child(request, fds, connection)
             for fd in fds:
                 os.close(fd)
@@ -214,6 +216,11 @@ def _child(request: dict[str, Any], fds: list[int], connection: socket.socket) -
         os.environ.clear()
         os.environ.update(request["env"])
         os.environ[CLIENT_PID] = str(request["client"])
+        # A fresh interpreter seeds Python's and NumPy's global generators from the OS; forks would share the server's.
+        # (torch's starts from a fixed seed in every process, and the server never draws from it.)
+        random.seed()
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed()
         for signum in FORWARDED:  # as in a fresh interpreter: KeyboardInterrupt on SIGINT, the default for the others
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         spec = importlib.util.find_spec(request["module"])
