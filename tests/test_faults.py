@@ -428,8 +428,11 @@ def test_a_failure_while_moving_outputs_into_place_puts_back_the_earlier_ones(
     before = {name: file_hashes(tmp_path / name) for name in ("models", "plots")} | {"history": rnnlab.io.sha256(tmp_path / "history.csv")}
     move = os.replace
 
+    failed: list[object] = []
+
     def full_at_the_metrics_file(src: object, dst: object) -> None:  # every other output is in place by then
-        if Path(dst) == tmp_path / "metrics.json":
+        if Path(dst) == tmp_path / "metrics.json" and Path(src).name.endswith(".tmp") and not failed:
+            failed.append(dst)
             raise OSError(errno.ENOSPC, "No space left on device", str(dst))
         move(src, dst)
 

@@ -274,6 +274,7 @@ def test_a_two_objective_study_finds_the_front_of_validation_score_against_param
     run_study: Callable[..., Finished], tmp_path: Path
 ) -> None:
     objectives = ("search.cost=n_params", "hydra.sweeper.direction=[maximize,minimize]", "hydra/sweeper/sampler=nsgaii")
+    objectives += ("~hydra.sweeper.sampler.n_startup_trials",)  # TPE's setting in the search configs; NSGA-II has none
     result = run_study("sentiment", *objectives, "hydra.sweeper.n_trials=3", "search.study=pareto")
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(tmp_path, "pareto")

@@ -147,7 +147,7 @@ def test_the_study_report_depends_on_the_code_it_imports_not_on_search_code(proj
 
 def test_every_training_stage_lists_the_hparams_and_the_digest_of_its_config_and_code(project: Project) -> None:
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-    trainings = {name: stage for name, stage in stages.items() if "python -m rnnlab.train" in stage.get("cmd", "")}
+    trainings = {name: stage for name, stage in stages.items() if "rnnlab.train " in stage.get("cmd", "")}
     assert {"train", "train_more", "train_tuned", "train_tuned_more", "train_single_seed", "train_lag"} <= set(trainings)
     for name, stage in trainings.items():
         (resolved,) = stage["params"]

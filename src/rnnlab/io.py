@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -95,10 +96,11 @@ def publish(staged: list[tuple[Path, Path]]) -> None:
             done.append((target, aside))
             os.replace(tmp, target)
     except BaseException:
-        for target, aside in reversed(done):
-            remove(target)
-            if aside is not None:
-                os.replace(aside, target)
+        for target, aside in reversed(done):  # each put back on its own: one that fails leaves the others restored
+            with contextlib.suppress(OSError):
+                remove(target)
+                if aside is not None:
+                    os.replace(aside, target)
         raise
     for _, aside in done:
         if aside is not None:
