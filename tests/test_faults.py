@@ -443,7 +443,7 @@ def test_a_failure_while_moving_outputs_into_place_puts_back_the_earlier_ones(
     assert after == before  # the first run's outputs, put back
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing staged or set aside is left
     versions = MlflowClient(first.tracking.uri).search_model_versions("name='rnnlab-sentiment-gru'")
-    assert [v.version for v in versions] == ["1"]  # the failed run's version was removed
+    assert [str(v.version) for v in versions] == ["1"]  # the failed run's version was removed
 
 
 def file_hashes(folder: Path) -> dict[str, str]:

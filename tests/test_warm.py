@@ -14,9 +14,11 @@ import pytest
 TESTS = Path(__file__).parent
 
 
-def warm(*args: str, cwd: Path, **env: str) -> subprocess.Popen:
+def warm(*args: str, cwd: Path, server: int, **env: str) -> subprocess.Popen:
+    """The probe through rnnlab.warm; tests running at once (pytest-xdist) keep apart by `server`, a PYTHONHASHSEED,
+    which is part of a server's key."""
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    environment = {**os.environ, "PYTHONPATH": path, "RNNLAB_WARM_IDLE": "3", **env}
+    environment = {**os.environ, "PYTHONPATH": path, "RNNLAB_WARM_IDLE": "3", "PYTHONHASHSEED": str(server), **env}
     return subprocess.Popen(
         [sys.executable, "-m", "rnnlab.warm", "warm_probe", *args],
         cwd=cwd,
@@ -33,26 +35,29 @@ def report(process: subprocess.Popen) -> tuple[int, dict, str]:
 
 
 def test_a_warm_run_gets_the_arguments_directory_environment_and_exit_code_of_a_plain_one(tmp_path: Path) -> None:
-    runs = [warm("report", "3", "extra", cwd=tmp_path, PROBE="x") for _ in range(2)]
-    codes, reports, errors = zip(*(report(run) for run in runs), strict=True)
+    runs, results = [], []
+    for _ in range(2):  # one after the other, as DVC runs stages: the second finds the first's server
+        runs.append(warm("report", "3", "extra", cwd=tmp_path, server=1, PROBE="x"))
+        results.append(report(runs[-1]))
+    codes, reports, errors = zip(*results, strict=True)
     assert codes == (3, 3) and errors == ("", "")  # nothing printed besides the module's own output
     for run, seen in zip(runs, reports, strict=True):
         assert seen["args"] == ["report", "3", "extra"] and seen["cwd"] == str(tmp_path) and seen["probe"] == "x"
         assert seen["pid"] != run.pid  # a fork of the server, not the client
     assert reports[0]["ppid"] == reports[1]["ppid"]  # the second run reused the first's server
-    plain = warm("report", "0", cwd=tmp_path, RNNLAB_WARM="0")
+    plain = warm("report", "0", cwd=tmp_path, server=1, RNNLAB_WARM="0")
     code, seen, _ = report(plain)
     assert code == 0 and seen["pid"] == plain.pid  # RNNLAB_WARM=0: the client becomes the module's process
 
 
 def test_other_thread_settings_get_another_server(tmp_path: Path) -> None:
-    one, two = (report(warm("report", "0", cwd=tmp_path, OMP_NUM_THREADS=str(n)))[1] for n in (1, 2))
+    one, two = (report(warm("report", "0", cwd=tmp_path, server=2, OMP_NUM_THREADS=str(n)))[1] for n in (1, 2))
     assert one["ppid"] != two["ppid"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_client_reaches_the_run(tmp_path: Path, signum: int) -> None:
-    run = warm("wait", cwd=tmp_path)
+    run = warm("wait", cwd=tmp_path, server=3 + signum)
     assert run.stdout.readline() == "ready\n"
     run.send_signal(signum)
     out, _ = run.communicate(timeout=60)
@@ -63,7 +68,7 @@ def test_a_signal_to_the_client_reaches_the_run(tmp_path: Path, signum: int) -> 
 
 
 def test_a_module_that_cannot_be_imported_fails_as_in_a_plain_process(tmp_path: Path) -> None:
-    environment = {**os.environ, "RNNLAB_WARM_IDLE": "3"}
+    environment = {**os.environ, "RNNLAB_WARM_IDLE": "3", "PYTHONHASHSEED": "99"}
     command = [sys.executable, "-m", "rnnlab.warm", "no_such_probe"]
     failed = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=30)
     assert failed.returncode == 1 and "No module named no_such_probe" in failed.stderr  # its server ended: a plain process ran
