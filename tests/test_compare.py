@@ -383,6 +383,16 @@ def test_textgen_samples_in_the_markdown(report: dict[str, Any], store: Path) ->
     assert "![textgen samples](figures/textgen_samples.png)" in md
 
 
+def test_a_tuned_model_equal_to_its_default_is_marked(report: dict[str, Any], store: Path) -> None:
+    # The store's sentiment gru_tuned is conf/experiment/sentiment_gru_tuned.yaml, whose study found model=gru's default.
+    models = report["tasks"]["sentiment"]["models"]
+    assert models["gru_tuned"]["same_as_default"] == "gru"
+    assert [models[model]["same_as_default"] for model in ("gru", "lstm", "rnn")] == [None, None, None]
+    md = (store / "reports" / "comparison.md").read_text()
+    assert "\n| gru_tuned (= gru's default) | 0.9100 ± — |" in md and "\n| gru | " in md
+    assert "gru_tuned is gru's default configuration: its study found nothing better (conf/experiment/sentiment_gru_tuned.yaml)" in md
+
+
 def test_metrics_file_holds_only_numbers(report: dict[str, Any], store: Path) -> None:
     metrics = json.loads((store / "reports" / "comparison_metrics.json").read_text())
 

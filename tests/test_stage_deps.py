@@ -183,11 +183,14 @@ def test_a_comment_changes_nothing_and_a_learning_rate_one_model(tmp_path: Path)
     assert after["sentiment/gru_tuned.yaml"]["digest"]["code"] == before["sentiment/gru_tuned.yaml"]["digest"]["code"]
 
 
-def test_a_tuned_configuration_equal_to_the_default_is_refused(tmp_path: Path) -> None:
+def test_a_tuned_configuration_equal_to_a_default_that_default_tasks_trains_too_is_refused(tmp_path: Path) -> None:
     project = Project(tmp_path)
     assert project.first  # written before the refused change
     project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.002"))  # the default's value
-    message = r"tuned in params.yaml lists sentiment, but .*sentiment_gru_tuned.yaml is model=gru's default .*remove sentiment from `tuned`"
+    message = (
+        r"tuned in params.yaml lists sentiment, but .*sentiment_gru_tuned.yaml is model=gru's default .*default_tasks trains "
+        r"that default too, so gru_tuned's runs would repeat gru's: drop sentiment from default_tasks .*or from `tuned`"
+    )
     with pytest.raises(ConfigError, match=message):
         project.resolve()
     on_disk = OmegaConf.load(tmp_path / resolve.OUT_DIR / "sentiment/gru_tuned.yaml")
@@ -200,7 +203,7 @@ def test_a_tuned_configuration_equal_to_the_default_is_refused(tmp_path: Path) -
         ("[textgen]", None, r"tuned in .*params.yaml must list tasks of `tasks` .*got \['textgen'\]"),
         ("{sentiment-gru: {task: sentiment, model: gru}}", None, r"tuned in .*params.yaml must list tasks of `tasks`"),
         ("[speech]", "speech_lstm", r"lists speech, but conf/experiment/speech_lstm_tuned.yaml does not exist: run its study .*model=lstm"),
-        # The project's own speech studies: the GRU's best trial was its default configuration.
+        # The project's own speech studies (the GRU's best trial was its default configuration), speech a default task too.
         ("[speech]", None, r"lists speech, but conf/experiment/speech_gru_tuned.yaml is model=gru's default configuration"),
     ],
 )
@@ -271,11 +274,25 @@ def test_default_tasks_outside_tasks_or_a_task_nothing_trains_on_are_refused(tmp
         Project(tmp_path, PIPELINE + f"default_tasks: {default_tasks}").resolve()
 
 
-def test_a_tuned_configuration_equal_to_an_untrained_default_is_refused_too(tmp_path: Path) -> None:
+def test_a_tuned_configuration_equal_to_an_untrained_default_is_that_cell_s_tuned_entry_marked_for_the_report(tmp_path: Path) -> None:
     project = Project(tmp_path, PIPELINE + TUNED_ONLY)
+    assert project.first["compare.yaml"]["tuned_as_default"] == []
     project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.002"))  # the default's value
-    with pytest.raises(ConfigError, match=r"sentiment_gru_tuned.yaml is model=gru's default .*remove sentiment from `tuned`"):
-        project.resolve()
+    files = project.resolve()
+    assert files["sentiment/gru_tuned.yaml"]["hparams"]["lr"] == 0.002
+    # Listed among compare's params: the report's mark follows the fact, and DVC reruns the comparison when it changes.
+    assert files["compare.yaml"]["tuned_as_default"] == ["sentiment/gru_tuned"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RNNLAB_ROOT", str(tmp_path))
+        assert resolve.tuned_default("sentiment", "gru_tuned", "default") == "gru"
+        assert resolve.tuned_default("sentiment", "lstm_tuned", "default") is None  # lr 0.001: not the default
+        assert resolve.tuned_default("sentiment", "gru", "default") is None  # not a tuned model
+        assert resolve.tuned_default("forecast", "gru_tuned", "smoke") is None  # a study that found other settings
+
+
+def test_the_project_s_speech_gru_study_found_its_default() -> None:
+    # The committed studies (conf/experiment/speech_*_tuned.yaml): the GRU's best trial is model=gru's default, the others' are not.
+    assert [resolve.tuned_default("speech", f"{model}_tuned", "default") for model in ("gru", "lstm", "rnn")] == ["gru", None, None]
 
 
 MEMORY_PIPELINE = """

@@ -46,7 +46,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from scipy import stats
 
-from rnnlab import inference, io, serving, tracking
+from rnnlab import inference, io, resolve, serving, tracking
 from rnnlab.config import config_dir, hydra_entry
 from rnnlab.console import summary
 from rnnlab.errors import ConfigError, DataError
@@ -526,7 +526,8 @@ def build_report(
 ) -> dict[str, Any]:
     """The comparison as JSON-ready data. `runs` carry best_val and best_epoch (best_validation) besides load_runs' columns;
     `scores` are task_scores' per task; `settings` are compare_pair's confidence, alpha, resamples and seed;
-    `baseline_tests` which baselines the networks are tested against (baselines_to_test)."""
+    `baseline_tests` which baselines the networks are tested against (baselines_to_test). A `<model>_tuned` whose study
+    found nothing better than the default records that default as `same_as_default` (resolve.tuned_default)."""
     tasks = {}
     for task, task_runs in runs.groupby("task"):
         newest = task_runs.loc[task_runs["start_time"].idxmax()]  # its config decides the task's metrics, direction and margin
@@ -538,6 +539,7 @@ def build_report(
                 **describe(group["value"].to_numpy(), settings["confidence"]),
                 **{key: float(group[key].mean()) for key in EXTRAS},  # None (shown "—") where no run logged it
                 "champion": champion(group.reset_index(drop=True)),
+                "same_as_default": resolve.tuned_default(str(task), model, profile),
             }
             for model, group in by_model.items()
         }
@@ -775,7 +777,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# GRU vs LSTM vs RNN over seeds (profile `{report['profile']}`, {_seeds_text(report['seeds'])})",
         "",
         "How to read this report. The models of a task ran with the same settings (the task's and profile's configs: one "
-        "learning rate, width and epoch budget for every cell; only `*_tuned` models had a search), and seed s of every model "
+        "learning rate, width and epoch budget for every cell; only `*_tuned` models had a search, each cell with the same budget, "
+        "and a tuned model equal to its default is marked so), and seed s of every model "
         "drew its batches, augmentations and dropout from the same random streams (common random numbers), so models are "
         "compared seed by seed and test example by test example.",
         "",
@@ -816,9 +819,16 @@ def markdown(report: dict[str, Any]) -> str:
         for model, m in result["models"].items():
             extras = [_fmt(m[key], spec) for key, (_, spec) in EXTRAS.items()]
             ci = _interval(m["ci"], ".4f", "undefined (one seed)")
-            lines.append(f"| {model} | {m['mean']:.4f} ± {_fmt(m['std'], '.4f')} | {ci} | {len(m['seeds'])} | {' | '.join(extras)} |")
+            label = _model_label(model, m)
+            lines.append(f"| {label} | {m['mean']:.4f} ± {_fmt(m['std'], '.4f')} | {ci} | {len(m['seeds'])} | {' | '.join(extras)} |")
         for name, value in result["baselines"].items():
             lines.append(f"| {name} (baseline) | {value:.4f} | — | — | {' | '.join('—' for _ in EXTRAS)} |")
+        lines += [
+            f"\n{model} is {m['same_as_default']}'s default configuration: its study found nothing better "
+            f"(conf/experiment/{task}_{model}.yaml), so it enters the tuned comparison with the default settings."
+            for model, m in result["models"].items()
+            if m["same_as_default"]
+        ]
         if result.get("forecast_accuracy"):
             lines += ["", *_accuracy_table(result["forecast_accuracy"], set(result["baselines"]))]
         if result["pairs"]:
@@ -858,6 +868,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Learning curves as data: [curves/{task}.csv](curves/{task}.csv).", ""]
         lines += [f"![{task} {Path(name).stem.removeprefix(task + '_')}](figures/{name})" for name in result["figures"]]
     return "\n".join(lines) + "\n"
+
+
+def _model_label(model: str, result: dict[str, Any]) -> str:
+    return f"{model} (= {result['same_as_default']}'s default)" if result["same_as_default"] else model
 
 
 def _accuracy_table(accuracy: dict[str, dict[str, float]], baselines: set[str]) -> list[str]:

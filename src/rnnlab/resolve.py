@@ -78,13 +78,19 @@ def code_of(entry: str, cfg: Any) -> dict[str, str]:
     return code_deps.file_hashes({*code_deps.closure([entry, *code_deps.named_modules(cfg)]), *HYDRA_PLUGINS})
 
 
-def training_params(cfg: DictConfig) -> dict[str, Any]:
-    """A training's DVC params: its main hyperparameters, the config that decides its result, its code."""
+def result_config(cfg: DictConfig) -> dict[str, Any]:
+    """The part of a training's config that decides its result: no paths, tracking or seed, nor other stages' settings."""
     config = _without_paths(cfg)
     for key in NOT_RESULTS:
         config.pop(key, None)
     for key in ("fetch", "preprocess", "predictor"):  # other stages' settings: training reads their outputs
         config["task"].pop(key, None)
+    return config
+
+
+def training_params(cfg: DictConfig) -> dict[str, Any]:
+    """A training's DVC params: its main hyperparameters, the config that decides its result, its code."""
+    config = result_config(cfg)
     hparams = {name: OmegaConf.select(cfg, key) for name, key in HPARAMS.items()}
     code = code_of("rnnlab.train", config)
     # What dvc.yaml's trainings list as params: the hyperparameters, and a digest of the config and of the code. Listing
@@ -164,6 +170,18 @@ def tuned_pairs(params: dict[str, Any]) -> list[tuple[str, str]]:
     return [(task, model) for task in params["tuned"] for model in params["models"]]
 
 
+def tuned_default(task: str, tuned_model: str, profile: str) -> str | None:
+    """The default model that `tuned_model` (<model>_tuned, conf/experiment/<task>_<model>_tuned.yaml) equals on `task`,
+    if its study found nothing better than the default configuration; else None (also for a model of no study)."""
+    model = tuned_model.removesuffix("_tuned")
+    if model == tuned_model or not (config_dir() / "experiment" / f"{task}_{tuned_model}.yaml").is_file():
+        return None
+    with project_configs():
+        tuned = result_config(compose_run([f"experiment={task}_{tuned_model}", f"profile={profile}"]))
+        default = result_config(compose_run([f"task={task}", f"model={model}", f"profile={profile}"]))
+    return model if _unnamed(tuned) == _unnamed(default) else None
+
+
 def write_all(root: Path) -> list[Path]:
     """Resolve every stage of params.yaml into root/resolved (replaced as a whole)."""
     params = _pipeline_params(root / "params.yaml")
@@ -180,11 +198,11 @@ def write_all(root: Path) -> list[Path]:
         for task, model, overrides in stage_models(params):
             files[f"{task}/{model}.yaml"] = training_params(compose_run([*overrides, f"profile={profile}"]))
         for task, model in tuned_pairs(params):
-            default = files.get(f"{task}/{model}.yaml") or training_params(
-                compose_run([f"task={task}", f"model={model}", f"profile={profile}"])
-            )
-            _check_tuned_differs(default, files[f"{task}/{model}_tuned.yaml"], task, model)
-        files["compare.yaml"] = compare_params(profile, params["tasks"])
+            if task in params["default_tasks"]:
+                _check_tuned_differs(files[f"{task}/{model}.yaml"], files[f"{task}/{model}_tuned.yaml"], task, model)
+        # The report marks a tuned model equal to its default; listed here, a change of that fact reruns the comparison.
+        same = [f"{task}/{model}_tuned" for task, model in tuned_pairs(params) if tuned_default(task, f"{model}_tuned", profile)]
+        files["compare.yaml"] = {**compare_params(profile, params["tasks"]), "tuned_as_default": same}
         files["memory_report.yaml"] = memory_report_params(profile, params)
         files["study_report.yaml"] = {"code": code_of("rnnlab.study_report", {})}
     with io.atomic_dir(root / OUT_DIR) as tmp:
@@ -205,20 +223,20 @@ def _check_tuned_exists(root: Path, task: str, model: str) -> None:
 
 
 def _check_tuned_differs(default: dict[str, Any], tuned: dict[str, Any], task: str, model: str) -> None:
-    """A tuned configuration equal to the default would train the default again under another name, and the
-    report would show one model as two: refuse it."""
-    if _unnamed(tuned) == _unnamed(default):
+    """A tuned configuration equal to the default of a task that default_tasks also trains would train the same runs
+    twice under two names: refuse it. (On a task of `tuned` alone it is that cell's tuned entry, marked in the report.)"""
+    if _unnamed(tuned["config"]) == _unnamed(default["config"]):
         raise ConfigError(
             f"tuned in params.yaml lists {task}, but conf/experiment/{task}_{model}_tuned.yaml is model={model}'s default "
-            f"configuration for task={task} (the search found nothing better), so its run would repeat {model}'s; "
-            f"remove {task} from `tuned`."
+            f"configuration for task={task} (its study found nothing better) and default_tasks trains that default too, so "
+            f"{model}_tuned's runs would repeat {model}'s: drop {task} from default_tasks (the report then marks {model}_tuned "
+            f"as the default), or from `tuned`."
         )
 
 
-def _unnamed(params: dict[str, Any]) -> dict[str, Any]:
-    """A training's params without its model name (nor the digest of a config that holds it), to compare two configurations."""
-    model = {key: value for key, value in params["config"]["model"].items() if key != "name"}
-    return {**{key: value for key, value in params.items() if key != "digest"}, "config": {**params["config"], "model": model}}
+def _unnamed(config: dict[str, Any]) -> dict[str, Any]:
+    """A training's result config without its model name, to compare two configurations."""
+    return {**config, "model": {key: value for key, value in config["model"].items() if key != "name"}}
 
 
 def _check_lag_sweep(params: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
