@@ -38,6 +38,11 @@ Measured and left out: TorchScript (no gain), `torch.compile` of the per-step ga
 faster than the in-place eager ops here, after a 20 s compile per shape), tanh computed as
 2·sigmoid(2x) - 1 (no gain), and the backward's gate derivatives computed for all steps at
 once (slower: memory-bound, and fresh large buffers cost page faults).
+
+Where `python -m rnnlab.models.fused build` (`make install` runs it) has built fused_scan.cpp, each scan's loop over
+the steps runs in C++ instead (`_kernels`): the same matmul per step, then one pass over the gate arithmetic, with the
+same arguments and intermediates. Layer norm, recurrent dropout, the LSTM's projection and dtypes other than float and
+double keep the Python loops; RNNLAB_FUSED=0 turns the C++ loops off. Its speed is not yet measured.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from torch.autograd import Function
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnlab.errors import ConfigError, DataError
+from rnnlab.models import fused
 
 LAYER_NORM_EPS = 1e-5
 
@@ -343,6 +349,16 @@ class _HiddenPath:
         return grad_gh.t().mm(h_previous), grad_b_hh, grad_ln_weight, grad_ln_bias
 
 
+def _kernels(hidden: _HiddenPath, like: Tensor, projection: Tensor | None = None) -> Any:
+    """The C++ loops (rnnlab.models.fused) where they compute what the Python loops below do, else None: float and double
+    on the CPU, without layer norm, recurrent dropout or the LSTM's projection, which only the Python loops have."""
+    if hidden.norm is not None or hidden.mask is not None or projection is not None:
+        return None
+    if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
+        return None
+    return fused.kernels()
+
+
 class _GRUScan(_Scan):
     """The GRU over a packed sequence, given the input pre-activations gi = W_ih x_t + b_ih of all steps.
 
@@ -376,18 +392,22 @@ class _GRUScan(_Scan):
         *hidden_args, h0 = hidden_and_h0
         hidden, size, steps = _HiddenPath(layout, _GRUScan.gates, *hidden_args), h0.shape[1], layout.steps
         states = _with_initial(h0, layout)
-        h_previous, h = layout.previous(states), steps(states[layout.batch :])
         # Intermediates: every step's for the backward pass, else one step's, reused.
-        rows, per_step = (layout.rows, steps) if any(ctx.needs_input_grad) else (layout.batch, layout.prefixes)
+        keep = any(ctx.needs_input_grad)
+        rows, per_step = (layout.rows, steps) if keep else (layout.batch, layout.prefixes)
         gh_all, n_all = gi_all.new_empty(rows, 3 * size), gi_all.new_empty(rows, size)  # gh's r and z columns end up holding r and z
-        gh, n, (gh_rz, gh_n) = per_step(gh_all), per_step(n_all), map(per_step, gh_all.split([2 * size, size], dim=1))
-        r, z = map(per_step, gh_all[:, : 2 * size].split(size, dim=1))
-        gi_rz, gi_n = map(steps, gi_all.split([2 * size, size], dim=1))
-        for t in range(len(layout.batch_sizes)):
-            hidden.forward_step(t, h_previous[t], out=gh[t])
-            gh_rz[t].add_(gi_rz[t]).sigmoid_()
-            torch.addcmul(gi_n[t], r[t], gh_n[t], out=n[t]).tanh_()
-            torch.lerp(n[t], h_previous[t], z[t], out=h[t])
+        if (kernels := _kernels(hidden, gi_all)) is not None:
+            kernels.gru_forward(gi_all, hidden.w_hh, hidden.b_hh, states, gh_all, n_all, layout.batch_sizes, keep)
+        else:
+            h_previous, h = layout.previous(states), steps(states[layout.batch :])
+            gh, n, (gh_rz, gh_n) = per_step(gh_all), per_step(n_all), map(per_step, gh_all.split([2 * size, size], dim=1))
+            r, z = map(per_step, gh_all[:, : 2 * size].split(size, dim=1))
+            gi_rz, gi_n = map(steps, gi_all.split([2 * size, size], dim=1))
+            for t in range(len(layout.batch_sizes)):
+                hidden.forward_step(t, h_previous[t], out=gh[t])
+                gh_rz[t].add_(gi_rz[t]).sigmoid_()
+                torch.addcmul(gi_n[t], r[t], gh_n[t], out=n[t]).tanh_()
+                torch.lerp(n[t], h_previous[t], z[t], out=h[t])
         ctx.layout, ctx.hidden = layout, hidden
         _save(ctx, _GRUScan, (layout, gi_all, *hidden_and_h0), states, gh_all, n_all)
         return states[layout.batch :]
@@ -398,22 +418,25 @@ class _GRUScan(_Scan):
         layout, hidden, steps = ctx.layout, ctx.hidden, ctx.layout.steps
         states, gh_all, n_all = ctx.saved_tensors[: ctx.intermediates]
         size = n_all.shape[1]
-        h_previous, grad_output, n = layout.previous(states), steps(grad_output), steps(n_all)
-        r, z, gh_n = map(steps, gh_all.split(size, dim=1))
-        # dL/d(gi_r + gh_r), dL/d(gi_z + gh_z), dL/dgh_n, then dL/d(gi_n + r ⊙ gh_n) for every row.
-        grad_gh_all, grad_a_n_all = torch.empty_like(gh_all), torch.empty_like(n_all)
-        grad_gh, grad_a_n = steps(grad_gh_all), steps(grad_a_n_all)
-        grad_a_r, grad_a_z, grad_gh_n = map(steps, grad_gh_all.split(size, dim=1))
-        hidden.start_backward()
-        grad_h = grad_output[-1]  # dL/dh_t, complete once the later steps are done
-        for t in reversed(range(len(layout.batch_sizes))):
-            grad_n = torch.addcmul(grad_h, grad_h, z[t], value=-1)  # dh_t/dn = 1 - z
-            _times_tanh_derivative(grad_n, n[t], out=grad_a_n[t])
-            torch.mul(grad_a_n[t], r[t], out=grad_gh_n[t])
-            torch.mul(grad_a_n[t], gh_n[t], out=grad_a_r[t]).mul_(_sigmoid_derivative(r[t]))  # dn/dr = (1 - n²) ⊙ gh_n
-            torch.mul((h_previous[t] - n[t]).mul_(grad_h), _sigmoid_derivative(z[t]), out=grad_a_z[t])  # dh_t/dz = h_{t-1} - n
-            carried = hidden.backward_step(t, grad_gh[t]).addcmul_(z[t], grad_h)  # dh_t/dh_{t-1}: through gh, and z directly
-            grad_h = _carry(carried, grad_output[t - 1]) if t else carried
+        # dL/d(gi_r + gh_r), dL/d(gi_z + gh_z), dL/dgh_n, then dL/d(gi_n + r ⊙ gh_n) for every row; dL/dh_0.
+        if (kernels := _kernels(hidden, gh_all)) is not None:
+            grad_gh_all, grad_a_n_all, grad_h = kernels.gru_backward(grad_output, states, gh_all, n_all, hidden.w_hh, layout.batch_sizes)
+        else:
+            h_previous, grad_output, n = layout.previous(states), steps(grad_output), steps(n_all)
+            r, z, gh_n = map(steps, gh_all.split(size, dim=1))
+            grad_gh_all, grad_a_n_all = torch.empty_like(gh_all), torch.empty_like(n_all)
+            grad_gh, grad_a_n = steps(grad_gh_all), steps(grad_a_n_all)
+            grad_a_r, grad_a_z, grad_gh_n = map(steps, grad_gh_all.split(size, dim=1))
+            hidden.start_backward()
+            grad_h = grad_output[-1]  # dL/dh_t, complete once the later steps are done
+            for t in reversed(range(len(layout.batch_sizes))):
+                grad_n = torch.addcmul(grad_h, grad_h, z[t], value=-1)  # dh_t/dn = 1 - z
+                _times_tanh_derivative(grad_n, n[t], out=grad_a_n[t])
+                torch.mul(grad_a_n[t], r[t], out=grad_gh_n[t])
+                torch.mul(grad_a_n[t], gh_n[t], out=grad_a_r[t]).mul_(_sigmoid_derivative(r[t]))  # dn/dr = (1 - n²) ⊙ gh_n
+                torch.mul((h_previous[t] - n[t]).mul_(grad_h), _sigmoid_derivative(z[t]), out=grad_a_z[t])  # dh_t/dz = h_{t-1} - n
+                carried = hidden.backward_step(t, grad_gh[t]).addcmul_(z[t], grad_h)  # dh_t/dh_{t-1}: through gh, and z directly
+                grad_h = _carry(carried, grad_output[t - 1]) if t else carried
         parameter_grads = hidden.parameter_grads(layout.gather_previous(states), grad_gh_all)
         grad_gh_all[:, 2 * size :] = grad_a_n_all  # now dL/dgi: gi_n enters n without the reset gate's factor
         return None, grad_gh_all, *parameter_grads, None, grad_h
@@ -446,24 +469,28 @@ class _LSTMScan(_Scan):
         *hidden_args, h0, c0, w_hr = hidden_states_and_projection
         hidden, size, steps = _HiddenPath(layout, _LSTMScan.gates, *hidden_args), c0.shape[1], layout.steps
         h_states, c_states = _with_initial(h0, layout), _with_initial(c0, layout)
-        h_previous, h = layout.previous(h_states), steps(h_states[layout.batch :])
-        c_previous, c = layout.previous(c_states), steps(c_states[layout.batch :])
         # Intermediates: every step's for the backward pass, else one step's, reused.
-        rows, per_step = (layout.rows, steps) if any(ctx.needs_input_grad) else (layout.batch, layout.prefixes)
+        keep = any(ctx.needs_input_grad)
+        rows, per_step = (layout.rows, steps) if keep else (layout.batch, layout.prefixes)
         gates_all, tanh_c_all = gi_all.new_empty(rows, 4 * size), gi_all.new_empty(rows, size)  # gates: pre-activations, then activations
-        gi, gates, tanh_c = steps(gi_all), per_step(gates_all), per_step(tanh_c_all)
-        i_f, g, o = map(per_step, gates_all.split([2 * size, size, size], dim=1))
-        i, f = map(per_step, gates_all[:, : 2 * size].split(size, dim=1))
         # o ⊙ tanh(c_t): h_t itself, or what W_hr projects to h_t.
         unprojected_all, projection = (None, None) if w_hr is None else (gi_all.new_empty(rows, size), w_hr.t())
-        unprojected = h if w_hr is None else per_step(unprojected_all)
-        for t in range(len(layout.batch_sizes)):
-            hidden.forward_step(t, h_previous[t], out=gates[t]).add_(gi[t])
-            i_f[t].sigmoid_(), g[t].tanh_(), o[t].sigmoid_()
-            torch.mul(f[t], c_previous[t], out=c[t]).addcmul_(i[t], g[t])
-            torch.mul(o[t], torch.tanh(c[t], out=tanh_c[t]), out=unprojected[t])
-            if projection is not None:
-                torch.mm(unprojected[t], projection, out=h[t])
+        if (kernels := _kernels(hidden, gi_all, projection)) is not None:
+            kernels.lstm_forward(gi_all, hidden.w_hh, hidden.b_hh, h_states, c_states, gates_all, tanh_c_all, layout.batch_sizes, keep)
+        else:
+            h_previous, h = layout.previous(h_states), steps(h_states[layout.batch :])
+            c_previous, c = layout.previous(c_states), steps(c_states[layout.batch :])
+            gi, gates, tanh_c = steps(gi_all), per_step(gates_all), per_step(tanh_c_all)
+            i_f, g, o = map(per_step, gates_all.split([2 * size, size, size], dim=1))
+            i, f = map(per_step, gates_all[:, : 2 * size].split(size, dim=1))
+            unprojected = h if w_hr is None else per_step(unprojected_all)
+            for t in range(len(layout.batch_sizes)):
+                hidden.forward_step(t, h_previous[t], out=gates[t]).add_(gi[t])
+                i_f[t].sigmoid_(), g[t].tanh_(), o[t].sigmoid_()
+                torch.mul(f[t], c_previous[t], out=c[t]).addcmul_(i[t], g[t])
+                torch.mul(o[t], torch.tanh(c[t], out=tanh_c[t]), out=unprojected[t])
+                if projection is not None:
+                    torch.mm(unprojected[t], projection, out=h[t])
         ctx.layout, ctx.hidden = layout, hidden
         arguments = (layout, gi_all, *hidden_states_and_projection)
         _save(ctx, _LSTMScan, arguments, h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr)
@@ -475,28 +502,34 @@ class _LSTMScan(_Scan):
         layout, hidden, steps = ctx.layout, ctx.hidden, ctx.layout.steps
         h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr = ctx.saved_tensors[: ctx.intermediates]
         size = tanh_c_all.shape[1]
-        i, f, g, o = map(steps, gates_all.split(size, dim=1))
-        c_previous, tanh_c = layout.previous(c_states), steps(tanh_c_all)
-        if w_hr is not None:  # every dL/dh_t, for W_hr's gradient
-            grad_h_all = torch.empty_like(grad_h_output)
-            grad_h_steps = steps(grad_h_all)
-        grad_h_output, grad_c_output = steps(grad_h_output), steps(grad_c_output)
-        grad_a_all = torch.empty_like(gates_all)  # dL/d(a_i, a_f, a_g, a_o)
-        grad_a = steps(grad_a_all)
-        grad_a_i, grad_a_f, grad_a_g, grad_a_o = map(steps, grad_a_all.split(size, dim=1))
-        hidden.start_backward()
-        grad_h, grad_c = grad_h_output[-1], grad_c_output[-1]  # dL/dh_t, and dL/dc_t through c_{t+1}
-        for t in reversed(range(len(layout.batch_sizes))):
-            if w_hr is not None:  # from dL/dh_t to dL/d(o ⊙ tanh c_t), which the lines below call grad_h
-                grad_h = grad_h_steps[t].copy_(grad_h).mm(w_hr)
-            grad_c = _times_tanh_derivative(grad_h * o[t], tanh_c[t]).add_(grad_c)  # dL/dc_t: through h_t and c_{t+1}
-            torch.mul(grad_h * tanh_c[t], _sigmoid_derivative(o[t]), out=grad_a_o[t])
-            torch.mul(grad_c * g[t], _sigmoid_derivative(i[t]), out=grad_a_i[t])
-            torch.mul(grad_c * c_previous[t], _sigmoid_derivative(f[t]), out=grad_a_f[t])
-            _times_tanh_derivative(grad_c * i[t], g[t], out=grad_a_g[t])
-            carried_h, carried_c = hidden.backward_step(t, grad_a[t]), grad_c.mul_(f[t])
-            grad_h = _carry(carried_h, grad_h_output[t - 1]) if t else carried_h
-            grad_c = _carry(carried_c, grad_c_output[t - 1]) if t else carried_c
+        # dL/d(a_i, a_f, a_g, a_o) for every row; dL/dh_0 and dL/dc_0.
+        if (kernels := _kernels(hidden, gates_all, w_hr)) is not None:
+            grad_a_all, grad_h, grad_c = kernels.lstm_backward(
+                grad_h_output, grad_c_output, c_states, gates_all, tanh_c_all, hidden.w_hh, layout.batch_sizes
+            )
+        else:
+            i, f, g, o = map(steps, gates_all.split(size, dim=1))
+            c_previous, tanh_c = layout.previous(c_states), steps(tanh_c_all)
+            if w_hr is not None:  # every dL/dh_t, for W_hr's gradient
+                grad_h_all = torch.empty_like(grad_h_output)
+                grad_h_steps = steps(grad_h_all)
+            grad_h_output, grad_c_output = steps(grad_h_output), steps(grad_c_output)
+            grad_a_all = torch.empty_like(gates_all)
+            grad_a = steps(grad_a_all)
+            grad_a_i, grad_a_f, grad_a_g, grad_a_o = map(steps, grad_a_all.split(size, dim=1))
+            hidden.start_backward()
+            grad_h, grad_c = grad_h_output[-1], grad_c_output[-1]  # dL/dh_t, and dL/dc_t through c_{t+1}
+            for t in reversed(range(len(layout.batch_sizes))):
+                if w_hr is not None:  # from dL/dh_t to dL/d(o ⊙ tanh c_t), which the lines below call grad_h
+                    grad_h = grad_h_steps[t].copy_(grad_h).mm(w_hr)
+                grad_c = _times_tanh_derivative(grad_h * o[t], tanh_c[t]).add_(grad_c)  # dL/dc_t: through h_t and c_{t+1}
+                torch.mul(grad_h * tanh_c[t], _sigmoid_derivative(o[t]), out=grad_a_o[t])
+                torch.mul(grad_c * g[t], _sigmoid_derivative(i[t]), out=grad_a_i[t])
+                torch.mul(grad_c * c_previous[t], _sigmoid_derivative(f[t]), out=grad_a_f[t])
+                _times_tanh_derivative(grad_c * i[t], g[t], out=grad_a_g[t])
+                carried_h, carried_c = hidden.backward_step(t, grad_a[t]), grad_c.mul_(f[t])
+                grad_h = _carry(carried_h, grad_h_output[t - 1]) if t else carried_h
+                grad_c = _carry(carried_c, grad_c_output[t - 1]) if t else carried_c
         parameter_grads = hidden.parameter_grads(layout.gather_previous(h_states), grad_a_all)
         grad_w_hr = grad_h_all.t().mm(unprojected_all) if w_hr is not None else None
         return None, grad_a_all, *parameter_grads, None, grad_h, grad_c, grad_w_hr
@@ -520,10 +553,13 @@ class _RNNScan(_Scan):
         *hidden_args, h0, nonlinearity = hidden_h0_and_nonlinearity
         hidden = _HiddenPath(layout, _RNNScan.gates, *hidden_args)
         states = _with_initial(h0, layout)
-        h_previous, h, gi = layout.previous(states), layout.steps(states[layout.batch :]), layout.steps(gi_all)
-        activate = Tensor.tanh_ if nonlinearity == "tanh" else Tensor.relu_
-        for t in range(len(layout.batch_sizes)):
-            activate(hidden.forward_step(t, h_previous[t], out=h[t]).add_(gi[t]))
+        if (kernels := _kernels(hidden, gi_all)) is not None:
+            kernels.rnn_forward(gi_all, hidden.w_hh, hidden.b_hh, states, layout.batch_sizes, nonlinearity == "tanh")
+        else:
+            h_previous, h, gi = layout.previous(states), layout.steps(states[layout.batch :]), layout.steps(gi_all)
+            activate = Tensor.tanh_ if nonlinearity == "tanh" else Tensor.relu_
+            for t in range(len(layout.batch_sizes)):
+                activate(hidden.forward_step(t, h_previous[t], out=h[t]).add_(gi[t]))
         ctx.layout, ctx.hidden, ctx.nonlinearity = layout, hidden, nonlinearity
         _save(ctx, _RNNScan, (layout, gi_all, *hidden_h0_and_nonlinearity), states)
         return states[layout.batch :]
@@ -533,18 +569,22 @@ class _RNNScan(_Scan):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         layout, hidden = ctx.layout, ctx.hidden
         (states,) = ctx.saved_tensors[: ctx.intermediates]
-        h, grad_output = layout.steps(states[layout.batch :]), layout.steps(grad_output)
-        grad_a_all = torch.empty_like(states[layout.batch :])  # dL/d(gi + gh)
-        grad_a = layout.steps(grad_a_all)
-        hidden.start_backward()
-        grad_h = grad_output[-1]
-        for t in reversed(range(len(layout.batch_sizes))):
-            if ctx.nonlinearity == "tanh":
-                _times_tanh_derivative(grad_h, h[t], out=grad_a[t])
-            else:
-                torch.mul(grad_h, h[t] > 0, out=grad_a[t])
-            carried = hidden.backward_step(t, grad_a[t])
-            grad_h = _carry(carried, grad_output[t - 1]) if t else carried
+        # dL/d(gi + gh) for every row; dL/dh_0.
+        if (kernels := _kernels(hidden, states)) is not None:
+            grad_a_all, grad_h = kernels.rnn_backward(grad_output, states, hidden.w_hh, layout.batch_sizes, ctx.nonlinearity == "tanh")
+        else:
+            h, grad_output = layout.steps(states[layout.batch :]), layout.steps(grad_output)
+            grad_a_all = torch.empty_like(states[layout.batch :])
+            grad_a = layout.steps(grad_a_all)
+            hidden.start_backward()
+            grad_h = grad_output[-1]
+            for t in reversed(range(len(layout.batch_sizes))):
+                if ctx.nonlinearity == "tanh":
+                    _times_tanh_derivative(grad_h, h[t], out=grad_a[t])
+                else:
+                    torch.mul(grad_h, h[t] > 0, out=grad_a[t])
+                carried = hidden.backward_step(t, grad_a[t])
+                grad_h = _carry(carried, grad_output[t - 1]) if t else carried
         parameter_grads = hidden.parameter_grads(layout.gather_previous(states), grad_a_all)
         return None, grad_a_all, *parameter_grads, None, grad_h, None
 
