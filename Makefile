@@ -24,10 +24,13 @@ help:
 	@echo "make lint    ruff over src/ and tests/"
 
 # constraints.txt pins every package to the tested version, so a fresh machine gets the set the tests passed with.
-$(STAMP): pyproject.toml constraints.txt
+# Last, the cells' C++ loops are built into the venv (rnnlab.models.fused): a build that fails is reported in one line
+# and leaves the cells on their Python loops; a change of fused_scan.cpp rebuilds them.
+$(STAMP): pyproject.toml constraints.txt src/rnnlab/models/fused_scan.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,slurm]'
+	$(BIN)/python -m rnnlab.models.fused build
 	@touch $@
 
 # After a change of pyproject.toml's dependencies: resolve them afresh, then pin what was installed.
