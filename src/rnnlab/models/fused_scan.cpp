@@ -54,7 +54,7 @@ struct Steps {
   int64_t previous_row(int64_t t) const { return t == 0 ? 0 : batch + start[t - 1]; }
 };
 
-void check(const Tensor& x, const char* name, const Tensor& like, int64_t rows, int64_t width) {
+void check_buffer(const Tensor& x, const char* name, const Tensor& like, int64_t rows, int64_t width) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == like.scalar_type(), "rnnlab fused scan: ", name,
               " must be a CPU tensor of dtype ", like.scalar_type(), ", got ", x.scalar_type(), " on ", x.device());
   TORCH_CHECK(x.dim() == 2 && x.size(0) == rows && x.size(1) == width && x.is_contiguous(), "rnnlab fused scan: ", name,
@@ -392,10 +392,10 @@ void gru_forward(const Tensor& gi_all, const Tensor& w_hh, const std::optional<T
   const Steps steps(batch_sizes);
   const Tensor gi = gi_all.contiguous();
   const int64_t H = width_of(states);
-  check(gi, "gi", gi, steps.rows, 3 * H);
-  check(states, "states", gi, steps.batch + steps.rows, H);
-  check(gh_all, "gh", gi, every_step ? steps.rows : steps.batch, 3 * H);
-  check(n_all, "n", gi, every_step ? steps.rows : steps.batch, H);
+  check_buffer(gi, "gi", gi, steps.rows, 3 * H);
+  check_buffer(states, "states", gi, steps.batch + steps.rows, H);
+  check_buffer(gh_all, "gh", gi, every_step ? steps.rows : steps.batch, 3 * H);
+  check_buffer(n_all, "n", gi, every_step ? steps.rows : steps.batch, H);
   check_hidden(w_hh, b_hh, gi, 3, H);
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "rnnlab_gru_forward", [&] {
     gru_forward_loop<scalar_t>(gi, w_hh.t(), b_hh, states, gh_all, n_all, steps, every_step);
@@ -407,10 +407,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& grad_output, const
   const Steps steps(batch_sizes);
   const Tensor grad = grad_output.contiguous();  // autograd may hand an expanded or strided gradient
   const int64_t H = width_of(states);
-  check(states, "states", states, steps.batch + steps.rows, H);
-  check(grad, "grad_output", states, steps.rows, H);
-  check(gh_all, "gh", states, steps.rows, 3 * H);
-  check(n_all, "n", states, steps.rows, H);
+  check_buffer(states, "states", states, steps.batch + steps.rows, H);
+  check_buffer(grad, "grad_output", states, steps.rows, H);
+  check_buffer(gh_all, "gh", states, steps.rows, 3 * H);
+  check_buffer(n_all, "n", states, steps.rows, H);
   check_hidden(w_hh, std::nullopt, states, 3, H);
   std::tuple<Tensor, Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "rnnlab_gru_backward", [&] {
@@ -425,11 +425,11 @@ void lstm_forward(const Tensor& gi_all, const Tensor& w_hh, const std::optional<
   const Steps steps(batch_sizes);
   const Tensor gi = gi_all.contiguous();
   const int64_t H = width_of(c_states);
-  check(gi, "gi", gi, steps.rows, 4 * H);
-  check(h_states, "h states", gi, steps.batch + steps.rows, H);  // no projection: h is as wide as c
-  check(c_states, "c states", gi, steps.batch + steps.rows, H);
-  check(gates_all, "gates", gi, every_step ? steps.rows : steps.batch, 4 * H);
-  check(tanh_c_all, "tanh(c)", gi, every_step ? steps.rows : steps.batch, H);
+  check_buffer(gi, "gi", gi, steps.rows, 4 * H);
+  check_buffer(h_states, "h states", gi, steps.batch + steps.rows, H);  // no projection: h is as wide as c
+  check_buffer(c_states, "c states", gi, steps.batch + steps.rows, H);
+  check_buffer(gates_all, "gates", gi, every_step ? steps.rows : steps.batch, 4 * H);
+  check_buffer(tanh_c_all, "tanh(c)", gi, every_step ? steps.rows : steps.batch, H);
   check_hidden(w_hh, b_hh, gi, 4, H);
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "rnnlab_lstm_forward", [&] {
     lstm_forward_loop<scalar_t>(gi, w_hh.t(), b_hh, h_states, c_states, gates_all, tanh_c_all, steps, every_step);
@@ -443,11 +443,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_backward(const Tensor& grad_h_output, co
   const Tensor grad_h = grad_h_output.contiguous();
   const Tensor grad_c = grad_c_output.contiguous();
   const int64_t H = width_of(c_states);
-  check(c_states, "c states", c_states, steps.batch + steps.rows, H);
-  check(grad_h, "grad of h", c_states, steps.rows, H);
-  check(grad_c, "grad of c", c_states, steps.rows, H);
-  check(gates_all, "gates", c_states, steps.rows, 4 * H);
-  check(tanh_c_all, "tanh(c)", c_states, steps.rows, H);
+  check_buffer(c_states, "c states", c_states, steps.batch + steps.rows, H);
+  check_buffer(grad_h, "grad of h", c_states, steps.rows, H);
+  check_buffer(grad_c, "grad of c", c_states, steps.rows, H);
+  check_buffer(gates_all, "gates", c_states, steps.rows, 4 * H);
+  check_buffer(tanh_c_all, "tanh(c)", c_states, steps.rows, H);
   check_hidden(w_hh, std::nullopt, c_states, 4, H);
   std::tuple<Tensor, Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(c_states.scalar_type(), "rnnlab_lstm_backward", [&] {
@@ -461,8 +461,8 @@ void rnn_forward(const Tensor& gi_all, const Tensor& w_hh, const std::optional<T
   const Steps steps(batch_sizes);
   const Tensor gi = gi_all.contiguous();
   const int64_t H = width_of(states);
-  check(gi, "gi", gi, steps.rows, H);
-  check(states, "states", gi, steps.batch + steps.rows, H);
+  check_buffer(gi, "gi", gi, steps.rows, H);
+  check_buffer(states, "states", gi, steps.batch + steps.rows, H);
   check_hidden(w_hh, b_hh, gi, 1, H);
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "rnnlab_rnn_forward", [&] {
     rnn_forward_loop<scalar_t>(gi, w_hh.t(), b_hh, states, steps, use_tanh);
@@ -474,8 +474,8 @@ std::tuple<Tensor, Tensor> rnn_backward(const Tensor& grad_output, const Tensor&
   const Steps steps(batch_sizes);
   const Tensor grad = grad_output.contiguous();
   const int64_t H = width_of(states);
-  check(states, "states", states, steps.batch + steps.rows, H);
-  check(grad, "grad_output", states, steps.rows, H);
+  check_buffer(states, "states", states, steps.batch + steps.rows, H);
+  check_buffer(grad, "grad_output", states, steps.rows, H);
   check_hidden(w_hh, std::nullopt, states, 1, H);
   std::tuple<Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "rnnlab_rnn_backward", [&] {
