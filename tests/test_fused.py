@@ -129,6 +129,13 @@ def max_difference(first: list[torch.Tensor], second: list[torch.Tensor]) -> flo
     return max(((a - b).abs().max() / a.abs().max().clamp_min(1)).item() for a, b in zip(first, second, strict=True))
 
 
+def test_make_install_built_the_cpp_loops_for_this_torch_and_source() -> None:
+    # The fixture above would build its own copy: this is what says that the venv's cells really run the C++ loops.
+    assert fused.installed() is not None, (
+        f"no loadable build in {fused.build_directory()}: `make install`, or python -m rnnlab.models.fused build --strict to see why"
+    )
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("variant", CELLS)
 def test_the_cpp_loops_give_the_python_loops_and_torchs_results(variant: str, shape: str, loops: Callable[[bool], Counted]) -> None:
