@@ -101,8 +101,8 @@ def _import(path: Path) -> ModuleType | None:
     """The extension module built at `path`, or None with a warning if it does not load."""
     spec = importlib.util.spec_from_file_location(NAME, path)
     assert spec is not None and spec.loader is not None  # a path ending in .so always has a loader
-    module = importlib.util.module_from_spec(spec)
     try:
+        module = importlib.util.module_from_spec(spec)  # an extension module is loaded (dlopen) here
         spec.loader.exec_module(module)
     except (ImportError, OSError) as error:  # a build this torch cannot load: say so once, and run the Python loops
         warnings.warn(
