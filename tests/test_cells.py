@@ -617,7 +617,9 @@ def test_bench_writes_its_table_as_json_and_to_mlflow(tmp_path: Path, capsys: py
     assert run.info.run_name == "bench-gru" and run.info.status == "FINISHED"
     assert run.data.metrics["B4_T6_I5_H3.rnnlab.train_ms"] == pytest.approx(padded["rnnlab"]["train_ms"])
     assert run.data.params["cell"] == "gru"
-    assert "aten::mm" in bench.profile_table("gru", bench.configured_cases(cfg)[0], seed=0)
+    # A per-op table; which ATen ops make its 15 rows depends on timing (the C++ loops call mm among many small ops).
+    table = bench.profile_table("gru", bench.configured_cases(cfg)[0], seed=0)
+    assert "Self CPU" in table and len([line for line in table.splitlines() if line.lstrip().startswith("aten::")]) >= 5
 
 
 @pytest.mark.parametrize(

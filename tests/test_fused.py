@@ -8,6 +8,7 @@ fall back to the Python loops. The checks use this venv's build (`make install` 
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import warnings
@@ -161,15 +162,22 @@ def test_the_cpp_loops_in_float32_give_torchs_results(variant: str, loops: Calla
     assert sum(counted.calls.values()) == 8  # 4 scans, forward and backward
 
 
+@pytest.mark.parametrize("inference", ["frozen parameters", "torch.no_grad"])
 @pytest.mark.parametrize("variant", CELLS)
-def test_inference_keeps_one_steps_intermediates_and_gives_the_same_outputs(variant: str, loops: Callable[[bool], Counted]) -> None:
+def test_inference_keeps_one_steps_intermediates_and_gives_the_same_outputs(
+    variant: str, inference: str, loops: Callable[[bool], Counted]
+) -> None:
+    """No graph is recorded, so the scans reuse one step's intermediates: with parameters that need no gradient, and under
+    torch.no_grad() with parameters that do (ctx.needs_input_grad alone would say they are needed)."""
     shape = SHAPES["2 layers, both directions, packed"]
     _, ours = modules(variant, shape)
-    ours.requires_grad_(False)  # no scan input needs a gradient: the scans reuse one step's intermediates
-    loops(False)
-    in_python = run(ours, shape, gradients=False)
-    counted = loops(True)
-    in_cpp = run(ours, shape, gradients=False)
+    if inference == "frozen parameters":
+        ours.requires_grad_(False)
+    with torch.no_grad() if inference == "torch.no_grad" else contextlib.nullcontext():
+        loops(False)
+        in_python = run(ours, shape, gradients=False)
+        counted = loops(True)
+        in_cpp = run(ours, shape, gradients=False)
     kernel = CELLS[variant][0].lower()
     assert counted.calls == {f"{kernel}_forward": 4}
     if kernel != "rnn":  # the RNN keeps no intermediates; the others' last argument says whether every step's are kept

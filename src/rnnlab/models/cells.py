@@ -104,6 +104,9 @@ class _Layout:
         self.rows = sum(self.batch_sizes)
         self.device = device
         self.full = all(b == self.batch for b in self.batch_sizes)
+        # Whether the caller records a graph. Inside a Function's forward grad mode is always off, and
+        # ctx.needs_input_grad is true under torch.no_grad() too: the scans read this to keep one step's intermediates.
+        self.records_graph = torch.is_grad_enabled()
 
     def steps(self, tensor: Tensor) -> tuple[Tensor, ...]:
         """Per-step views of a [N, ...] tensor."""
@@ -393,7 +396,7 @@ class _GRUScan(_Scan):
         hidden, size, steps = _HiddenPath(layout, _GRUScan.gates, *hidden_args), h0.shape[1], layout.steps
         states = _with_initial(h0, layout)
         # Intermediates: every step's for the backward pass, else one step's, reused.
-        keep = any(ctx.needs_input_grad)
+        keep = layout.records_graph and any(ctx.needs_input_grad)
         rows, per_step = (layout.rows, steps) if keep else (layout.batch, layout.prefixes)
         gh_all, n_all = gi_all.new_empty(rows, 3 * size), gi_all.new_empty(rows, size)  # gh's r and z columns end up holding r and z
         if (kernels := _kernels(hidden, gi_all)) is not None:
@@ -470,7 +473,7 @@ class _LSTMScan(_Scan):
         hidden, size, steps = _HiddenPath(layout, _LSTMScan.gates, *hidden_args), c0.shape[1], layout.steps
         h_states, c_states = _with_initial(h0, layout), _with_initial(c0, layout)
         # Intermediates: every step's for the backward pass, else one step's, reused.
-        keep = any(ctx.needs_input_grad)
+        keep = layout.records_graph and any(ctx.needs_input_grad)
         rows, per_step = (layout.rows, steps) if keep else (layout.batch, layout.prefixes)
         gates_all, tanh_c_all = gi_all.new_empty(rows, 4 * size), gi_all.new_empty(rows, size)  # gates: pre-activations, then activations
         # o ⊙ tanh(c_t): h_t itself, or what W_hr projects to h_t.
