@@ -136,6 +136,17 @@ def test_rnnlab_s_own_cells_are_a_dependency_of_the_runs_that_use_them_only(proj
     scratch = {name for name in files if name.endswith("_scratch.yaml")}
     assert scratch, "params.yaml trains no rnnlab cell"
     assert holding(files, "rnnlab/models/cells.py") == scratch
+    assert holding(files, "rnnlab/models/fused_scan.cpp") == scratch  # compiled, not imported: a companion source
+
+
+def test_a_companion_source_is_hashed_with_its_module(toy_src: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (toy_src / "toy/loop.cpp").write_text("int f() { return 1; }\n")
+    monkeypatch.setattr(code_deps, "COMPANION_SOURCES", {"toy.e": ("toy/loop.cpp",)})
+    hashes = code_deps.file_hashes(["toy.e"])
+    assert set(hashes) == {"toy/e.py", "toy/loop.cpp"}
+    (toy_src / "toy/loop.cpp").write_text("int f() { return 2; }\n")
+    assert code_deps.file_hashes(["toy.e"])["toy/loop.cpp"] != hashes["toy/loop.cpp"]
+    assert set(code_deps.file_hashes(["toy.a"])) == {"toy/a.py"}
 
 
 def test_the_study_report_depends_on_the_code_it_imports_not_on_search_code(project: Project) -> None:

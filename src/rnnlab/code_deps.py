@@ -19,6 +19,8 @@ from typing import Any
 
 PACKAGE = "rnnlab"
 SRC = Path(__file__).resolve().parent.parent  # src/: rnnlab/ and hydra_plugins/ live here
+# Files a module compiles or reads as code rather than importing: they change what it runs as much as its own bytes.
+COMPANION_SOURCES = {"rnnlab.models.fused": ("rnnlab/models/fused_scan.cpp",)}
 
 
 def source_file(module: str) -> Path | None:
@@ -132,11 +134,14 @@ def requirements(modules: Iterable[str]) -> list[str]:
 
 
 def file_hashes(modules: Iterable[str]) -> dict[str, str]:
-    """Source path (relative to src/) -> sha256 of its bytes, for each module: what a stage's code is."""
+    """Source path (relative to src/) -> sha256 of its bytes, for each module and its COMPANION_SOURCES: what a
+    stage's code is."""
     hashes = {}
     for module in sorted(modules):
         path = source_file(module)
-        if path is not None:
+        paths = [] if path is None else [path]
+        paths += [SRC / name for name in COMPANION_SOURCES.get(module, ())]
+        for path in paths:
             hashes[path.relative_to(SRC).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
     return hashes
 
