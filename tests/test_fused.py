@@ -162,7 +162,7 @@ def test_the_cpp_loops_in_float32_give_torchs_results(variant: str, loops: Calla
     assert sum(counted.calls.values()) == 8  # 4 scans, forward and backward
 
 
-@pytest.mark.parametrize("inference", ["frozen parameters", "torch.no_grad"])
+@pytest.mark.parametrize("inference", ["frozen parameters", "torch.no_grad", "torch.inference_mode"])
 @pytest.mark.parametrize("variant", CELLS)
 def test_inference_keeps_one_steps_intermediates_and_gives_the_same_outputs(
     variant: str, inference: str, loops: Callable[[bool], Counted]
@@ -173,7 +173,8 @@ def test_inference_keeps_one_steps_intermediates_and_gives_the_same_outputs(
     _, ours = modules(variant, shape)
     if inference == "frozen parameters":
         ours.requires_grad_(False)
-    with torch.no_grad() if inference == "torch.no_grad" else contextlib.nullcontext():
+    contexts = {"torch.no_grad": torch.no_grad, "torch.inference_mode": torch.inference_mode}
+    with contexts.get(inference, contextlib.nullcontext)():
         loops(False)
         in_python = run(ours, shape, gradients=False)
         counted = loops(True)
@@ -183,6 +184,56 @@ def test_inference_keeps_one_steps_intermediates_and_gives_the_same_outputs(
     if kernel != "rnn":  # the RNN keeps no intermediates; the others' last argument says whether every step's are kept
         assert all(arguments[-1] is False for arguments in counted.arguments[f"{kernel}_forward"])
     assert max_difference(in_python, in_cpp) <= 1e-10
+
+
+@pytest.mark.parametrize("variant", CELLS)
+def test_gradients_of_a_loss_of_the_output_alone_match_for_frozen_parameters(variant: str, loops: Callable[[bool], Counted]) -> None:
+    """Only the input needs a gradient, and only the output enters the loss: autograd hands the backward loops an expanded
+    gradient of the output (sum's) and none of the final states (zeros; the LSTM's c_n too)."""
+    shape = SHAPES["2 layers, both directions, packed"]
+    _, ours = modules(variant, shape)
+    ours.requires_grad_(False)
+
+    def input_gradient() -> torch.Tensor:
+        inputs = torch.randn(shape["steps"], shape["batch"], shape["input_size"], generator=torch.Generator().manual_seed(1))
+        inputs = inputs.double().requires_grad_()
+        output, _ = ours(pack_padded_sequence(inputs, shape["lengths"], enforce_sorted=False))
+        (gradient,) = torch.autograd.grad(output.data.sum(), [inputs])
+        return gradient
+
+    loops(False)
+    in_python = input_gradient()
+    counted = loops(True)
+    in_cpp = input_gradient()
+    kernel = CELLS[variant][0].lower()
+    assert counted.calls == {f"{kernel}_forward": 4, f"{kernel}_backward": 4}
+    assert in_cpp.abs().sum() > 0 and max_difference([in_python], [in_cpp]) <= 1e-10
+
+
+def test_a_scan_s_backward_follows_its_forward_s_choice(built: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RNNLAB_FUSED or a build appearing between a forward and its backward changes nothing for that pass."""
+    counted = Counted(built)
+    for forward_in_cpp in (True, False):
+        _, gru = modules("GRU", SHAPES["packed"])
+        monkeypatch.setattr(fused, "kernels", lambda in_cpp=forward_in_cpp: counted if in_cpp else None)
+        inputs = torch.randn(7, 4, 3, dtype=torch.float64, requires_grad=True)
+        output, _ = gru(inputs)
+        monkeypatch.setattr(fused, "kernels", lambda in_cpp=forward_in_cpp: None if in_cpp else counted)  # switched over
+        counted.arguments.clear()
+        output.sum().backward()
+        assert counted.calls == ({"gru_backward": 1} if forward_in_cpp else {})
+
+
+def test_a_tensor_subclass_runs_the_python_loops(loops: Callable[[bool], Counted]) -> None:
+    """The C++ loops read tensor memory directly: a subclass (a fake or wrapper tensor in real use) keeps the Python loops."""
+
+    class Tagged(torch.Tensor):
+        pass
+
+    _, gru = modules("GRU", SHAPES["padded"])
+    counted = loops(True)
+    output, _ = gru(torch.randn(5, 3, 4, dtype=torch.float64).as_subclass(Tagged))
+    assert counted.calls == {} and output.isfinite().all()
 
 
 def test_a_step_split_across_threads_gives_the_same_results(loops: Callable[[bool], Counted]) -> None:

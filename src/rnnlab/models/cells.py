@@ -42,7 +42,7 @@ once (slower: memory-bound, and fresh large buffers cost page faults).
 Where `python -m rnnlab.models.fused build` (`make install` runs it) has built fused_scan.cpp, each scan's loop over
 the steps runs in C++ instead (`_kernels`): the same matmul per step, then one pass over the gate arithmetic, with the
 same arguments and intermediates. Layer norm, recurrent dropout, the LSTM's projection and dtypes other than float and
-double keep the Python loops; RNNLAB_FUSED=0 turns the C++ loops off. Its speed is not yet measured.
+double keep the Python loops; RNNLAB_FUSED=0 turns the C++ loops off. Speed: docs/cells.md (`python -m rnnlab.bench`).
 """
 
 from __future__ import annotations
@@ -354,8 +354,12 @@ class _HiddenPath:
 
 def _kernels(hidden: _HiddenPath, like: Tensor, projection: Tensor | None = None) -> Any:
     """The C++ loops (rnnlab.models.fused) where they compute what the Python loops below do, else None: float and double
-    on the CPU, without layer norm, recurrent dropout or the LSTM's projection, which only the Python loops have."""
-    if hidden.norm is not None or hidden.mask is not None or projection is not None:
+    on the CPU, without layer norm, recurrent dropout or the LSTM's projection, which only the Python loops have. Only
+    plain tensors: the C++ reads their memory, which fake tensors (torch.export, torch.compile) and wrapper subclasses
+    (DTensor) do not have. A scan's forward decides, its backward follows (ctx.kernels)."""
+    if hidden.norm is not None or hidden.mask is not None or projection is not None or torch.compiler.is_compiling():
+        return None
+    if any(type(tensor) not in (Tensor, nn.Parameter) for tensor in (like, hidden.w_hh, hidden.b_hh) if tensor is not None):
         return None
     if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64):
         return None
@@ -411,7 +415,7 @@ class _GRUScan(_Scan):
                 gh_rz[t].add_(gi_rz[t]).sigmoid_()
                 torch.addcmul(gi_n[t], r[t], gh_n[t], out=n[t]).tanh_()
                 torch.lerp(n[t], h_previous[t], z[t], out=h[t])
-        ctx.layout, ctx.hidden = layout, hidden
+        ctx.layout, ctx.hidden, ctx.kernels = layout, hidden, kernels
         _save(ctx, _GRUScan, (layout, gi_all, *hidden_and_h0), states, gh_all, n_all)
         return states[layout.batch :]
 
@@ -422,7 +426,10 @@ class _GRUScan(_Scan):
         states, gh_all, n_all = ctx.saved_tensors[: ctx.intermediates]
         size = n_all.shape[1]
         # dL/d(gi_r + gh_r), dL/d(gi_z + gh_z), dL/dgh_n, then dL/d(gi_n + r ⊙ gh_n) for every row; dL/dh_0.
-        if (kernels := _kernels(hidden, gh_all)) is not None:
+        if (kernels := ctx.kernels) is not None:
+            states, gh_all, n_all = (
+                saved.contiguous() for saved in (states, gh_all, n_all)
+            )  # a saved-tensor hook may unpack another layout
             grad_gh_all, grad_a_n_all, grad_h = kernels.gru_backward(grad_output, states, gh_all, n_all, hidden.w_hh, layout.batch_sizes)
         else:
             h_previous, grad_output, n = layout.previous(states), steps(grad_output), steps(n_all)
@@ -494,7 +501,7 @@ class _LSTMScan(_Scan):
                 torch.mul(o[t], torch.tanh(c[t], out=tanh_c[t]), out=unprojected[t])
                 if projection is not None:
                     torch.mm(unprojected[t], projection, out=h[t])
-        ctx.layout, ctx.hidden = layout, hidden
+        ctx.layout, ctx.hidden, ctx.kernels = layout, hidden, kernels
         arguments = (layout, gi_all, *hidden_states_and_projection)
         _save(ctx, _LSTMScan, arguments, h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr)
         return h_states[layout.batch :], c_states[layout.batch :]
@@ -506,7 +513,8 @@ class _LSTMScan(_Scan):
         h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr = ctx.saved_tensors[: ctx.intermediates]
         size = tanh_c_all.shape[1]
         # dL/d(a_i, a_f, a_g, a_o) for every row; dL/dh_0 and dL/dc_0.
-        if (kernels := _kernels(hidden, gates_all, w_hr)) is not None:
+        if (kernels := ctx.kernels) is not None:
+            c_states, gates_all, tanh_c_all = (saved.contiguous() for saved in (c_states, gates_all, tanh_c_all))
             grad_a_all, grad_h, grad_c = kernels.lstm_backward(
                 grad_h_output, grad_c_output, c_states, gates_all, tanh_c_all, hidden.w_hh, layout.batch_sizes
             )
@@ -563,7 +571,7 @@ class _RNNScan(_Scan):
             activate = Tensor.tanh_ if nonlinearity == "tanh" else Tensor.relu_
             for t in range(len(layout.batch_sizes)):
                 activate(hidden.forward_step(t, h_previous[t], out=h[t]).add_(gi[t]))
-        ctx.layout, ctx.hidden, ctx.nonlinearity = layout, hidden, nonlinearity
+        ctx.layout, ctx.hidden, ctx.nonlinearity, ctx.kernels = layout, hidden, nonlinearity, kernels
         _save(ctx, _RNNScan, (layout, gi_all, *hidden_h0_and_nonlinearity), states)
         return states[layout.batch :]
 
@@ -573,7 +581,8 @@ class _RNNScan(_Scan):
         layout, hidden = ctx.layout, ctx.hidden
         (states,) = ctx.saved_tensors[: ctx.intermediates]
         # dL/d(gi + gh) for every row; dL/dh_0.
-        if (kernels := _kernels(hidden, states)) is not None:
+        if (kernels := ctx.kernels) is not None:
+            states = states.contiguous()
             grad_a_all, grad_h = kernels.rnn_backward(grad_output, states, hidden.w_hh, layout.batch_sizes, ctx.nonlinearity == "tanh")
         else:
             h, grad_output = layout.steps(states[layout.batch :]), layout.steps(grad_output)
