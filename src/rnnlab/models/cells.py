@@ -352,6 +352,12 @@ class _HiddenPath:
         return grad_gh.t().mm(h_previous), grad_b_hh, grad_ln_weight, grad_ln_bias
 
 
+def _intermediates(ctx: Any) -> list[Tensor | None]:
+    """A scan's saved intermediates (`_save`), contiguous: the C++ loops read rows of contiguous buffers, and a
+    saved-tensor hook may unpack another layout (a no-op otherwise)."""
+    return [None if saved is None else saved.contiguous() for saved in ctx.saved_tensors[: ctx.intermediates]]
+
+
 def _kernels(hidden: _HiddenPath, like: Tensor, projection: Tensor | None = None) -> Any:
     """The C++ loops (rnnlab.models.fused) where they compute what the Python loops below do, else None: float and double
     on the CPU, without layer norm, recurrent dropout or the LSTM's projection, which only the Python loops have. Only
@@ -423,13 +429,10 @@ class _GRUScan(_Scan):
     @_fast_unless_differentiated
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         layout, hidden, steps = ctx.layout, ctx.hidden, ctx.layout.steps
-        states, gh_all, n_all = ctx.saved_tensors[: ctx.intermediates]
+        states, gh_all, n_all = _intermediates(ctx)
         size = n_all.shape[1]
         # dL/d(gi_r + gh_r), dL/d(gi_z + gh_z), dL/dgh_n, then dL/d(gi_n + r ⊙ gh_n) for every row; dL/dh_0.
         if (kernels := ctx.kernels) is not None:
-            states, gh_all, n_all = (
-                saved.contiguous() for saved in (states, gh_all, n_all)
-            )  # a saved-tensor hook may unpack another layout
             grad_gh_all, grad_a_n_all, grad_h = kernels.gru_backward(grad_output, states, gh_all, n_all, hidden.w_hh, layout.batch_sizes)
         else:
             h_previous, grad_output, n = layout.previous(states), steps(grad_output), steps(n_all)
@@ -510,11 +513,10 @@ class _LSTMScan(_Scan):
     @_fast_unless_differentiated
     def backward(ctx: Any, grad_h_output: Tensor, grad_c_output: Tensor) -> tuple[Tensor | None, ...]:
         layout, hidden, steps = ctx.layout, ctx.hidden, ctx.layout.steps
-        h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr = ctx.saved_tensors[: ctx.intermediates]
+        h_states, c_states, gates_all, tanh_c_all, unprojected_all, w_hr = _intermediates(ctx)
         size = tanh_c_all.shape[1]
         # dL/d(a_i, a_f, a_g, a_o) for every row; dL/dh_0 and dL/dc_0.
         if (kernels := ctx.kernels) is not None:
-            c_states, gates_all, tanh_c_all = (saved.contiguous() for saved in (c_states, gates_all, tanh_c_all))
             grad_a_all, grad_h, grad_c = kernels.lstm_backward(
                 grad_h_output, grad_c_output, c_states, gates_all, tanh_c_all, hidden.w_hh, layout.batch_sizes
             )
@@ -579,10 +581,9 @@ class _RNNScan(_Scan):
     @_fast_unless_differentiated
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         layout, hidden = ctx.layout, ctx.hidden
-        (states,) = ctx.saved_tensors[: ctx.intermediates]
+        (states,) = _intermediates(ctx)
         # dL/d(gi + gh) for every row; dL/dh_0.
         if (kernels := ctx.kernels) is not None:
-            states = states.contiguous()
             grad_a_all, grad_h = kernels.rnn_backward(grad_output, states, hidden.w_hh, layout.batch_sizes, ctx.nonlinearity == "tanh")
         else:
             h, grad_output = layout.steps(states[layout.batch :]), layout.steps(grad_output)
