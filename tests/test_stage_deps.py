@@ -88,6 +88,17 @@ tuned: [sentiment]
 # The tuned task's default models left out (params.yaml leaves out the tuned series' defaults).
 TUNED_ONLY = "default_tasks: [forecast, forecast_stock, speech]"
 
+# Two tasks, for tests that resolve several pipelines (a third of PIPELINE's stages).
+SMALL_PIPELINE = """
+profile: default
+seeds: [1]
+tasks: [sentiment, speech]
+models: [gru, lstm]
+single_seed_models: [gru_scratch]
+tuned: [sentiment]
+"""
+SMALL_TUNED_ONLY = "default_tasks: [speech]"
+
 
 class Project:
     """A copy of this project's conf/ with `pipeline` as params.yaml (src/ is the installed one), resolved on demand."""
@@ -178,7 +189,7 @@ def test_every_training_declares_the_shared_training_code(project: Project) -> N
 
 
 def test_a_comment_changes_nothing_and_a_learning_rate_one_model(tmp_path: Path) -> None:
-    project = Project(tmp_path)
+    project = Project(tmp_path, SMALL_PIPELINE)
     before = project.first
     with (tmp_path / "conf/task/speech.yaml").open("a") as f:
         f.write("# a comment changes no value\n")
@@ -195,7 +206,7 @@ def test_a_comment_changes_nothing_and_a_learning_rate_one_model(tmp_path: Path)
 
 
 def test_a_tuned_configuration_equal_to_a_default_that_default_tasks_trains_too_is_refused(tmp_path: Path) -> None:
-    project = Project(tmp_path)
+    project = Project(tmp_path, SMALL_PIPELINE)
     assert project.first  # written before the refused change
     project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.002"))  # the default's value
     message = (
@@ -253,17 +264,18 @@ def test_more_seeds_for_tasks_the_pipeline_does_not_train_or_whose_tuned_runs_wo
 
 def test_more_seeds_for_every_tuned_task_or_none_at_all_resolve(tmp_path: Path) -> None:
     for more in ("more_seeds: [2]\nmore_seeds_tasks: [sentiment, speech]", "more_seeds: []\nmore_seeds_tasks: [speech]"):
-        files = Project(tmp_path / str(len(more)), PIPELINE + more).resolve()
+        files = Project(tmp_path / str(len(more)), SMALL_PIPELINE + more).resolve()
         assert {"sentiment/gru_tuned.yaml", "speech/gru.yaml"} <= set(files)
     # A tuned task without default models needs no more_seeds_tasks entry: its tuned models get more_seeds alone.
-    files = Project(tmp_path / "tuned_only", PIPELINE + "more_seeds: [2]\nmore_seeds_tasks: [speech]\n" + TUNED_ONLY).resolve()
-    assert "sentiment/gru_tuned.yaml" in files
+    tuned_only = SMALL_PIPELINE + "more_seeds: [2]\nmore_seeds_tasks: [speech]\n" + SMALL_TUNED_ONLY
+    files = Project(tmp_path / "tuned_only", tuned_only).resolve()
+    assert "sentiment/gru_tuned.yaml" in files and "sentiment/gru.yaml" not in files
 
 
 def test_default_tasks_choose_which_tasks_train_their_default_models(tmp_path: Path) -> None:
-    every = Project(tmp_path / "every").resolve()  # no default_tasks: every task, as before it existed
+    every = Project(tmp_path / "every", SMALL_PIPELINE).resolve()  # no default_tasks: every task, as before it existed
     assert {"sentiment/gru.yaml", "sentiment/gru_scratch.yaml", "sentiment/gru_tuned.yaml", "speech/gru.yaml"} <= set(every)
-    files = Project(tmp_path / "tuned_only", PIPELINE + TUNED_ONLY).resolve()
+    files = Project(tmp_path / "tuned_only", SMALL_PIPELINE + SMALL_TUNED_ONLY).resolve()
     assert set(every) - set(files) == {"sentiment/gru.yaml", "sentiment/lstm.yaml", "sentiment/gru_scratch.yaml"}
     assert files["sentiment/gru_tuned.yaml"] == every["sentiment/gru_tuned.yaml"]
     assert "sentiment/data.yaml" in files  # still fetched and preprocessed for its tuned models
@@ -286,7 +298,7 @@ def test_default_tasks_outside_tasks_or_a_task_nothing_trains_on_are_refused(tmp
 
 
 def test_a_tuned_configuration_equal_to_an_untrained_default_is_that_cell_s_tuned_entry_marked_for_the_report(tmp_path: Path) -> None:
-    project = Project(tmp_path, PIPELINE + TUNED_ONLY)
+    project = Project(tmp_path, SMALL_PIPELINE + SMALL_TUNED_ONLY)
     assert project.first["compare.yaml"]["tuned_as_default"] == []
     project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.002"))  # the default's value
     files = project.resolve()
