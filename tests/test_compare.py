@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from helpers import isolated_outputs, run_main
 from hydra import compose, initialize_config_dir
 from mlflow.entities import Metric, Param
@@ -23,7 +24,7 @@ from scipy import stats
 from statsmodels.regression.linear_model import OLS
 from statsmodels.stats.multitest import multipletests
 
-from rnnlab.compare import baselines_to_test, compare, forecast_accuracy, learning_curve, requested_seeds, with_owa
+from rnnlab.compare import baselines_to_test, compare, forecast_accuracy, learning_curve, requested_models, requested_seeds, with_owa
 from rnnlab.compare import main as compare_main
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError, DataError
@@ -601,6 +602,17 @@ def test_learning_curve_is_the_mean_per_epoch(tmp_path: Path) -> None:
     curve = learning_curve(client, [long, short])
     assert curve.index.tolist() == [0, 1, 2]
     assert curve.tolist() == pytest.approx([(0.9 + 0.5) / 2, (0.7 + 0.3) / 2, 0.6])
+
+
+def test_the_pipeline_s_learning_curve_plots_name_the_models_compare_writes_for_each_task() -> None:
+    """dvc.yaml's top-level plots cannot be templated: each task's columns are written by hand, so they are checked
+    against the models that `compare` reads from params.yaml (a tuned task's curves have <model>_tuned columns)."""
+    root = config_dir().parent
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text())
+    plotted = {name.removesuffix(" learning curves"): set(*spec["y"].values()) for plot in dvc["plots"] for name, spec in plot.items()}
+    tasks = yaml.safe_load((root / "params.yaml").read_text())["tasks"]
+    models = requested_models(compose_compare(f"models_from={root / 'params.yaml'}"), tasks)
+    assert isinstance(models, dict) and plotted == {task: set(names) for task, names in models.items()}
 
 
 def test_empty_store_is_a_clear_error_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
