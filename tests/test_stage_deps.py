@@ -231,6 +231,24 @@ def test_tuned_names_tasks_whose_every_model_has_a_study(tmp_path: Path, tuned: 
         project.resolve()
 
 
+def test_studied_names_tasks_whose_every_model_has_a_study_journal(tmp_path: Path) -> None:
+    project = Project(tmp_path)
+    (tmp_path / "optuna").mkdir()
+    (tmp_path / "optuna" / "speech_gru.log").write_text("")
+    (tmp_path / "params.yaml").write_text(SMALL_PIPELINE + "studied: [speech]\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"studied in .*params.yaml lists tasks whose journals optuna/speech_lstm.log do not exist: .*task=speech model=lstm\)",
+    ):
+        project.resolve()
+    (tmp_path / "params.yaml").write_text(SMALL_PIPELINE + "studied: speech\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"studied in .*params.yaml must be a list of tasks whose every model has a study, e.g. \[forecast\]; got 'speech'",
+    ):
+        project.resolve()
+
+
 @pytest.mark.parametrize(
     ("more", "message"),
     [

@@ -3,6 +3,7 @@ from study journals written here with known trials."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from rnnlab import study_report
+from rnnlab.config import project_root
 from rnnlab.errors import ConfigError
 from rnnlab.trial import open_storage
 
@@ -67,7 +69,7 @@ def test_the_task_report_puts_every_cell_side_by_side(tmp_path: Path) -> None:
     journal(tmp_path, "forecast_rnn", "minimize", [(COMPLETE, [1.2 + i / 20]) for i in range(3)] + [(PRUNED, [2.0])])
     markdown = study_report.write(tmp_path, "forecast", ["gru", "lstm", "rnn"])
     text = markdown.read_text()
-    assert "# What the studies teach: forecast (val_mase)" in text
+    assert "# What the studies teach: forecast (val_mase)" in text and "the `*_tuned` rows of [comparison.md]" in text
     assert "| gru | 6 | 0 | 0 | 1.0000 |" in text and "| rnn | 3 | 1 | 0 | 1.2000 |" in text
     assert "lstm" not in text.split("| hyperparameter |")[0]  # a cell without a study is left out, not invented
     assert "| hyperparameter | gru | rnn |" in text and "| `optimizer.lr` |" in text
@@ -82,3 +84,23 @@ def test_a_task_without_studies_is_refused_with_the_command_to_run(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"no study journal optuna/speech_<model>.log .*hparams_search=.*task=speech model=<model>"):
         study_report.write(tmp_path, "speech", ["gru"])
     assert not (tmp_path / "reports").exists()
+
+
+def test_without_tasks_the_report_covers_the_tasks_of_studied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(project_root() / "conf", tmp_path / "conf")
+    monkeypatch.setenv("RNNLAB_ROOT", str(tmp_path))
+    journal(tmp_path, "textgen_gru", "minimize", [(COMPLETE, [1.7, 1.6]), (COMPLETE, [1.5])])
+    journal(tmp_path, "forecast_gru", "minimize", [(COMPLETE, [0.8])])  # a study of a task `studied` leaves out
+    (tmp_path / "params.yaml").write_text("models: [gru]\ntuned: []\nstudied: [textgen]\n")
+    study_report.main([])
+    assert capsys.readouterr().out == "textgen: reports/studies/textgen.md\n"
+    text = (tmp_path / "reports/studies/textgen.md").read_text()
+    assert "| gru | 2 | 0 | 0 | 1.5000 |" in text and "textgen is not in `tuned` of params.yaml" in text and "`*_tuned` rows" not in text
+    assert not (tmp_path / "reports/studies/forecast.md").exists()
+    (tmp_path / "params.yaml").write_text("models: [gru]\ntuned: [forecast]\nstudied: []\n")
+    with pytest.raises(SystemExit) as exit_info:
+        study_report.main([])
+    assert exit_info.value.code == 2
+    assert "no task to report: `studied` in params.yaml is empty; name tasks with --tasks" in capsys.readouterr().err

@@ -10,7 +10,8 @@ as the stage's command would and writes, under resolved/:
 - <task>/<model>_lag<L>.yaml: a training of the memory tasks' lag sweep (`memory_tasks` x `models` x `memory_lags`);
 - compare.yaml: the comparison's settings, its code and every task's serving code;
 - memory_report.yaml: the lag sweep report's settings, what it reads of each memory task's config, its code;
-- study_report.yaml: the code of the studies' report (its input, the journals in optuna/, is a DVC dependency).
+- study_report.yaml: the code of the studies' report (its input, the journals in optuna/ of the tasks of `studied`, is a
+  DVC dependency).
 
 The stages list these files under `params:`, so DVC compares values, not file bytes: a comment
 in a config stales nothing, a changed learning rate stales that model's runs only, and an edit
@@ -274,10 +275,31 @@ def _pipeline_params(path: Path) -> dict[str, Any]:
         )
     _check_default_tasks(params, path)
     _check_more_seeds(params, path)
+    _check_studied(params, path)
     params.setdefault("baseline_tasks", [])
     params.setdefault("memory_tasks", [])
     params.setdefault("memory_lags", [])
     return params
+
+
+def _check_studied(params: dict[str, Any], path: Path) -> None:
+    """`studied` (none if absent): the tasks whose studies the study_report stage reports, each with a journal
+    optuna/<task>_<model>.log for every model of `models`, so that its report sets the cells side by side."""
+    studied = params.setdefault("studied", []) or []
+    if not isinstance(studied, list):
+        raise ConfigError(f"studied in {path} must be a list of tasks whose every model has a study, e.g. [forecast]; got {studied!r}.")
+    missing = [
+        (task, model) for task in studied for model in params["models"] if not (path.parent / "optuna" / f"{task}_{model}.log").is_file()
+    ]
+    if missing:
+        task, model = missing[0]
+        journals = ", ".join(f"optuna/{t}_{m}.log" for t, m in missing)
+        raise ConfigError(
+            f"studied in {path} lists tasks whose journals {journals} do not exist: run each study "
+            f"(python -m rnnlab.train -m hparams_search=<{task}'s search config> task={task} model={model}) "
+            "or drop the task from `studied`."
+        )
+    params["studied"] = studied
 
 
 def _check_default_tasks(params: dict[str, Any], path: Path) -> None:

@@ -83,14 +83,21 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
-def markdown(task: str, result: dict[str, Any]) -> str:
+def markdown(task: str, result: dict[str, Any], tuned: bool = True) -> str:
+    """The report; `tuned`: the pipeline trains the task's tuned cells over its seeds (the task is in `tuned`)."""
     cells = result["cells"]
+    test_scores = (
+        "the tuned cells' test scores and verdicts are the `*_tuned` rows of [comparison.md](../comparison.md)."
+        if tuned
+        else f"{task} is not in `tuned` of params.yaml, so the pipeline does not train its tuned cells "
+        f"(conf/experiment/{task}_<cell>_tuned.yaml) and [comparison.md](../comparison.md) has no test scores of them."
+    )
     lines = [
         f"# What the studies teach: {task} ({result['metric']})",
         "",
         f"Written by `python -m rnnlab.study_report --tasks {task}` from the study journals `optuna/{task}_<cell>.log` (every",
         "cell searched in the same space with the same number of trials; [docs/search.md](../../docs/search.md)). Validation",
-        "values only: the tuned cells' test scores and verdicts are the `*_tuned` rows of [comparison.md](../comparison.md).",
+        f"values only: {test_scores}",
         "A trial's value is the best it reported (a trial Hyperband pruned counts with what it reached); top decile: the",
         "value that 10% of the trials reach or beat.",
         "",
@@ -134,8 +141,9 @@ def figure(task: str, result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write(root: Path, task: str, models: Sequence[str]) -> Path:
-    """reports/studies/<task>.md, .json and _trials.png from the task's study journals; the markdown file."""
+def write(root: Path, task: str, models: Sequence[str], tuned: bool = True) -> Path:
+    """reports/studies/<task>.md, .json and _trials.png from the task's study journals; the markdown file (`tuned`: as
+    `markdown`)."""
     result = task_report(root / "optuna", task, models)
     if result is None:
         raise ConfigError(
@@ -146,23 +154,23 @@ def write(root: Path, task: str, models: Sequence[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     figure(task, result, out / f"{task}_trials.png")
     io.write_json(out / f"{task}.json", result)
-    io.write_text(out / f"{task}.md", markdown(task, result))
+    io.write_text(out / f"{task}.md", markdown(task, result, tuned))
     return out / f"{task}.md"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rnnlab.study_report", description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", help="tasks to report (default: `tuned` of params.yaml)")
+    parser.add_argument("--tasks", nargs="+", help="tasks to report (default: `studied` of params.yaml)")
     parser.add_argument("--models", nargs="+", help="cells to report (default: `models` of params.yaml)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         root = project_root()
         params = OmegaConf.load(root / "params.yaml")
-        tasks, models = args.tasks or list(params.get("tuned") or []), args.models or list(params.models)
+        tasks, models = args.tasks or list(params.get("studied") or []), args.models or list(params.models)
         if not tasks:
-            raise ConfigError("no task to report: `tuned` in params.yaml is empty; name tasks with --tasks, e.g. --tasks forecast.")
+            raise ConfigError("no task to report: `studied` in params.yaml is empty; name tasks with --tasks, e.g. --tasks forecast.")
         for task in tasks:
-            print(f"{task}: {write(root, task, models).relative_to(root)}")
+            print(f"{task}: {write(root, task, models, tuned=task in (params.get('tuned') or [])).relative_to(root)}")
 
 
 if __name__ == "__main__":
