@@ -609,7 +609,11 @@ def test_the_pipeline_s_learning_curve_plots_name_the_models_compare_writes_for_
     against the models that `compare` reads from params.yaml (a tuned task's curves have <model>_tuned columns)."""
     root = config_dir().parent
     dvc = yaml.safe_load((root / "dvc.yaml").read_text())
-    plotted = {name.removesuffix(" learning curves"): set(*spec["y"].values()) for plot in dvc["plots"] for name, spec in plot.items()}
+    plotted = {}
+    for ((title, spec),) in (plot.items() for plot in dvc["plots"]):
+        ((curves, columns),) = spec["y"].items()  # one file per plot: compare's reports/curves/<task>.csv
+        assert curves == f"reports/curves/{title.removesuffix(' learning curves')}.csv"
+        plotted[Path(curves).stem] = set(columns)
     tasks = yaml.safe_load((root / "params.yaml").read_text())["tasks"]
     models = requested_models(compose_compare(f"models_from={root / 'params.yaml'}"), tasks)
     assert isinstance(models, dict) and plotted == {task: set(names) for task, names in models.items()}

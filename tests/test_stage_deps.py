@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -83,6 +84,7 @@ tasks: [sentiment, forecast, forecast_stock, speech]
 models: [gru, lstm]
 single_seed_models: [gru_scratch]
 tuned: [sentiment]
+studied: [sentiment]
 """
 
 # The tuned task's default models left out (params.yaml leaves out the tuned series' defaults).
@@ -105,6 +107,10 @@ class Project:
         self.tuned.write_text(self.tuned.read_text().replace("lr: 0.002", "lr: 0.001"))
         lstm = self.tuned.read_text().replace("model: gru", "model: lstm").replace("name: gru_tuned", "name: lstm_tuned")
         (root / "conf/experiment/sentiment_lstm_tuned.yaml").write_text(lstm)
+        # The journals of the studies those configurations stand for (resolve hashes them for the study report).
+        (root / "optuna").mkdir()
+        for model in ("gru", "lstm"):
+            (root / "optuna" / f"sentiment_{model}.log").write_text(f"a {model} study\n")
 
     @cached_property
     def first(self) -> dict[str, dict]:
@@ -153,11 +159,14 @@ def test_a_companion_source_is_hashed_with_its_module(toy_src: Path, monkeypatch
     assert set(code_deps.file_hashes(["toy.a"])) == {"toy/a.py"}
 
 
-def test_the_study_report_depends_on_the_code_it_imports_not_on_search_code(project: Project) -> None:
-    code = set(project.first["study_report.yaml"]["code"])
+def test_the_study_report_depends_on_its_journals_metric_and_code_not_on_search_code(project: Project) -> None:
+    report = project.first["studies/sentiment.yaml"]
+    journals = {f"optuna/sentiment_{model}.log": hashlib.sha256(f"a {model} study\n".encode()).hexdigest() for model in ("gru", "lstm")}
+    assert report | {"code": ANY} == {"journals": journals, "metric": "val_acc", "pipeline_trains_tuned": True, "code": ANY}
+    code = set(report["code"])
     assert {"rnnlab/study_report.py", "rnnlab/trial.py"} <= code  # trial.py: how it reads the journals
     assert "rnnlab/search.py" not in code and "rnnlab/train.py" not in code
-    assert holding(project.first, "rnnlab/study_report.py") == {"study_report.yaml"}
+    assert holding(project.first, "rnnlab/study_report.py") == {"studies/sentiment.yaml"}
 
 
 def test_every_training_stage_lists_the_hparams_and_the_digest_of_its_config_and_code(project: Project) -> None:
@@ -231,22 +240,27 @@ def test_tuned_names_tasks_whose_every_model_has_a_study(tmp_path: Path, tuned: 
         project.resolve()
 
 
-def test_studied_names_tasks_whose_every_model_has_a_study_journal(tmp_path: Path) -> None:
-    project = Project(tmp_path)
-    (tmp_path / "optuna").mkdir()
-    (tmp_path / "optuna" / "speech_gru.log").write_text("")
-    (tmp_path / "params.yaml").write_text(SMALL_PIPELINE + "studied: [speech]\n")
-    with pytest.raises(
-        ConfigError,
-        match=r"studied in .*params.yaml lists tasks whose journals optuna/speech_lstm.log do not exist: .*task=speech model=lstm\)",
-    ):
+def test_studied_reports_every_tuned_task_and_only_tasks_whose_every_model_has_a_journal(tmp_path: Path) -> None:
+    project = Project(tmp_path, SMALL_PIPELINE)
+    (tmp_path / "optuna" / "speech_gru.log").write_text("a speech study\n")
+    (tmp_path / "params.yaml").write_text(SMALL_PIPELINE.replace("studied: [sentiment]", "studied: [speech, sentiment]"))
+    missing = r"studied in params.yaml lists speech, whose journals optuna/speech_lstm.log do not exist: .* or drop speech from studied"
+    with pytest.raises(ConfigError, match=missing):
         project.resolve()
-    (tmp_path / "params.yaml").write_text(SMALL_PIPELINE + "studied: speech\n")
-    with pytest.raises(
-        ConfigError,
-        match=r"studied in .*params.yaml must be a list of tasks whose every model has a study, e.g. \[forecast\]; got 'speech'",
-    ):
+    (tmp_path / "optuna" / "speech_lstm.log").write_text("another speech study\n")
+    files = project.resolve()
+    assert files["studies/speech.yaml"]["pipeline_trains_tuned"] is False and files["studies/sentiment.yaml"]["pipeline_trains_tuned"]
+    assert files["studies/speech.yaml"]["metric"] == "val_acc" and set(files["studies/speech.yaml"]["journals"]) == {
+        "optuna/speech_gru.log",
+        "optuna/speech_lstm.log",
+    }
+    (tmp_path / "params.yaml").write_text(SMALL_PIPELINE.replace("studied: [sentiment]", "studied: [speech]"))
+    with pytest.raises(ConfigError, match=r"tuned in params.yaml lists sentiment, which studied lacks: add it to studied"):
         project.resolve()
+    for studied in ("speech", "[speech, speech]", "[null]"):
+        (tmp_path / "params.yaml").write_text(SMALL_PIPELINE.replace("studied: [sentiment]", f"studied: {studied}"))
+        with pytest.raises(ConfigError, match=r"studied in .*params.yaml must be a list of distinct tasks whose every model has a study"):
+            project.resolve()
 
 
 @pytest.mark.parametrize(

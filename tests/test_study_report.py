@@ -3,6 +3,7 @@ from study journals written here with known trials."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_importances_are_seeded_and_need_two_complete_trials(tmp_path: Path) -> 
 def test_the_task_report_puts_every_cell_side_by_side(tmp_path: Path) -> None:
     journal(tmp_path, "forecast_gru", "minimize", [(COMPLETE, [1.0 + i / 20]) for i in range(6)])
     journal(tmp_path, "forecast_rnn", "minimize", [(COMPLETE, [1.2 + i / 20]) for i in range(3)] + [(PRUNED, [2.0])])
-    markdown = study_report.write(tmp_path, "forecast", ["gru", "lstm", "rnn"])
+    markdown = study_report.write(tmp_path, "forecast", ["gru", "lstm", "rnn"], pipeline_trains_tuned=True)
     text = markdown.read_text()
     assert "# What the studies teach: forecast (val_mase)" in text and "the `*_tuned` rows of [comparison.md]" in text
     assert "| gru | 6 | 0 | 0 | 1.0000 |" in text and "| rnn | 3 | 1 | 0 | 1.2000 |" in text
@@ -76,31 +77,45 @@ def test_the_task_report_puts_every_cell_side_by_side(tmp_path: Path) -> None:
     assert (tmp_path / "reports/studies/forecast_trials.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "reports/studies/forecast.json").is_file()
     before = {p.name: p.read_bytes() for p in (tmp_path / "reports/studies").iterdir() if p.suffix != ".png"}
-    study_report.write(tmp_path, "forecast", ["gru", "lstm", "rnn"])
+    study_report.write(tmp_path, "forecast", ["gru", "lstm", "rnn"], pipeline_trains_tuned=True)
     assert before == {p.name: p.read_bytes() for p in (tmp_path / "reports/studies").iterdir() if p.suffix != ".png"}
 
 
 def test_a_task_without_studies_is_refused_with_the_command_to_run(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"no study journal optuna/speech_<model>.log .*hparams_search=.*task=speech model=<model>"):
-        study_report.write(tmp_path, "speech", ["gru"])
+        study_report.write(tmp_path, "speech", ["gru"], pipeline_trains_tuned=True)
     assert not (tmp_path / "reports").exists()
 
 
-def test_without_tasks_the_report_covers_the_tasks_of_studied(
+PARAMS = "profile: default\ntasks: [forecast]\nmodels: [gru]\nsingle_seed_models: []\n"
+
+
+def test_without_tasks_the_report_covers_the_tasks_of_studied_and_says_where_tuned_cells_are_tested(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     shutil.copytree(project_root() / "conf", tmp_path / "conf")
     monkeypatch.setenv("RNNLAB_ROOT", str(tmp_path))
     journal(tmp_path, "textgen_gru", "minimize", [(COMPLETE, [1.7, 1.6]), (COMPLETE, [1.5])])
-    journal(tmp_path, "forecast_gru", "minimize", [(COMPLETE, [0.8])])  # a study of a task `studied` leaves out
-    (tmp_path / "params.yaml").write_text("models: [gru]\ntuned: []\nstudied: [textgen]\n")
+    journal(tmp_path, "forecast_gru", "minimize", [(COMPLETE, [0.8])])
+    journal(tmp_path, "speech_gru", "maximize", [(COMPLETE, [0.9])])  # a study of a task `studied` leaves out
+    (tmp_path / "params.yaml").write_text(PARAMS + "tuned: [forecast]\nstudied: [forecast, textgen]\n")
     study_report.main([])
-    assert capsys.readouterr().out == "textgen: reports/studies/textgen.md\n"
-    text = (tmp_path / "reports/studies/textgen.md").read_text()
-    assert "| gru | 2 | 0 | 0 | 1.5000 |" in text and "textgen is not in `tuned` of params.yaml" in text and "`*_tuned` rows" not in text
-    assert not (tmp_path / "reports/studies/forecast.md").exists()
-    (tmp_path / "params.yaml").write_text("models: [gru]\ntuned: [forecast]\nstudied: []\n")
-    with pytest.raises(SystemExit) as exit_info:
-        study_report.main([])
-    assert exit_info.value.code == 2
-    assert "no task to report: `studied` in params.yaml is empty; name tasks with --tasks" in capsys.readouterr().err
+    assert capsys.readouterr().out == "forecast: reports/studies/forecast.md\ntextgen: reports/studies/textgen.md\n"
+    studies = tmp_path / "reports" / "studies"
+    assert "the `*_tuned` rows of [comparison.md]" in (studies / "forecast.md").read_text()
+    textgen = (studies / "textgen.md").read_text()
+    assert (
+        "| gru | 2 | 0 | 0 | 1.5000 |" in textgen
+        and "textgen is not in `tuned` of params.yaml" in textgen
+        and "`*_tuned` rows" not in textgen
+    )
+    assert not (studies / "speech.md").exists()
+    for studied, message in [
+        ("[]", "no task to report: `studied` in params.yaml is empty; name tasks with --tasks"),
+        ("speech", "studied in .*params.yaml must be a list of distinct tasks"),
+    ]:
+        (tmp_path / "params.yaml").write_text(PARAMS + f"tuned: []\nstudied: {studied}\n")
+        with pytest.raises(SystemExit) as exit_info:
+            study_report.main([])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err)

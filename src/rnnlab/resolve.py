@@ -10,8 +10,8 @@ as the stage's command would and writes, under resolved/:
 - <task>/<model>_lag<L>.yaml: a training of the memory tasks' lag sweep (`memory_tasks` x `models` x `memory_lags`);
 - compare.yaml: the comparison's settings, its code and every task's serving code;
 - memory_report.yaml: the lag sweep report's settings, what it reads of each memory task's config, its code;
-- study_report.yaml: the code of the studies' report (its input, the journals in optuna/ of the tasks of `studied`, is a
-  DVC dependency).
+- studies/<task>.yaml: per task of `studied`, what its studies' report reads: the hash of each model's journal
+  (optuna/<task>_<model>.log), the task's metric, whether the pipeline trains its tuned cells, and the report's code.
 
 The stages list these files under `params:`, so DVC compares values, not file bytes: a comment
 in a config stales nothing, a changed learning rate stales that model's runs only, and an edit
@@ -185,7 +185,7 @@ def tuned_default(task: str, tuned_model: str, profile: str) -> str | None:
 
 def write_all(root: Path) -> list[Path]:
     """Resolve every stage of params.yaml into root/resolved (replaced as a whole)."""
-    params = _pipeline_params(root / "params.yaml")
+    params = pipeline_params(root / "params.yaml")
     profile = params["profile"]
     files: dict[str, dict[str, Any]] = {}
     with project_configs():
@@ -205,7 +205,9 @@ def write_all(root: Path) -> list[Path]:
         same = [f"{task}/{model}_tuned" for task, model in tuned_pairs(params) if tuned_default(task, f"{model}_tuned", profile)]
         files["compare.yaml"] = {**compare_params(profile, params["tasks"]), "tuned_as_default": same}
         files["memory_report.yaml"] = memory_report_params(profile, params)
-        files["study_report.yaml"] = {"code": code_of("rnnlab.study_report", {})}
+        _check_studies_exist(root, params)
+        for task in params["studied"]:
+            files[f"studies/{task}.yaml"] = study_report_params(root, task, params)
     with io.atomic_dir(root / OUT_DIR) as tmp:
         for name, values in files.items():
             path = tmp / name
@@ -213,6 +215,43 @@ def write_all(root: Path) -> list[Path]:
             header = f"# python -m rnnlab.resolve (profile {profile}): what this stage runs. Edit conf/ and params.yaml, not this file.\n"
             path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(values)))
     return [root / OUT_DIR / name for name in files]
+
+
+def study_report_params(root: Path, task: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What the report of a task's studies reads (rnnlab.study_report): each model's journal, by hash, the metric its
+    title names, whether the pipeline trains the tuned cells (the report says where their test scores are), its code."""
+    journals = {f"optuna/{task}_{model}.log": _sha256(root / "optuna" / f"{task}_{model}.log") for model in params["models"]}
+    return {
+        "journals": journals,
+        "metric": str(compose_run([f"task={task}"]).task.monitor),
+        "pipeline_trains_tuned": task in params["tuned"],
+        "code": code_of("rnnlab.study_report", {}),
+    }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_studies_exist(root: Path, params: dict[str, Any]) -> None:
+    """Every tuned task is studied (its report is how a reader checks the tuning), and every task of `studied` has a
+    journal for every model of `models`, so that its report sets the cells side by side."""
+    unreported = [task for task in params["tuned"] if task not in params["studied"]]
+    if unreported:
+        raise ConfigError(
+            f"tuned in params.yaml lists {', '.join(unreported)}, which studied lacks: add it to studied, so that the "
+            "study_report stage reports the studies its tuned configurations come from."
+        )
+    missing = [
+        (task, model) for task in params["studied"] for model in params["models"] if not (root / "optuna" / f"{task}_{model}.log").is_file()
+    ]
+    if missing:
+        tasks = ", ".join(dict.fromkeys(task for task, _ in missing))
+        journals = ", ".join(f"optuna/{task}_{model}.log" for task, model in missing)
+        raise ConfigError(
+            f"studied in params.yaml lists {tasks}, whose journals {journals} do not exist: run each missing study "
+            f"(python -m rnnlab.train -m hparams_search=<the task's search config> task=<task> model=<model>) or drop {tasks} from studied."
+        )
 
 
 def _check_tuned_exists(root: Path, task: str, model: str) -> None:
@@ -260,7 +299,8 @@ def _check_lag_sweep(params: dict[str, Any], files: dict[str, dict[str, Any]]) -
             )
 
 
-def _pipeline_params(path: Path) -> dict[str, Any]:
+def pipeline_params(path: Path) -> dict[str, Any]:
+    """params.yaml's pipeline lists, checked (each refusal names the key and the fix), with the optional ones filled in."""
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: run from the rnnlab checkout, which holds params.yaml.")
     params = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -283,21 +323,11 @@ def _pipeline_params(path: Path) -> dict[str, Any]:
 
 
 def _check_studied(params: dict[str, Any], path: Path) -> None:
-    """`studied` (none if absent): the tasks whose studies the study_report stage reports, each with a journal
-    optuna/<task>_<model>.log for every model of `models`, so that its report sets the cells side by side."""
-    studied = params.setdefault("studied", []) or []
-    if not isinstance(studied, list):
-        raise ConfigError(f"studied in {path} must be a list of tasks whose every model has a study, e.g. [forecast]; got {studied!r}.")
-    missing = [
-        (task, model) for task in studied for model in params["models"] if not (path.parent / "optuna" / f"{task}_{model}.log").is_file()
-    ]
-    if missing:
-        task, model = missing[0]
-        journals = ", ".join(f"optuna/{t}_{m}.log" for t, m in missing)
+    """`studied` (none if absent): the tasks whose studies the study_report stage reports, as a list of task names."""
+    studied = params.get("studied") or []
+    if not isinstance(studied, list) or not all(isinstance(task, str) for task in studied) or len(set(studied)) < len(studied):
         raise ConfigError(
-            f"studied in {path} lists tasks whose journals {journals} do not exist: run each study "
-            f"(python -m rnnlab.train -m hparams_search=<{task}'s search config> task={task} model={model}) "
-            "or drop the task from `studied`."
+            f"studied in {path} must be a list of distinct tasks whose every model has a study, e.g. [forecast]; got {studied!r}."
         )
     params["studied"] = studied
 

@@ -12,7 +12,8 @@ task, `reports/studies/<task>.md` and `<task>.json`:
   complete trials);
 - `reports/studies/<task>_trials.png`: every trial's value per cell, with the median and the top decile.
 
-The test set plays no part: how the tuned cells compare on it is `reports/comparison.md`'s `<cell>_tuned` rows.
+The test set plays no part: how the tuned cells of a task of `tuned` compare on it is `reports/comparison.md`'s
+`<cell>_tuned` rows (a task of `studied` alone has none: the pipeline does not train its tuned cells).
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ from typing import Any
 
 import numpy as np
 import optuna
-from omegaconf import OmegaConf
 from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 from optuna.trial import TrialState
 
 from rnnlab import io
 from rnnlab.config import exit_on_user_error, project_root
 from rnnlab.errors import ConfigError
-from rnnlab.resolve import compose_run
+from rnnlab.resolve import compose_run, pipeline_params
 from rnnlab.trial import best_reported, open_storage
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -83,12 +83,12 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
-def markdown(task: str, result: dict[str, Any], tuned: bool = True) -> str:
-    """The report; `tuned`: the pipeline trains the task's tuned cells over its seeds (the task is in `tuned`)."""
+def markdown(task: str, result: dict[str, Any], *, pipeline_trains_tuned: bool) -> str:
+    """The report; pipeline_trains_tuned: the task is in `tuned`, so comparison.md holds its tuned cells' test scores."""
     cells = result["cells"]
     test_scores = (
         "the tuned cells' test scores and verdicts are the `*_tuned` rows of [comparison.md](../comparison.md)."
-        if tuned
+        if pipeline_trains_tuned
         else f"{task} is not in `tuned` of params.yaml, so the pipeline does not train its tuned cells "
         f"(conf/experiment/{task}_<cell>_tuned.yaml) and [comparison.md](../comparison.md) has no test scores of them."
     )
@@ -141,9 +141,8 @@ def figure(task: str, result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write(root: Path, task: str, models: Sequence[str], tuned: bool = True) -> Path:
-    """reports/studies/<task>.md, .json and _trials.png from the task's study journals; the markdown file (`tuned`: as
-    `markdown`)."""
+def write(root: Path, task: str, models: Sequence[str], *, pipeline_trains_tuned: bool) -> Path:
+    """reports/studies/<task>.md, .json and _trials.png from the task's study journals; the markdown file."""
     result = task_report(root / "optuna", task, models)
     if result is None:
         raise ConfigError(
@@ -154,7 +153,7 @@ def write(root: Path, task: str, models: Sequence[str], tuned: bool = True) -> P
     out.mkdir(parents=True, exist_ok=True)
     figure(task, result, out / f"{task}_trials.png")
     io.write_json(out / f"{task}.json", result)
-    io.write_text(out / f"{task}.md", markdown(task, result, tuned))
+    io.write_text(out / f"{task}.md", markdown(task, result, pipeline_trains_tuned=pipeline_trains_tuned))
     return out / f"{task}.md"
 
 
@@ -165,12 +164,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with exit_on_user_error():
         root = project_root()
-        params = OmegaConf.load(root / "params.yaml")
-        tasks, models = args.tasks or list(params.get("studied") or []), args.models or list(params.models)
+        params = pipeline_params(root / "params.yaml")
+        tasks, models = args.tasks or params["studied"], args.models or params["models"]
         if not tasks:
             raise ConfigError("no task to report: `studied` in params.yaml is empty; name tasks with --tasks, e.g. --tasks forecast.")
         for task in tasks:
-            print(f"{task}: {write(root, task, models, tuned=task in (params.get('tuned') or [])).relative_to(root)}")
+            report = write(root, task, models, pipeline_trains_tuned=task in params["tuned"])
+            print(f"{task}: {report.relative_to(root)}")
 
 
 if __name__ == "__main__":
