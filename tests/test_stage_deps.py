@@ -278,6 +278,10 @@ def test_studied_reports_every_tuned_task_and_only_tasks_whose_every_model_has_a
             "more_seeds: [2]\nmore_seeds_tasks: [speech]",
             r"tuned in .*params.yaml lists sentiment, which more_seeds_tasks lacks: .*add it to more_seeds_tasks, or set more_seeds: \[\]",
         ),
+        (
+            "more_seeds: [1, 2]\nmore_seeds_tasks: [sentiment, speech]",
+            r"seeds and more_seeds in .*params.yaml share 1: the runs of a tuned task would be trained twice .*give each seed once",
+        ),
     ],
 )
 def test_more_seeds_for_tasks_the_pipeline_does_not_train_or_whose_tuned_runs_would_lack_defaults_are_refused(

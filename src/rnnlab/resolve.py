@@ -352,6 +352,12 @@ def _check_more_seeds(params: dict[str, Any], path: Path) -> None:
     and the tuned models of every task of `tuned` (train_tuned_more): a task with both whose default models lack
     more_seeds would get tuned runs of seeds that its default models lack."""
     more_seeds, more_tasks = params.get("more_seeds") or [], params.get("more_seeds_tasks") or []
+    both = sorted({*_listed(params.get("seeds"))} & {*_listed(more_seeds)})
+    if both:
+        raise ConfigError(
+            f"seeds and more_seeds in {path} share {', '.join(map(str, both))}: the runs of a tuned task would be trained twice "
+            "(train_tuned and train_tuned_more write the same outputs); give each seed once, e.g. a new seed in seeds, not in more_seeds."
+        )
     if not isinstance(more_tasks, list) or not set(more_tasks) <= set(params["default_tasks"]):
         raise ConfigError(f"more_seeds_tasks in {path} must list tasks of `default_tasks`, e.g. [speech]; got {more_tasks}.")
     outside = [task for task in params["tuned"] if task in params["default_tasks"] and task not in more_tasks]
@@ -360,6 +366,10 @@ def _check_more_seeds(params: dict[str, Any], path: Path) -> None:
             f"tuned in {path} lists {', '.join(outside)}, which more_seeds_tasks lacks: tuned models train over more_seeds "
             "too, so their task's default models must; add it to more_seeds_tasks, or set more_seeds: []."
         )
+
+
+def _listed(value: Any) -> list[Any]:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def _without_paths(cfg: DictConfig) -> dict[str, Any]:
