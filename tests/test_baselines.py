@@ -13,6 +13,7 @@ import pytest
 from helpers import run_main
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from sklearn.metrics import accuracy_score, log_loss
 from test_textgen import archive, textgen_overrides, textgen_root  # noqa: F401 (the textgen fixtures)
 
 from rnnlab.baselines import KneserNey, run
@@ -29,8 +30,21 @@ def compose_baselines(*overrides: str) -> DictConfig:
         return compose(config_name="baselines", overrides=list(overrides))
 
 
+def assert_c_is_the_best_on_validation(overrides: list[str], task: str, metrics: dict, tmp_path: Path) -> dict[float, float]:
+    """The chosen C is the one whose model, fitted alone (a grid of that C only), is the most accurate on validation,
+    the smallest C among equals, and the reported val_acc is that model's."""
+    val_acc = {}
+    for c in compose_baselines(*overrides).baselines[task].c_grid:
+        alone = [*overrides, f"baselines.{task}.c_grid=[{c}]", f"paths.baselines_dir={tmp_path / f'C{c}'}"]
+        val_acc[c] = run(compose_baselines(*alone))["val_acc"]
+    best = max(val_acc, key=lambda c: (val_acc[c], -c))
+    assert (metrics["C"], metrics["val_acc"]) == (best, val_acc[best])
+    return val_acc
+
+
 def test_tfidf_baseline_scores_the_networks_test_reviews(sentiment_root: Path, tmp_path: Path) -> None:
-    cfg = compose_baselines(f"paths.root={sentiment_root}", f"paths.baselines_dir={tmp_path}", "task.data.limit_test=20")
+    overrides = [f"paths.root={sentiment_root}", "task.data.limit_test=20"]
+    cfg = compose_baselines(*overrides, f"paths.baselines_dir={tmp_path}")
     metrics = run(cfg)
     predictions = pd.read_csv(tmp_path / "tfidf_logreg_predictions.csv")
     assert json.loads((tmp_path / "tfidf_logreg.json").read_text()) == metrics
@@ -44,6 +58,12 @@ def test_tfidf_baseline_scores_the_networks_test_reviews(sentiment_root: Path, t
     assert metrics["test_acc"] >= 0.9  # three sentiment words per synthetic review: an easy bar
     assert metrics["C"] in cfg.baselines.sentiment.c_grid and metrics["features"] > 0
     assert ((predictions["score"] > 0.5) == predictions["prediction"]).all()
+    # scikit-learn's own measures of the written predictions.
+    assert metrics["test_acc"] == pytest.approx(accuracy_score(predictions["target"], predictions["prediction"]))
+    assert metrics["test_loss"] == pytest.approx(log_loss(predictions["target"], predictions["score"], labels=[0, 1]), rel=1e-5)
+    # The fixture's reviews separate at every C of the grid: all tie on validation, so the smallest C must win.
+    assert set(assert_c_is_the_best_on_validation(overrides, "sentiment", metrics, tmp_path).values()) == {1.0}
+    assert metrics["C"] == min(cfg.baselines.sentiment.c_grid)
 
 
 def test_a_task_without_a_baseline_stage_is_a_clear_error(sentiment_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,7 +185,8 @@ def test_ngram_baseline_scores_the_language_models_test_chunk_rows(textgen_root:
 
 def test_mel_statistics_baseline_scores_the_networks_test_clips(speech_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     _, processed_dir = speech_dirs
-    cfg = compose_baselines("task=speech", f"paths.processed={processed_dir}", f"paths.baselines_dir={tmp_path}")
+    overrides = ["task=speech", f"paths.processed={processed_dir}"]
+    cfg = compose_baselines(*overrides, f"paths.baselines_dir={tmp_path}")
     metrics = run(cfg)
     predictions = pd.read_csv(tmp_path / "mel_logreg_predictions.csv", keep_default_na=False)
     data = SpeechDataModule(str(processed_dir))
@@ -177,6 +198,8 @@ def test_mel_statistics_baseline_scores_the_networks_test_clips(speech_dirs: tup
     num_classes = data.head_dims["num_classes"]
     assert predictions["score"].between(1 / num_classes, 1).all()  # the predicted class's probability
     assert metrics["C"] in cfg.baselines.speech.c_grid and metrics["features"] == 5 * data.metadata["num_features"]
+    val_acc = assert_c_is_the_best_on_validation(overrides, "speech", metrics, tmp_path)
+    assert len(set(val_acc.values())) > 1  # the Cs differ on validation here: the choice is by accuracy, not the tie rule
 
 
 def test_unknown_mel_statistics_are_refused(speech_dirs: tuple[Path, Path], tmp_path: Path) -> None:
