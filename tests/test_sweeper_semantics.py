@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from hydra_plugins.rnnlab_optuna_sweeper import SAMPLERS
 from rnnlab.errors import ConfigError
 from rnnlab.search import Search, directions_of, distribution_of, parse_search_space
 from rnnlab.trial import open_storage, open_trial, trial_objective
@@ -80,9 +81,9 @@ def test_a_sweep_no_distribution_holds_is_refused_in_one_line_with_the_fix(spec:
 
 
 def test_fixed_values_and_command_line_sweeps_split_as_hydra_optuna_sweeper_splits_them() -> None:
-    config = OmegaConf.create({"x": 0.0, "y": 0, "z": "a", "w": 1})
+    config = OmegaConf.create({"x": 0.0, "y": 0, "z": "a", "w": 1, "m": "???"})
     space = parse_search_space(
-        {"x": "interval(0, 1)", "y": "3", "z": "choice(a, b)", "w": "range(1, 4)"},
+        {"x": "interval(0, 1)", "y": "3", "z": "choice(a, b)", "w": "range(1, 4)", "m": "choice(1, 2)"},
         config,
         ["y=choice(1, 2)", "z=b", "+extra=range(0, 2)"],
     )
@@ -92,6 +93,8 @@ def test_fixed_values_and_command_line_sweeps_split_as_hydra_optuna_sweeper_spli
     assert "z" not in by_name and space.fixed == ["z=b"]
     assert by_name["w"].distribution == IntDistribution(1, 4)
     assert by_name["extra"].add and by_name["extra"].override(2) == "+extra=2"
+    # A mandatory key (`???`) is a key: swept as it is written, without the + that Hydra would refuse for it.
+    assert by_name["m"].distribution == CategoricalDistribution([1, 2]) and by_name["m"].override(2) == "m=2"
 
 
 def test_directions_accept_names_enums_and_lists() -> None:
@@ -126,6 +129,17 @@ def sweeper(**settings: Any) -> SimpleNamespace:
     return SimpleNamespace(**{**defaults, **settings})
 
 
+def preset(name: str) -> DictConfig:
+    """The sampler node that `hydra/sweeper/sampler=<name>` selects."""
+    return OmegaConf.create(ConfigStore.instance().load(f"hydra/sweeper/sampler/{name}.yaml").node)
+
+
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"grid", "motpe"}))  # grid: built from its space, tested below
+def test_every_sampler_preset_builds_its_optuna_sampler(tmp_path: Path, name: str) -> None:
+    search = Search(plain_config(tmp_path), launcher=None, sweeper=sweeper(sampler=preset(name)))
+    assert type(search.sampler).__name__ == SAMPLERS[name]
+
+
 def plain_config(tmp_path: Path, **extra: Any) -> DictConfig:
     return OmegaConf.create({"x": 0.5, "y": 0, "hydra": {"sweep": {"dir": str(tmp_path)}}, **extra})
 
@@ -142,6 +156,10 @@ def plain_config(tmp_path: Path, **extra: Any) -> DictConfig:
             "remove the settings it does not take (~hydra.sweeper.sampler.<key>",
         ),
         ({"sampler": OmegaConf.create({"_target_": "optuna.samplers.GridSampler", "_partial_": True})}, "write choice(...) or range(...)"),
+        (
+            {"sampler": preset("motpe")},
+            "which Optuna removed in version 4: its TPESampler searches several objectives too; write hydra/sweeper/sampler=tpe",
+        ),
         ({"params": {}}, "The search space is empty"),
     ],
 )

@@ -49,6 +49,7 @@ from hydra.utils import get_method, instantiate
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
@@ -154,13 +155,20 @@ def _add(override: Override, where: str, line: str, config: DictConfig, searched
         return
     add = override.is_add() or override.is_force_add()
     # A config group (model=gru,lstm) is not a key of the composed config; Hydra checks it in the trial.
-    if not add and "/" not in name and OmegaConf.select(config, name, default=_ABSENT, throw_on_resolution_failure=False) is _ABSENT:
+    if not add and "/" not in name and not _is_key(config, name):
         raise ConfigError(f"{where}: `{name}` is not a key of the config; check its spelling, or write `+{name}` to add a new key.")
     fixed.pop(name, None)
     searched[name] = Param(name, distribution_of(override, where), add)
 
 
 _ABSENT = object()
+
+
+def _is_key(config: DictConfig, name: str) -> bool:
+    try:
+        return OmegaConf.select(config, name, default=_ABSENT, throw_on_resolution_failure=False, throw_on_missing=True) is not _ABSENT
+    except MissingMandatoryValue:  # `x: ???`, a key still without its value, which a sweep may set as Hydra lets it
+        return True
 
 
 def distribution_of(override: Override, where: str = "") -> BaseDistribution:
@@ -246,7 +254,8 @@ def directions_of(direction: Any) -> list[str]:
 
 
 def grid_choices(distribution: BaseDistribution, name: str) -> list[Any]:
-    """The values GridSampler walks for one searched key: every value the distribution holds."""
+    """The values GridSampler walks for one searched key: every value the distribution holds, a range's stop included
+    (hydra-optuna-sweeper's grid stops one step short of it, unlike its other samplers: deliberately not copied)."""
     if isinstance(distribution, CategoricalDistribution):
         return list(distribution.choices)
     if isinstance(distribution, IntDistribution) and not distribution.log:
@@ -385,6 +394,11 @@ class Search:
     def _build_sampler(self, offset: int) -> optuna.samplers.BaseSampler:
         seed = self.sampler_cfg.get("seed")
         target = self.sampler_cfg.get("_target_")
+        if target == "optuna.samplers.MOTPESampler":
+            raise ConfigError(
+                "hydra.sweeper.sampler is MOTPESampler (hydra-optuna-sweeper's motpe preset), which Optuna removed in version 4: "
+                "its TPESampler searches several objectives too; write hydra/sweeper/sampler=tpe."
+            )
         reseed = {"seed": seed + offset} if seed is not None and target in RESEEDABLE else {}
         try:
             sampler = instantiate(self.sampler_cfg, **reseed)
