@@ -134,7 +134,7 @@ def preset(name: str) -> DictConfig:
     return OmegaConf.create(ConfigStore.instance().load(f"hydra/sweeper/sampler/{name}.yaml").node)
 
 
-@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"grid", "motpe"}))  # grid: built from its space, tested below
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"grid"}))  # grid: built from its space, tested below
 def test_every_sampler_preset_builds_its_optuna_sampler(tmp_path: Path, name: str) -> None:
     search = Search(plain_config(tmp_path), launcher=None, sweeper=sweeper(sampler=preset(name)))
     assert type(search.sampler).__name__ == SAMPLERS[name]
@@ -157,7 +157,9 @@ def plain_config(tmp_path: Path, **extra: Any) -> DictConfig:
         ),
         ({"sampler": OmegaConf.create({"_target_": "optuna.samplers.GridSampler", "_partial_": True})}, "write choice(...) or range(...)"),
         (
-            {"sampler": preset("motpe")},
+            # hydra-optuna-sweeper's motpe preset, as its config files write it (not a preset here: the sweeper module's
+            # body is hashed into every training stage, so its presets stay as they are).
+            {"sampler": OmegaConf.create({"_target_": "optuna.samplers.MOTPESampler", "seed": None})},
             "which Optuna removed in version 4: its TPESampler searches several objectives too; write hydra/sweeper/sampler=tpe",
         ),
         ({"params": {}}, "The search space is empty"),

@@ -396,7 +396,7 @@ class Search:
         target = self.sampler_cfg.get("_target_")
         if target == "optuna.samplers.MOTPESampler":
             raise ConfigError(
-                "hydra.sweeper.sampler is MOTPESampler (hydra-optuna-sweeper's motpe preset), which Optuna removed in version 4: "
+                "hydra.sweeper.sampler is MOTPESampler (hydra-optuna-sweeper's motpe), which Optuna removed in version 4: "
                 "its TPESampler searches several objectives too; write hydra/sweeper/sampler=tpe."
             )
         reseed = {"seed": seed + offset} if seed is not None and target in RESEEDABLE else {}

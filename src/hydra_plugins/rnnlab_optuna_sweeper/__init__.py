@@ -55,7 +55,6 @@ SAMPLERS = {
     "gp": "GPSampler",
     "grid": "GridSampler",
     "bruteforce": "BruteForceSampler",
-    "motpe": "MOTPESampler",  # gone from Optuna 4 on: kept as a preset so that choosing it is refused with the fix
 }
 for _name, _cls in SAMPLERS.items():
     # GridSampler takes its grid from the search space, so it is built as a partial.
