@@ -95,6 +95,9 @@ def test_fixed_values_and_command_line_sweeps_split_as_hydra_optuna_sweeper_spli
     assert by_name["extra"].add and by_name["extra"].override(2) == "+extra=2"
     # A mandatory key (`???`) is a key: swept as it is written, without the + that Hydra would refuse for it.
     assert by_name["m"].distribution == CategoricalDistribution([1, 2]) and by_name["m"].override(2) == "m=2"
+    # Not a key under a mandatory parent: a misspelling there is still refused.
+    with pytest.raises(ConfigError, match=r"`m.hiden` is not a key of the config; check its spelling, or write `\+m.hiden`"):
+        parse_search_space({"m.hiden": "choice(1, 2)"}, config, [])
 
 
 def test_directions_accept_names_enums_and_lists() -> None:
@@ -160,7 +163,7 @@ def plain_config(tmp_path: Path, **extra: Any) -> DictConfig:
             # hydra-optuna-sweeper's motpe preset, as its config files write it (not a preset here: the sweeper module's
             # body is hashed into every training stage, so its presets stay as they are).
             {"sampler": OmegaConf.create({"_target_": "optuna.samplers.MOTPESampler", "seed": None})},
-            "which Optuna removed in version 4: its TPESampler searches several objectives too; write hydra/sweeper/sampler=tpe",
+            "which Optuna removed in version 4: its TPESampler searches several objectives too; write _target_: optuna.samplers.TPESampler",
         ),
         ({"params": {}}, "The search space is empty"),
     ],

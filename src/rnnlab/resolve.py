@@ -186,6 +186,7 @@ def tuned_default(task: str, tuned_model: str, profile: str) -> str | None:
 def write_all(root: Path) -> list[Path]:
     """Resolve every stage of params.yaml into root/resolved (replaced as a whole)."""
     params = pipeline_params(root / "params.yaml")
+    _check_studies_exist(root, params)
     profile = params["profile"]
     files: dict[str, dict[str, Any]] = {}
     with project_configs():
@@ -205,7 +206,6 @@ def write_all(root: Path) -> list[Path]:
         same = [f"{task}/{model}_tuned" for task, model in tuned_pairs(params) if tuned_default(task, f"{model}_tuned", profile)]
         files["compare.yaml"] = {**compare_params(profile, params["tasks"]), "tuned_as_default": same}
         files["memory_report.yaml"] = memory_report_params(profile, params)
-        _check_studies_exist(root, params)
         for task in params["studied"]:
             files[f"studies/{task}.yaml"] = study_report_params(root, task, params)
     with io.atomic_dir(root / OUT_DIR) as tmp:
@@ -220,7 +220,7 @@ def write_all(root: Path) -> list[Path]:
 def study_report_params(root: Path, task: str, params: dict[str, Any]) -> dict[str, Any]:
     """What the report of a task's studies reads (rnnlab.study_report): each model's journal, by hash, the metric its
     title names, whether the pipeline trains the tuned cells (the report says where their test scores are), its code."""
-    journals = {f"optuna/{task}_{model}.log": _sha256(root / "optuna" / f"{task}_{model}.log") for model in params["models"]}
+    journals = {str(_journal(root, task, model).relative_to(root)): _sha256(_journal(root, task, model)) for model in params["models"]}
     return {
         "journals": journals,
         "metric": str(compose_run([f"task={task}"]).task.monitor),
@@ -242,16 +242,22 @@ def _check_studies_exist(root: Path, params: dict[str, Any]) -> None:
             f"tuned in params.yaml lists {', '.join(unreported)}, which studied lacks: add it to studied, so that the "
             "study_report stage reports the studies its tuned configurations come from."
         )
-    missing = [
-        (task, model) for task in params["studied"] for model in params["models"] if not (root / "optuna" / f"{task}_{model}.log").is_file()
-    ]
+    unknown = [task for task in params["studied"] if not (root / "conf" / "task" / f"{task}.yaml").is_file()]
+    if unknown:
+        raise ConfigError(f"studied in params.yaml lists {', '.join(unknown)}, which conf/task/ does not hold: check the spelling.")
+    missing = [(task, model) for task in params["studied"] for model in params["models"] if not _journal(root, task, model).is_file()]
     if missing:
         tasks = ", ".join(dict.fromkeys(task for task, _ in missing))
-        journals = ", ".join(f"optuna/{task}_{model}.log" for task, model in missing)
+        journals = ", ".join(str(_journal(root, task, model).relative_to(root)) for task, model in missing)
+        task, model = missing[0]
         raise ConfigError(
-            f"studied in params.yaml lists {tasks}, whose journals {journals} do not exist: run each missing study "
-            f"(python -m rnnlab.train -m hparams_search=<the task's search config> task=<task> model=<model>) or drop {tasks} from studied."
+            f"studied in params.yaml lists {tasks}, whose journals {journals} do not exist: run each missing study, e.g. "
+            f"python -m rnnlab.train -m hparams_search=<{task}'s search config> task={task} model={model}; or drop {tasks} from studied."
         )
+
+
+def _journal(root: Path, task: str, model: str) -> Path:
+    return root / "optuna" / f"{task}_{model}.log"
 
 
 def _check_tuned_exists(root: Path, task: str, model: str) -> None:
@@ -323,7 +329,7 @@ def pipeline_params(path: Path) -> dict[str, Any]:
 
 
 def _check_studied(params: dict[str, Any], path: Path) -> None:
-    """`studied` (none if absent): the tasks whose studies the study_report stage reports, as a list of task names."""
+    """`studied` (none if absent; then `tuned` must be empty too): the tasks whose studies the study_report stage reports."""
     studied = params.get("studied") or []
     if not isinstance(studied, list) or not all(isinstance(task, str) for task in studied) or len(set(studied)) < len(studied):
         raise ConfigError(
@@ -352,12 +358,6 @@ def _check_more_seeds(params: dict[str, Any], path: Path) -> None:
     and the tuned models of every task of `tuned` (train_tuned_more): a task with both whose default models lack
     more_seeds would get tuned runs of seeds that its default models lack."""
     more_seeds, more_tasks = params.get("more_seeds") or [], params.get("more_seeds_tasks") or []
-    both = sorted({*_listed(params.get("seeds"))} & {*_listed(more_seeds)})
-    if both:
-        raise ConfigError(
-            f"seeds and more_seeds in {path} share {', '.join(map(str, both))}: the runs of a tuned task would be trained twice "
-            "(train_tuned and train_tuned_more write the same outputs); give each seed once, e.g. a new seed in seeds, not in more_seeds."
-        )
     if not isinstance(more_tasks, list) or not set(more_tasks) <= set(params["default_tasks"]):
         raise ConfigError(f"more_seeds_tasks in {path} must list tasks of `default_tasks`, e.g. [speech]; got {more_tasks}.")
     outside = [task for task in params["tuned"] if task in params["default_tasks"] and task not in more_tasks]
@@ -366,10 +366,6 @@ def _check_more_seeds(params: dict[str, Any], path: Path) -> None:
             f"tuned in {path} lists {', '.join(outside)}, which more_seeds_tasks lacks: tuned models train over more_seeds "
             "too, so their task's default models must; add it to more_seeds_tasks, or set more_seeds: []."
         )
-
-
-def _listed(value: Any) -> list[Any]:
-    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def _without_paths(cfg: DictConfig) -> dict[str, Any]:

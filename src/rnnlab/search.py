@@ -49,7 +49,6 @@ from hydra.utils import get_method, instantiate
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
@@ -165,10 +164,13 @@ _ABSENT = object()
 
 
 def _is_key(config: DictConfig, name: str) -> bool:
-    try:
-        return OmegaConf.select(config, name, default=_ABSENT, throw_on_resolution_failure=False, throw_on_missing=True) is not _ABSENT
-    except MissingMandatoryValue:  # `x: ???`, a key still without its value, which a sweep may set as Hydra lets it
+    if OmegaConf.select(config, name, default=_ABSENT, throw_on_resolution_failure=False) is not _ABSENT:
         return True
+    # `x: ???`, a key still without its value, which a sweep may set as Hydra lets it (not a key under a missing parent).
+    parent, _, leaf = name.rpartition(".")
+    node = OmegaConf.select(config, parent, default=None, throw_on_resolution_failure=False) if parent else config
+    # `in` on a DictConfig is False for a missing value; its keys() hold every key.
+    return isinstance(node, DictConfig) and leaf in node.keys() and OmegaConf.is_missing(node, leaf)  # noqa: SIM118
 
 
 def distribution_of(override: Override, where: str = "") -> BaseDistribution:
@@ -397,7 +399,8 @@ class Search:
         if target == "optuna.samplers.MOTPESampler":
             raise ConfigError(
                 "hydra.sweeper.sampler is MOTPESampler (hydra-optuna-sweeper's motpe), which Optuna removed in version 4: "
-                "its TPESampler searches several objectives too; write hydra/sweeper/sampler=tpe."
+                "its TPESampler searches several objectives too; write _target_: optuna.samplers.TPESampler in the sampler's config "
+                "(or hydra.sweeper.sampler._target_=optuna.samplers.TPESampler on the command line)."
             )
         reseed = {"seed": seed + offset} if seed is not None and target in RESEEDABLE else {}
         try:
