@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 from helpers import run_main
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from sklearn.metrics import accuracy_score, log_loss
+from test_memory import make_data
 from test_textgen import archive, textgen_overrides, textgen_root  # noqa: F401 (the textgen fixtures)
 
 from rnnlab.baselines import KneserNey, run
@@ -23,6 +25,7 @@ from rnnlab.data.sentiment import SentimentDataModule
 from rnnlab.data.speech import SpeechDataModule
 from rnnlab.data.textgen import TextStreamDataModule
 from rnnlab.errors import ConfigError
+from rnnlab.inference import unit_scores
 
 
 def compose_baselines(*overrides: str) -> DictConfig:
@@ -67,7 +70,7 @@ def test_tfidf_baseline_scores_the_networks_test_reviews(sentiment_root: Path, t
 
 
 def test_a_task_without_a_baseline_stage_is_a_clear_error(sentiment_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(ConfigError, match=r"task forecast has no baseline stage \(tasks with one: sentiment, textgen, speech\)"):
+    with pytest.raises(ConfigError, match=r"task forecast has no baseline stage \(tasks with one: sentiment, .*, memory_copy\); forecast"):
         run(compose_baselines(f"paths.root={sentiment_root}", "task=forecast", f"paths.baselines_dir={tmp_path}"))
     result = run_main(baselines_main, f"paths.root={tmp_path}", run_dir=tmp_path / "hydra", capsys=capsys)
     assert result.returncode == 2 and "splits.json is missing: run the preprocess stage first" in result.stderr
@@ -210,3 +213,38 @@ def test_unknown_mel_statistics_are_refused(speech_dirs: tuple[Path, Path], tmp_
     with pytest.raises(ConfigError, match=r"baselines.speech.statistics \['mean', 'median'\] is invalid; choose one or more of"):
         run(cfg)
     assert not list(tmp_path.iterdir())
+
+
+# --- memory tasks: the best guess that ignores the inputs --------------------------------------------------------
+
+
+@pytest.mark.parametrize("problem", ["adding", "copy"])
+def test_the_memory_baseline_is_the_training_targets_best_blind_guess(problem: str, tmp_path: Path) -> None:
+    processed = make_data(tmp_path / "data", problem)
+    task = f"memory_{problem}"
+    cfg = compose_baselines(f"task={task}", f"paths.processed={processed}", f"paths.baselines_dir={tmp_path}", "task.data.lag=4")
+    metrics = run(cfg)
+    predictions = pd.read_csv(tmp_path / "train_prior_predictions.csv")
+    data = instantiate(cfg.task.data)
+    data.setup()
+    train, test = (data.datasets[split].tensors[1].numpy() for split in ("train", "test"))
+    scored = unit_scores(predictions, cfg.task.primary_metric)  # as compare scores it against the networks
+    if problem == "adding":
+        assert list(predictions.columns) == ["unit", "group", "target", "prediction", "loss"]
+        assert predictions["prediction"].to_numpy() == pytest.approx(np.full(len(test), train.mean()), rel=1e-5)
+        assert metrics["test_mse"] == pytest.approx(((train.mean() - test) ** 2).mean(), rel=1e-5) == scored["score"].mean()
+    else:
+        assert list(predictions.columns) == ["unit", "group", "horizon", "target", "prediction", "loss"]
+        length = test.shape[1]
+        assert predictions["horizon"].tolist() == list(range(1, length + 1)) * len(test)
+        assert predictions["target"].tolist() == test.reshape(-1).tolist()
+        for step in range(length):  # each position's guess is its most frequent training symbol
+            counts = Counter(train[:, step].tolist())
+            guessed = set(predictions.loc[predictions["horizon"] == step + 1, "prediction"])
+            assert guessed == {min(counts, key=lambda symbol: (-counts[symbol], symbol))}
+            frequency = counts[test[0, step]] / len(train)
+            assert predictions.loc[step, "loss"] == pytest.approx(-np.log(max(frequency, 1e-12)), rel=1e-5)
+        assert metrics["test_acc"] == pytest.approx(scored["score"].mean())
+        correct = (predictions["prediction"] == predictions["target"]).to_numpy().reshape(len(test), length)
+        assert metrics["test_seq_acc"] == pytest.approx(correct.all(axis=1).mean())
+    pd.testing.assert_frame_equal(scored[["unit", "group"]].drop_duplicates().reset_index(drop=True), data.test_units())
