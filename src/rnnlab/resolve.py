@@ -206,8 +206,9 @@ def write_all(root: Path) -> list[Path]:
         same = [f"{task}/{model}_tuned" for task, model in tuned_pairs(params) if tuned_default(task, f"{model}_tuned", profile)]
         files["compare.yaml"] = {**compare_params(profile, params["tasks"]), "tuned_as_default": same}
         files["memory_report.yaml"] = memory_report_params(profile, params)
+        report_code = code_of("rnnlab.study_report", {})  # one module for every task's report: hashed once
         for task in params["studied"]:
-            files[f"studies/{task}.yaml"] = study_report_params(root, task, params)
+            files[f"studies/{task}.yaml"] = study_report_params(root, task, params, report_code)
     with io.atomic_dir(root / OUT_DIR) as tmp:
         for name, values in files.items():
             path = tmp / name
@@ -217,20 +218,21 @@ def write_all(root: Path) -> list[Path]:
     return [root / OUT_DIR / name for name in files]
 
 
-def study_report_params(root: Path, task: str, params: dict[str, Any]) -> dict[str, Any]:
+def study_report_params(root: Path, task: str, params: dict[str, Any], code: dict[str, str]) -> dict[str, Any]:
     """What the report of a task's studies reads (rnnlab.study_report): each model's journal, by hash, the metric its
     title names, whether the pipeline trains the tuned cells (the report says where their test scores are), its code."""
-    journals = {str(_journal(root, task, model).relative_to(root)): _sha256(_journal(root, task, model)) for model in params["models"]}
+    journals = [_journal(root, task, model) for model in params["models"]]
     return {
-        "journals": journals,
-        "metric": str(compose_run([f"task={task}"]).task.monitor),
+        "journals": {str(path.relative_to(root)): io.sha256(path) for path in journals},
+        "metric": studied_metric(task),
         "pipeline_trains_tuned": task in params["tuned"],
-        "code": code_of("rnnlab.study_report", {}),
+        "code": code,
     }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def studied_metric(task: str) -> str:
+    """The validation metric a task's studies optimise: its `monitor`."""
+    return str(compose_run([f"task={task}"]).task.monitor)
 
 
 def _check_studies_exist(root: Path, params: dict[str, Any]) -> None:

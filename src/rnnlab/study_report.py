@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from rnnlab import io
 from rnnlab.config import exit_on_user_error, project_root
 from rnnlab.errors import ConfigError
-from rnnlab.resolve import compose_run, pipeline_params
+from rnnlab.resolve import pipeline_params, studied_metric
 from rnnlab.trial import best_reported, open_storage
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -76,7 +76,7 @@ def task_report(studies_dir: Path, task: str, models: Sequence[str]) -> dict[str
         cells[model] = {**cell_summary(study), "importances": importances(study), "direction": study.direction.name.lower()}
     if not cells:
         return None
-    return {"metric": str(compose_run([f"task={task}"]).task.monitor), "cells": cells}
+    return {"metric": studied_metric(task), "cells": cells}
 
 
 def _fmt(value: float | None) -> str:
