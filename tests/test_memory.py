@@ -376,7 +376,7 @@ def test_the_report_names_the_stage_of_a_missing_run(report_run: Callable[..., t
     write_sweep(tmp_path / "metrics", {"memory_adding": {"gru": {5: 0.001}, "rnn": {5: 0.002}}})
     code, stderr = report_run("tasks=[memory_adding]", "lags=[5,10]")
     assert code == 2
-    assert "gru_lag10/seed42.json is missing: train it with `dvc repro train_lag@memory_adding-gru-10`" in stderr
+    assert "gru_lag10/seed42.json is missing: train it with `dvc repro pipelines/lags/dvc.yaml:train_lag@memory_adding-gru-10`" in stderr
     code, stderr = report_run("tasks=[sentiment]", "lags=[5]")
     assert code == 2 and "task sentiment is not a memory task" in stderr
 

@@ -179,8 +179,30 @@ def test_the_study_report_depends_on_its_journals_metric_and_code_not_on_search_
     assert holding(project.first, "rnnlab/study_report.py") == {"studies/sentiment.yaml"}
 
 
+def pipeline_stages() -> dict[str, dict]:
+    """The stage definitions of every pipeline file: dvc.yaml and pipelines/*/dvc.yaml (YAML merge keys applied)."""
+    files = [PROJECT / "dvc.yaml", *sorted(PROJECT.glob("pipelines/*/dvc.yaml"))]
+    return {name: stage for path in files for name, stage in yaml.safe_load(path.read_text())["stages"].items()}
+
+
+def test_plain_dvc_repro_reaches_every_stage_of_every_pipeline_file_run_from_the_project_root() -> None:
+    # The trainings live in pipelines/*/dvc.yaml (each a lock file of its own); `dvc repro` without targets runs the
+    # stages of ./dvc.yaml and what they need, so each of theirs must feed a stage there (compare, memory_report).
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(PROJECT)) as repo:
+        graph = repo.index.graph
+        root = [stage for stage in graph if stage.dvcfile.relpath == "dvc.yaml"]
+        reached = set(root).union(*(nx.descendants(graph, stage) for stage in root))
+        files = {stage.dvcfile.relpath for stage in graph}
+        assert files == {"dvc.yaml", "pipelines/train/dvc.yaml", "pipelines/tuned/dvc.yaml", "pipelines/lags/dvc.yaml"}
+        assert {stage.addressing for stage in graph} - {stage.addressing for stage in reached} == set()
+        assert {stage.wdir for stage in graph} == {str(PROJECT)}
+
+
 def test_every_training_stage_lists_the_hparams_and_the_digest_of_its_config_and_code(project: Project) -> None:
-    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    stages = pipeline_stages()
     trainings = {name: stage for name, stage in stages.items() if "rnnlab.train " in stage.get("cmd", "")}
     assert {"train", "train_more", "train_tuned", "train_tuned_more", "train_single_seed", "train_lag"} <= set(trainings)
     for name, stage in trainings.items():

@@ -1,6 +1,6 @@
 """The memory tasks' lag sweep as a table and figures: `python -m rnnlab.memory_report` (the `memory_report` DVC stage).
 
-Reads the metrics files of the sweep's runs (dvc.yaml's `train_lag`: metrics/lags/<task>/<model>_lag<L>/seed<seed>.json)
+Reads the metrics files of the sweep's runs (pipelines/lags/dvc.yaml's `train_lag`: metrics/lags/<task>/<model>_lag<L>/seed<seed>.json)
 of the memory tasks, models and lags that params.yaml lists, with its first seed, and writes under reports/:
 
 - memory_lags.md and memory_lags.json: per task, each model's primary test metric at every lag, the chance level (the
@@ -64,12 +64,13 @@ def skill(value: float, chance: float, mode: str) -> float:
 def sweep_metrics(metrics_dir: Path, task: str, model: str, lag: int, seed: int) -> dict[str, float]:
     """The test metrics of one run of the sweep."""
     path = metrics_dir / task / f"{model}_lag{lag}" / f"seed{seed}.json"
+    stage = f"pipelines/lags/dvc.yaml:train_lag@{task}-{model}-{lag}"
     if not path.is_file():
-        raise DataError(f"{path} is missing: train it with `dvc repro train_lag@{task}-{model}-{lag}`, or drop lag {lag} from memory_lags.")
+        raise DataError(f"{path} is missing: train it with `dvc repro {stage}`, or drop lag {lag} from memory_lags.")
     try:
         metrics = json.loads(path.read_text())
     except ValueError as err:
-        raise DataError(f"{path} is not a metrics file ({err}); train it again (`dvc repro train_lag@{task}-{model}-{lag}`).") from None
+        raise DataError(f"{path} is not a metrics file ({err}); train it again (`dvc repro {stage}`).") from None
     return {key: float(value) for key, value in metrics.items() if key.startswith("test_")}
 
 
@@ -117,8 +118,8 @@ def markdown(reports: dict[str, dict[str, Any]], seed: int, profile: str, at_cha
     lines = [
         "# Memory tasks: the primary metric against the time lag",
         "",
-        f"The lag sweep (`dvc.yaml`'s `train_lag`, profile {profile}, seed {seed}): every model trained once at each lag with",
-        "its task's settings. Chance: the score of a guess that ignores the inputs. At chance from: the first lag from which",
+        f"The lag sweep (`pipelines/lags/dvc.yaml`'s `train_lag`, profile {profile}, seed {seed}): every model trained once at",
+        "each lag with its task's settings. Chance: the score of a guess that ignores the inputs. At chance from: the first lag from which",
         f"the model closes less than {at_chance:.0%} of the gap between chance and a perfect score, up to the longest lag.",
         "Written by `python -m rnnlab.memory_report`.",
     ]

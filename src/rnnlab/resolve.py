@@ -94,9 +94,9 @@ def training_params(cfg: DictConfig) -> dict[str, Any]:
     config = result_config(cfg)
     hparams = {name: OmegaConf.select(cfg, key) for name, key in HPARAMS.items()}
     code = code_of("rnnlab.train", config)
-    # What dvc.yaml's trainings list as params: the hyperparameters, and a digest of the config and of the code. Listing
-    # the whole file would copy ~100 lines per training into dvc.lock, which DVC rewrites after every stage (seconds
-    # each at 300 trainings); `git diff resolved/` shows what a changed digest stands for.
+    # What the training stages (pipelines/*/dvc.yaml) list as params: the hyperparameters, and a digest of the config and
+    # of the code. Listing the whole file would copy ~100 lines per training into their dvc.lock, which DVC rewrites
+    # after every stage; `git diff resolved/` shows what a changed digest stands for.
     digest = {"config": _digest(config), "code": _digest(code)}
     return {"hparams": hparams, "digest": digest, "config": config, "code": code}
 
@@ -151,13 +151,14 @@ def memory_report_params(profile: str, params: dict[str, Any]) -> dict[str, Any]
 
 
 def lag_run(task: str, model: str, lag: int) -> tuple[str, str, list[str]]:
-    """A training of the lag sweep, as dvc.yaml's train_lag runs it: model <model>_lag<L> (conf/experiment/memory_lag.yaml)."""
+    """A training of the lag sweep, as pipelines/lags/dvc.yaml's train_lag runs it: model <model>_lag<L>
+    (conf/experiment/memory_lag.yaml)."""
     name = f"{model}_lag{lag}"
     return task, name, ["experiment=memory_lag", f"task={task}", f"model={model}", f"task.data.lag={lag}", f"model.name={name}"]
 
 
 def stage_models(params: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
-    """(task, model name, overrides) of every training the pipeline runs, as dvc.yaml lists them."""
+    """(task, model name, overrides) of every training the pipeline runs, as the pipeline's dvc.yaml files list them."""
     defaults = [*params["models"], *params["single_seed_models"]]
     runs = [(task, model, [f"task={task}", f"model={model}"]) for task in params["default_tasks"] for model in defaults]
     runs += [(task, f"{model}_tuned", [f"experiment={task}_{model}_tuned"]) for task, model in tuned_pairs(params)]
@@ -341,8 +342,8 @@ def _check_studied(params: dict[str, Any], path: Path) -> None:
 
 
 def _check_default_tasks(params: dict[str, Any], path: Path) -> None:
-    """`default_tasks` (every task of `tasks` if absent) train their models' default configurations (dvc.yaml's train
-    and train_single_seed), the tasks of `tuned` their tuned ones; a task in neither would be fetched for nothing."""
+    """`default_tasks` (every task of `tasks` if absent) train their models' default configurations (pipelines/train/dvc.yaml's
+    train and train_single_seed), the tasks of `tuned` their tuned ones; a task in neither would be fetched for nothing."""
     default_tasks = params.get("default_tasks", params["tasks"]) or []
     if not isinstance(default_tasks, list) or not set(default_tasks) <= set(params["tasks"]):
         raise ConfigError(f"default_tasks in {path} must list tasks of `tasks`, e.g. [sentiment, speech]; got {default_tasks}.")
@@ -356,7 +357,7 @@ def _check_default_tasks(params: dict[str, Any], path: Path) -> None:
 
 
 def _check_more_seeds(params: dict[str, Any], path: Path) -> None:
-    """`more_seeds` trains the default models of the tasks of `more_seeds_tasks` over more seeds (dvc.yaml's train_more),
+    """`more_seeds` trains the default models of the tasks of `more_seeds_tasks` over more seeds (pipelines/train/dvc.yaml's train_more),
     and the tuned models of every task of `tuned` (train_tuned_more): a task with both whose default models lack
     more_seeds would get tuned runs of seeds that its default models lack."""
     more_seeds, more_tasks = params.get("more_seeds") or [], params.get("more_seeds_tasks") or []
