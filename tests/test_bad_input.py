@@ -220,6 +220,15 @@ OVERRIDES = [
         says=("paths.metrics_file=", "/src/rnnlab/train.py would write into", "/src/rnnlab, a folder of the project"),
         id="metrics-file-in-sources",
     ),
+    *(  # the training stages' pipeline files and locks, the study journals, the MLflow store
+        case(
+            "train",
+            f"paths.metrics_file={path}",
+            says=("paths.metrics_file=", f"/{path} would write into", "a folder of the project"),
+            id=f"metrics-file-over-{path.split('/')[0]}",
+        )
+        for path in ("pipelines/train/dvc.lock", "optuna/sentiment_gru.log", "mlruns/mlflow.db")
+    ),
     *(
         case(
             "train",

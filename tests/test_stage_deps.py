@@ -182,7 +182,9 @@ def test_the_study_report_depends_on_its_journals_metric_and_code_not_on_search_
 def pipeline_stages() -> dict[str, dict]:
     """The stage definitions of every pipeline file: dvc.yaml and pipelines/*/dvc.yaml (YAML merge keys applied)."""
     files = [PROJECT / "dvc.yaml", *sorted(PROJECT.glob("pipelines/*/dvc.yaml"))]
-    return {name: stage for path in files for name, stage in yaml.safe_load(path.read_text())["stages"].items()}
+    stages = [(name, stage) for path in files for name, stage in yaml.safe_load(path.read_text())["stages"].items()]
+    assert len({name for name, _ in stages}) == len(stages), "a stage name used in two pipeline files"
+    return dict(stages)
 
 
 def test_plain_dvc_repro_reaches_every_stage_of_every_pipeline_file_run_from_the_project_root() -> None:
@@ -234,7 +236,7 @@ def test_a_comment_changes_nothing_and_a_learning_rate_one_model(tmp_path: Path)
     changed = {name for name in after if after[name] != before[name]}
     assert changed == {"sentiment/gru_tuned.yaml"}
     assert after["sentiment/gru_tuned.yaml"]["hparams"]["lr"] == 0.003
-    # What the trainings list in dvc.yaml: the digest follows the config (and the code), not the file's bytes.
+    # What the trainings list in pipelines/*/dvc.yaml: the digest follows the config (and the code), not the file's bytes.
     assert after["sentiment/gru_tuned.yaml"]["digest"]["config"] != before["sentiment/gru_tuned.yaml"]["digest"]["config"]
     assert after["sentiment/gru_tuned.yaml"]["digest"]["code"] == before["sentiment/gru_tuned.yaml"]["digest"]["code"]
 

@@ -249,8 +249,8 @@ def load_runs(client: MlflowClient, tasks: list[str], profile: str) -> pd.DataFr
 
 def load_pipeline_runs(client: MlflowClient, tasks: list[str], profile: str, metrics_dir: Path, seeds: TaskSeeds) -> pd.DataFrame:
     """One row per metrics file <metrics_dir>/<task>/<model>/seed<seed>.json of the task's `seeds` (None: every seed): the
-    MLflow run it names (`mlflow_run_id`), which must be a FINISHED training run of `profile`. The files are what dvc.lock
-    records, so the report and DVC agree; files of other seeds (an earlier pipeline's) are not this pipeline's."""
+    MLflow run it names (`mlflow_run_id`), which must be a FINISHED training run of `profile`. The files are what
+    pipelines/*/dvc.lock record, so the report and DVC agree; files of other seeds (an earlier pipeline's) are not this pipeline's."""
     rows = []
     for task in tasks:
         patterns = [f"*/seed{seed}.json" for seed in seeds[task]] if seeds is not None else ["*/seed*.json"]

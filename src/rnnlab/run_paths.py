@@ -25,9 +25,10 @@ RUN_CONTENT = ("checkpoints", "figures")
 HYDRA_CONTENT = (".hydra",)
 OUTPUT_DIRS = ("run_dir", "model_dir", "plots_dir")
 OUTPUT_FILES = ("metrics_file", "history_file", "predictions_file")
-# The project's own folders, where no run output belongs: its sources, configs and documentation, and the data,
-# reports and resolved configs that other stages write.
-FOREIGN = ("conf", "src", "tests", "docs", ".git", ".dvc", ".ci", "data", "reports", "resolved")
+# The project's own folders, where no run output belongs: its sources, configs and documentation, the data, reports
+# and resolved configs that other stages write, the training stages' pipeline files and locks, the study journals
+# and the MLflow store.
+FOREIGN = ("conf", "src", "tests", "docs", ".git", ".dvc", ".ci", "data", "reports", "resolved", "pipelines", "optuna", "mlruns")
 # The folders that hold every run's outputs: a run's belong below them, never in their place.
 PROTECTED = (*FOREIGN, "metrics", "models", "plots")
 
