@@ -276,6 +276,20 @@ def test_several_directions_take_one_returned_value_each(hydra_sweep_runner: TSw
     assert results is not None and {tuple(s["values"]) for s in results["solutions"]} == {tuple(t.values) for t in study.best_trials}
 
 
+def test_a_resumed_study_of_a_stateful_sampler_draws_new_values_reproducibly(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:
+    # NSGA-II's first generation is random draws from its seeded generator: built with the same seed on resume, it
+    # would draw the first run's values again. Each run is reproducible from the study's history.
+    def two_runs(folder: Path) -> list[float]:
+        settings = ("hydra/sweeper/sampler=nsgaii", "hydra.sweeper.sampler.seed=3", "hydra.sweeper.n_jobs=1", "x=interval(0, 1)", "y=0")
+        run_app(hydra_sweep_runner, folder, *settings, "hydra.sweeper.n_trials=3")
+        study, _ = run_app(hydra_sweep_runner, folder, *settings, "hydra.sweeper.n_trials=3")
+        return [t.params["x"] for t in study.trials]
+
+    drawn = two_runs(tmp_path / "first")
+    assert len(drawn) == 6 and len(set(drawn)) == 6
+    assert two_runs(tmp_path / "again") == drawn
+
+
 def test_grid_sampler_walks_every_value_of_the_space_once(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:
     study, _ = run_app(
         hydra_sweep_runner, tmp_path, "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=100", "x=choice(0.0, 1.0)", "y=range(0, 2)"

@@ -69,7 +69,8 @@ WORKER_ATTR, INTERRUPTED_ATTR, PARENT_RUN_ATTR = "worker", "interrupted", "mlflo
 GRID_SAMPLER = "optuna.samplers.GridSampler"
 # Samplers whose only state across trials is their random generator: reseeded per trial, so that
 # parallel workers draw distinct values. Others (CMA-ES, NSGA-II, QMC...) keep state of their own
-# and are built once per worker.
+# and are built once per worker, seeded with the seed plus the trials the study already holds: a
+# resumed study would otherwise draw its first trials' values again (NSGA-II's first generation).
 RESEEDABLE = ("optuna.samplers.TPESampler", "optuna.samplers.RandomSampler")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -402,7 +403,7 @@ class Search:
                 "its TPESampler searches several objectives too; write _target_: optuna.samplers.TPESampler in the sampler's config "
                 "(or hydra.sweeper.sampler._target_=optuna.samplers.TPESampler on the command line)."
             )
-        reseed = {"seed": seed + offset} if seed is not None and target in RESEEDABLE else {}
+        reseed = {"seed": seed + offset} if seed is not None and offset else {}
         try:
             sampler = instantiate(self.sampler_cfg, **reseed)
             return sampler(self._grid) if self.grid else sampler
@@ -424,6 +425,8 @@ class Search:
                     f"The study {self.name!r} in {self.storage_label} was created to {', '.join(existing)}, "
                     f"not {', '.join(self.directions)}; delete that study or give this search another name."
                 ) from None
+            if self.sampler_cfg.get("_target_") not in RESEEDABLE:  # see RESEEDABLE
+                study.sampler = self._build_sampler(len(study.get_trials(deepcopy=False)))
             return study, (self._parent_run_here(study) if self.rnnlab else None)
         run_id = None
         if self.rnnlab:
