@@ -59,6 +59,8 @@ NO_ALIAS = "champion_alias=null"  # the synthetic runs have no network to regist
 FEW_RESAMPLES = "resamples=200"  # for tests of which runs are compared, not of the intervals: a tenth of the bootstrap's time
 # The smallest effects of interest the synthetic runs declare (task/equivalence_margin).
 MARGINS = {"sentiment": 0.02, "forecast": 0.03, "textgen": 0.02}
+# What the synthetic runs say their test set is (task/test_set); the other tasks' runs say nothing, as older runs.
+TEST_SETS = {"sentiment": "reviews held out at random (test_fraction 0.1, split_seed 1234)"}
 N_REVIEWS, N_ORIGINS, HORIZON, CHUNKS = 1000, 40, 3, 30
 # Forecast errors per origin: a fixed pattern of mean 1, so that a run's MASE is its value exactly.
 ERROR_PATTERN = np.tile([0.7, 1.3, 0.9, 1.1], N_ORIGINS // 4)
@@ -138,6 +140,8 @@ def add_run(
         metrics += [Metric(monitor, v, start + e, step[e]) for e, v in enumerate(history)]
     params = [Param("task/primary_metric", metric), Param("task/monitor", monitor), Param("task/monitor_mode", mode)]
     params.append(Param("task/equivalence_margin", str(MARGINS[task])))
+    if task in TEST_SETS:
+        params.append(Param("task/test_set", TEST_SETS[task]))
     client.log_batch(run_id, metrics=metrics, params=params)
     client.log_text(run_id, synthetic_predictions(task, value).to_csv(index=False), "test_predictions.csv")
     if task in ("sentiment", "forecast"):
@@ -382,6 +386,30 @@ def test_textgen_samples_in_the_markdown(report: dict[str, Any], store: Path) ->
     assert report["tasks"]["textgen"]["models"]["lstm"]["champion"]["sample"]["artifact"] == "samples/epoch01.txt"
     assert report["tasks"]["sentiment"]["models"]["gru"]["champion"]["sample"] is None
     assert "![textgen samples](figures/textgen_samples.png)" in md
+
+
+def test_each_task_section_says_what_its_test_set_is_when_its_runs_record_it(report: dict[str, Any], store: Path) -> None:
+    assert report["tasks"]["sentiment"]["test_set"] == TEST_SETS["sentiment"]
+    assert report["tasks"]["forecast"]["test_set"] == ""  # runs of an older rnnlab record none
+    md = (store / "reports" / "comparison.md").read_text()
+    assert f"## sentiment: test_acc (higher is better)\n\nTest set: {TEST_SETS['sentiment']}.\n\n| model |" in md
+    assert "## forecast: test_mase (lower is better)\n\n| model |" in md and md.count("Test set:") == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["task=speech"], "clips of voices that no training clip has (task.fetch.espeak.split_by=voice)"),
+        (["task=speech", "task.fetch.espeak.split_by=speaker"], "clips of speakers that no training clip has"),
+        (["task=speech", "task.fetch.source=speechcommands"], "the clips of the archive's testing list"),
+        (["task=forecast_electricity"], "every forecast origin in the series' newest rows (test_fraction 0.15"),
+        (["task=sentiment", "task.preprocess.test_fraction=0.2"], "reviews held out at random (test_fraction 0.2"),
+    ],
+)
+def test_a_task_config_says_what_its_test_set_is_from_its_split_settings(
+    compose_cfg: Callable[..., DictConfig], overrides: list[str], says: str
+) -> None:
+    assert compose_cfg(*overrides).task.test_set.startswith(says)
 
 
 def test_a_tuned_model_equal_to_its_default_is_marked(report: dict[str, Any], store: Path) -> None:

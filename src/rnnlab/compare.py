@@ -226,12 +226,16 @@ def _run_row(task: str, run: Run) -> dict[str, Any] | None:
         )
     run_info = {"model": tags["model"], "seed": int(tags["seed"]), "run_id": run.info.run_id, "run_name": run.info.run_name}
     margin = float(params.get("task/equivalence_margin", math.nan))
-    logged = {"metric": metric, "monitor": monitor, "mode": mode, "value": metrics[metric], "margin": margin}
+    test_set = params.get("task/test_set", "")  # what the test set is (task.test_set); runs of older rnnlab lack it
+    logged = {"metric": metric, "monitor": monitor, "mode": mode, "value": metrics[metric], "margin": margin, "test_set": test_set}
     extras = {key: metrics.get(key, math.nan) for key in EXTRAS}
     return {"task": task, **run_info, "start_time": run.info.start_time, **logged, **extras}
 
 
-RUN_COLUMNS = ["task", "model", "seed", "run_id", "run_name", "start_time", "metric", "monitor", "mode", "value", "margin", *EXTRAS]
+RUN_COLUMNS = [
+    *("task", "model", "seed", "run_id", "run_name", "start_time", "metric", "monitor", "mode", "value", "margin", "test_set"),
+    *EXTRAS,
+]
 
 
 def load_runs(client: MlflowClient, tasks: list[str], profile: str) -> pd.DataFrame:
@@ -555,6 +559,7 @@ def build_report(
             "monitor": newest["monitor"],
             "mode": newest["mode"],
             "margin": float(newest["margin"]),
+            "test_set": newest["test_set"],
             "baselines": baselines,
             "forecast_accuracy": scores[task].forecast_accuracy,
             "models": models,
@@ -812,6 +817,8 @@ def markdown(report: dict[str, Any]) -> str:
     for task, result in report["tasks"].items():
         metric, better = result["metric"], "higher" if result["mode"] == "max" else "lower"
         lines += ["", f"## {task}: {metric} ({better} is better)", ""]
+        if result["test_set"]:
+            lines += [f"Test set: {result['test_set']}.", ""]
         lines += [
             f"| model | {metric} mean ± std | {level} CI | seeds | {' | '.join(label for label, _ in EXTRAS.values())} |",
             "|---" * (4 + len(EXTRAS)) + "|",
