@@ -24,7 +24,16 @@ from scipy import stats
 from statsmodels.regression.linear_model import OLS
 from statsmodels.stats.multitest import multipletests
 
-from rnnlab.compare import baselines_to_test, compare, forecast_accuracy, learning_curve, requested_models, requested_seeds, with_owa
+from rnnlab.compare import (
+    _test_set,
+    baselines_to_test,
+    compare,
+    forecast_accuracy,
+    learning_curve,
+    requested_models,
+    requested_seeds,
+    with_owa,
+)
 from rnnlab.compare import main as compare_main
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError, DataError
@@ -396,14 +405,32 @@ def test_each_task_section_says_what_its_test_set_is_when_its_runs_record_it(rep
     assert "## forecast: test_mase (lower is better)\n\n| model |" in md and md.count("Test set:") == 1
 
 
+def test_runs_of_one_task_tested_on_different_test_sets_are_not_compared() -> None:
+    runs = pd.DataFrame({"test_set": ["clips of voices ...", "", "clips of speakers ..."]})
+    with pytest.raises(DataError, match=r"runs of speech were tested on different test sets \(clips of speakers \.\.\.; clips of voices"):
+        _test_set("speech", runs)
+    assert _test_set("speech", runs.iloc[:2]) == "clips of voices ..."  # runs of an older rnnlab say nothing
+
+
+SPEECH_VOICES = "clips of voices that no training clip has, and silence clips (test_fraction 0.1, task.fetch.espeak.split_by=voice)"
+
+
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        (["task=speech"], "clips of voices that no training clip has (task.fetch.espeak.split_by=voice)"),
+        (["task=speech"], SPEECH_VOICES),
         (["task=speech", "task.fetch.espeak.split_by=speaker"], "clips of speakers that no training clip has"),
         (["task=speech", "task.fetch.source=speechcommands"], "the clips of the archive's testing list"),
-        (["task=forecast_electricity"], "every forecast origin in the series' newest rows (test_fraction 0.15"),
-        (["task=sentiment", "task.preprocess.test_fraction=0.2"], "reviews held out at random (test_fraction 0.2"),
+        (["task=speech", "task.fetch.source=nosuch"], "an unknown source's test split"),
+        (
+            ["task=forecast_electricity", "task.preprocess.test_fraction=0.2"],
+            "every forecast origin in the series' newest rows (test_fraction 0.2,",
+        ),
+        (
+            ["task=sentiment", "task.preprocess.test_fraction=0.2"],
+            "distinct reviews (duplicates dropped) of a stratified random split (test_fraction 0.2,",
+        ),
+        (["task=memory_copy", "task.data.lag=40"], "1000 sequences at lag 40"),
     ],
 )
 def test_a_task_config_says_what_its_test_set_is_from_its_split_settings(

@@ -166,6 +166,10 @@ def plain_config(tmp_path: Path, **extra: Any) -> DictConfig:
             "which Optuna removed in version 4: its TPESampler searches several objectives too; write _target_: optuna.samplers.TPESampler",
         ),
         ({"params": {}}, "The search space is empty"),
+        *(
+            ({"sampler": OmegaConf.create({"_target_": "optuna.samplers.NSGAIISampler", "seed": seed})}, "must be a whole number from 0")
+            for seed in ("abc", 2.5, 2**32, -1)
+        ),
     ],
 )
 def test_settings_it_cannot_honour_are_refused_in_one_line_with_the_fix(tmp_path: Path, settings: dict[str, Any], fix: str) -> None:
@@ -288,6 +292,20 @@ def test_a_resumed_study_of_a_stateful_sampler_draws_new_values_reproducibly(hyd
     drawn = two_runs(tmp_path / "first")
     assert len(drawn) == 6 and len(set(drawn)) == 6
     assert two_runs(tmp_path / "again") == drawn
+
+
+@pytest.mark.parametrize("sampler", ["grid", "qmc"])
+def test_a_resumed_grid_or_qmc_study_goes_on_with_its_own_seed(hydra_sweep_runner: TSweepRunner, tmp_path: Path, sampler: str) -> None:
+    # Their seed orders the grid or scrambles the one sequence the study continues: a resumed run keeps it.
+    space = ("x=choice(0.0, 0.25, 0.5, 0.75)", "y=0")
+    scrambled = ["+hydra.sweeper.sampler.scramble=true"] if sampler == "qmc" else []  # else QMC's seed decides nothing
+    settings = (f"hydra/sweeper/sampler={sampler}", "hydra.sweeper.sampler.seed=3", "hydra.sweeper.n_jobs=1", *scrambled, *space)
+    run_app(hydra_sweep_runner, tmp_path / "halves", *settings, "hydra.sweeper.n_trials=2")
+    halves, _ = run_app(hydra_sweep_runner, tmp_path / "halves", *settings, "hydra.sweeper.n_trials=2")
+    whole, _ = run_app(hydra_sweep_runner, tmp_path / "whole", *settings, "hydra.sweeper.n_trials=4")
+    assert [t.params["x"] for t in halves.trials] == [t.params["x"] for t in whole.trials]
+    if sampler == "grid":
+        assert sorted(t.params["x"] for t in halves.trials) == [0.0, 0.25, 0.5, 0.75]
 
 
 def test_grid_sampler_walks_every_value_of_the_space_once(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:

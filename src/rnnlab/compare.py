@@ -514,6 +514,17 @@ def test_pair(
     return inference.compare_pair(first, second, margin, horizon=horizon, **settings)
 
 
+def _test_set(task: str, runs: pd.DataFrame) -> str:
+    """What the task's runs say their test set is ("" if none says); runs tested on different sets are not comparable."""
+    said = sorted({value for value in runs["test_set"] if value})
+    if len(said) > 1:
+        raise DataError(
+            f"the runs of {task} were tested on different test sets ({'; '.join(said)}): compare the runs of one split "
+            "(seeds=[...], models=[...]) or retrain them with the same split settings."
+        )
+    return said[0] if said else ""
+
+
 def _metric_value(scores: inference.Scores) -> float:
     """The primary metric of a baseline, whose scores are the same on every seed: the weighted mean of its unit scores."""
     return float(np.sum(scores.values[0] * scores.weights) / scores.weights.sum())
@@ -559,7 +570,7 @@ def build_report(
             "monitor": newest["monitor"],
             "mode": newest["mode"],
             "margin": float(newest["margin"]),
-            "test_set": newest["test_set"],
+            "test_set": _test_set(str(task), task_runs),
             "baselines": baselines,
             "forecast_accuracy": scores[task].forecast_accuracy,
             "models": models,

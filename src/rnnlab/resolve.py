@@ -86,6 +86,8 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
         config.pop(key, None)
     for key in ("fetch", "preprocess", "predictor"):  # other stages' settings: training reads their outputs
         config["task"].pop(key, None)
+    for key in ("test_set", "test_set_by_source"):  # what the report says the test set is: no part of a result
+        config["task"].pop(key, None)
     return config
 
 

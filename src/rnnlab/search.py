@@ -68,10 +68,17 @@ DIRECTIONS = ("minimize", "maximize")
 WORKER_ATTR, INTERRUPTED_ATTR, PARENT_RUN_ATTR = "worker", "interrupted", "mlflow_parent_run_id"
 GRID_SAMPLER = "optuna.samplers.GridSampler"
 # Samplers whose only state across trials is their random generator: reseeded per trial, so that
-# parallel workers draw distinct values. Others (CMA-ES, NSGA-II, QMC...) keep state of their own
-# and are built once per worker, seeded with the seed plus the trials the study already holds: a
-# resumed study would otherwise draw its first trials' values again (NSGA-II's first generation).
+# parallel workers draw distinct values. Others keep state of their own and are built once per worker.
 RESEEDABLE = ("optuna.samplers.TPESampler", "optuna.samplers.RandomSampler")
+# Of those, the ones whose generator draws new values: built with the seed plus the trials the study already holds
+# when a run resumes it, or they would draw the first run's values again (NSGA-II's first generation). Grid and QMC
+# samplers keep their seed: it orders the grid, or scrambles the one sequence the study continues.
+RESEEDED_ON_RESUME = (
+    "optuna.samplers.NSGAIISampler",
+    "optuna.samplers.NSGAIIISampler",
+    "optuna.samplers.CmaEsSampler",
+    "optuna.samplers.GPSampler",
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Optuna flags its matplotlib plots experimental; the report uses them knowingly.
@@ -403,7 +410,12 @@ class Search:
                 "its TPESampler searches several objectives too; write _target_: optuna.samplers.TPESampler in the sampler's config "
                 "(or hydra.sweeper.sampler._target_=optuna.samplers.TPESampler on the command line)."
             )
-        reseed = {"seed": seed + offset} if seed is not None and offset else {}
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+            raise ConfigError(
+                f"hydra.sweeper.sampler.seed must be a whole number from 0 to 2**32 - 1, got {seed!r}; "
+                "write e.g. hydra.sweeper.sampler.seed=42."
+            )
+        reseed = {"seed": (seed + offset) % 2**32} if seed is not None and offset else {}  # numpy's seeds stop at 2**32 - 1
         try:
             sampler = instantiate(self.sampler_cfg, **reseed)
             return sampler(self._grid) if self.grid else sampler
@@ -425,7 +437,7 @@ class Search:
                     f"The study {self.name!r} in {self.storage_label} was created to {', '.join(existing)}, "
                     f"not {', '.join(self.directions)}; delete that study or give this search another name."
                 ) from None
-            if self.sampler_cfg.get("_target_") not in RESEEDABLE:  # see RESEEDABLE
+            if self.sampler_cfg.get("_target_") in RESEEDED_ON_RESUME:
                 study.sampler = self._build_sampler(len(study.get_trials(deepcopy=False)))
             return study, (self._parent_run_here(study) if self.rnnlab else None)
         run_id = None
