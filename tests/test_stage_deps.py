@@ -230,6 +230,10 @@ def test_a_comment_changes_nothing_and_a_learning_rate_one_model(tmp_path: Path)
     with (tmp_path / "conf/task/speech.yaml").open("a") as f:
         f.write("# a comment changes no value\n")
     assert project.resolve() == before
+    # Nor does the report's description of a test set: it is no part of any result.
+    speech = tmp_path / "conf/task/speech.yaml"
+    speech.write_text(speech.read_text().replace("the clips of the archive's testing list", "the archive's test clips"))
+    assert project.resolve() == before
 
     project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.003"))
     after = project.resolve()
