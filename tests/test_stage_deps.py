@@ -187,6 +187,7 @@ def pipeline_stages() -> dict[str, dict]:
     return dict(stages)
 
 
+@pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")  # DVC 3.67's own, once per stage and path step
 def test_plain_dvc_repro_reaches_every_stage_of_every_pipeline_file_run_from_the_project_root() -> None:
     # The trainings live in pipelines/*/dvc.yaml (each a lock file of its own); `dvc repro` without targets runs the
     # stages of ./dvc.yaml and what they need, so each of theirs must feed a stage there (compare, memory_report).
