@@ -84,9 +84,8 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
     config = _without_paths(cfg)
     for key in NOT_RESULTS:
         config.pop(key, None)
-    for key in ("fetch", "preprocess", "predictor"):  # other stages' settings: training reads their outputs
-        config["task"].pop(key, None)
-    for key in ("test_set", "test_set_by_source"):  # what the report says the test set is: no part of a result
+    # Other stages' settings (training reads their outputs) and what the report says the test set is: no part of a result.
+    for key in ("fetch", "preprocess", "predictor", "test_set", "test_set_by_source"):
         config["task"].pop(key, None)
     return config
 

@@ -70,7 +70,7 @@ GRID_SAMPLER = "optuna.samplers.GridSampler"
 # Samplers whose only state across trials is their random generator: reseeded per trial, so that
 # parallel workers draw distinct values. Others keep state of their own and are built once per worker.
 RESEEDABLE = ("optuna.samplers.TPESampler", "optuna.samplers.RandomSampler")
-# Of those, the ones whose generator draws new values: built with the seed plus the trials the study already holds
+# Of the others, the ones whose generator draws new values: built with the seed plus the trials the study already holds
 # when a run resumes it, or they would draw the first run's values again (NSGA-II's first generation). Grid and QMC
 # samplers keep their seed: it orders the grid, or scrambles the one sequence the study continues.
 RESEEDED_ON_RESUME = (
