@@ -449,6 +449,32 @@ def test_a_tuned_model_equal_to_its_default_is_marked(report: dict[str, Any], st
     assert "gru_tuned is gru's default configuration: its study found nothing better (conf/experiment/sentiment_gru_tuned.yaml)" in md
 
 
+def test_the_pipeline_s_list_of_tuned_models_equal_to_their_default_decides_the_mark(store: Path, tmp_path: Path) -> None:
+    # The DVC stage passes resolved/compare.yaml, whose list rnnlab.resolve wrote: compare then composes nothing.
+    listed = tmp_path / "compare.yaml"
+    listed.write_text("compare:\n  profile: default\ntuned_as_default: []\n")
+    report = compare(compose_compare(*store_overrides(store, tmp_path), NO_ALIAS, FEW_RESAMPLES, f"tuned_as_default_from={listed}"))
+    assert report["tasks"]["sentiment"]["models"]["gru_tuned"]["same_as_default"] is None
+    listed.write_text("compare:\n  profile: default\ntuned_as_default: [sentiment/gru_tuned, sentiment/lstm_tuned]\n")
+    report = compare(compose_compare(*store_overrides(store, tmp_path), NO_ALIAS, FEW_RESAMPLES, f"tuned_as_default_from={listed}"))
+    models = report["tasks"]["sentiment"]["models"]
+    assert [models[model]["same_as_default"] for model in ("gru_tuned", "gru", "lstm")] == ["gru", None, None]
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [("compare:\n  profile: smoke\ntuned_as_default: []\n", "'smoke'"), ("compare:\n  profile: default\n", "'default'")],
+)
+def test_a_list_of_tuned_models_resolved_for_another_profile_or_none_is_refused(store: Path, tmp_path: Path, text: str, found: str) -> None:
+    listed = tmp_path / "compare.yaml"
+    listed.write_text(text)
+    out = tmp_path / "out"
+    says = rf"tuned_as_default_from={listed}: it lists no `tuned_as_default` of profile 'default' \(found profile {found}\); run `python -m"
+    with pytest.raises(ConfigError, match=says):
+        compare(compose_compare(*store_overrides(store, out), NO_ALIAS, f"tuned_as_default_from={listed}"))
+    assert not out.exists()  # refused before anything was written
+
+
 def test_metrics_file_holds_only_numbers(report: dict[str, Any], store: Path) -> None:
     metrics = json.loads((store / "reports" / "comparison_metrics.json").read_text())
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from helpers import run_main
+from omegaconf import OmegaConf
 
 from rnnlab.config import config_dir
 from rnnlab.train import main as train_main
@@ -35,6 +36,26 @@ def test_smoke_profile_shrinks_the_run(compose_cfg) -> None:
     assert smoke.trainer.max_epochs == 1 < default.trainer.max_epochs
     assert smoke.task.data.limit_train is not None and default.task.data.limit_train is None
     assert smoke.model.encoder.hidden_size < default.model.encoder.hidden_size
+
+
+@pytest.mark.parametrize("experiment", ["forecast_rnn_tuned", "speech_lstm_tuned", "textgen_lstm_tuned"])
+def test_smoke_and_quick_profiles_shrink_a_tuned_cell_too(compose_cfg, experiment: str) -> None:
+    """A saved configuration sets its own epochs and width; the smoke and quick budgets still bound them."""
+    task = experiment.split("_")[0]
+    default, quick, smoke = (compose_cfg(f"experiment={experiment}", f"profile={p}") for p in ("default", "quick", "smoke"))
+    untuned_quick = compose_cfg(f"task={task}", "profile=quick")
+    assert smoke.trainer.max_epochs == 1 and smoke.model.encoder.hidden_size == 16
+    assert quick.trainer.max_epochs == untuned_quick.trainer.max_epochs
+    # The default profile keeps what the study chose, over the task's own budget.
+    saved = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    assert default.trainer.max_epochs == saved.trainer.max_epochs
+    assert default.model.encoder.hidden_size == saved.model.encoder.hidden_size
+
+
+def test_a_task_budget_applies_on_every_profile_below_the_profile(compose_cfg) -> None:
+    default, quick, smoke = (compose_cfg("task=speech", f"profile={p}") for p in ("default", "quick", "smoke"))
+    assert (default.trainer.max_epochs, quick.trainer.max_epochs, smoke.trainer.max_epochs) == (20, 8, 1)
+    assert default.callbacks.early_stopping.patience == quick.callbacks.early_stopping.patience == 4
 
 
 def test_command_line_overrides_beat_the_profile(compose_cfg) -> None:

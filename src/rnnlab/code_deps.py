@@ -123,11 +123,20 @@ def named_modules(values: Any) -> set[str]:
     return set()
 
 
+@functools.cache
+def _providers() -> Mapping[str, list[str]]:
+    """Top-level package -> the installed distributions that provide it. Scanning every installed distribution's
+    files takes about a second; compare asks once per champion it registers."""
+    from importlib.metadata import packages_distributions
+
+    return packages_distributions()
+
+
 def requirements(modules: Iterable[str]) -> list[str]:
     """`name==version` of every installed distribution that provides a third-party package these modules import."""
-    from importlib.metadata import packages_distributions, version
+    from importlib.metadata import version
 
-    providers = packages_distributions()
+    providers = _providers()
     imported = set().union(*(external_imports(module) for module in modules))
     names = sorted({name for top in imported for name in providers.get(top, [])}, key=str.lower)
     return [f"{name}=={version(name).split('+')[0]}" for name in names]  # torch's local tag (+cpu, +cu128) is no PyPI version

@@ -152,6 +152,21 @@ def _task_list(params: DictConfig, key: str, path: str) -> list[str]:
     return tasks
 
 
+def tuned_as_default(cfg: DictConfig) -> list[str] | None:
+    """The `<task>/<model>_tuned` equal to their default model, from the YAML file `tuned_as_default_from` (the DVC stage
+    passes resolved/compare.yaml, which rnnlab.resolve wrote); None without one: build_report composes to find out."""
+    if cfg.tuned_as_default_from is None:
+        return None
+    params = _params_file(cfg, "tuned_as_default_from", "a `tuned_as_default` list (rnnlab.resolve writes resolved/compare.yaml)")
+    listed, profile = _plain(params.get("tuned_as_default")), OmegaConf.select(params, "compare.profile")
+    if not isinstance(listed, list) or profile != cfg.profile:
+        raise ConfigError(
+            f"tuned_as_default_from={cfg.tuned_as_default_from}: it lists no `tuned_as_default` of profile {cfg.profile!r} (found "
+            f"profile {profile!r}); run `python -m rnnlab.resolve` on that profile first, or leave tuned_as_default_from null."
+        )
+    return listed
+
+
 # Per task, the models to compare; or one list (or None: every model with runs) for every task.
 TaskModels = dict[str, list[str]] | list[str] | None
 
@@ -538,11 +553,13 @@ def build_report(
     profile: str,
     seeds: TaskSeeds = None,
     baseline_tests: str = "strongest",
+    tuned_as_default: list[str] | None = None,
 ) -> dict[str, Any]:
     """The comparison as JSON-ready data. `runs` carry best_val and best_epoch (best_validation) besides load_runs' columns;
     `scores` are task_scores' per task; `settings` are compare_pair's confidence, alpha, resamples and seed;
     `baseline_tests` which baselines the networks are tested against (baselines_to_test). A `<model>_tuned` whose study
-    found nothing better than the default records that default as `same_as_default` (resolve.tuned_default)."""
+    found nothing better than the default records that default as `same_as_default`: listed as `<task>/<model>` in
+    `tuned_as_default` (compare's tuned_as_default_from), or if that is None, as resolve.tuned_default composes it."""
     tasks = {}
     for task, task_runs in runs.groupby("task"):
         newest = task_runs.loc[task_runs["start_time"].idxmax()]  # its config decides the task's metrics, direction and margin
@@ -554,7 +571,7 @@ def build_report(
                 **describe(group["value"].to_numpy(), settings["confidence"]),
                 **{key: float(group[key].mean()) for key in EXTRAS},  # None (shown "—") where no run logged it
                 "champion": champion(group.reset_index(drop=True)),
-                "same_as_default": resolve.tuned_default(str(task), model, profile),
+                "same_as_default": _same_as_default(str(task), model, profile, tuned_as_default),
             }
             for model, group in by_model.items()
         }
@@ -584,6 +601,12 @@ def build_report(
     report = {"profile": profile, "seeds": seeds, **settings, "baseline_tests": baseline_tests, "tests": len(tested)}
     report["champion_alias"] = None
     return _json_safe(report | {"tasks": tasks})
+
+
+def _same_as_default(task: str, model: str, profile: str, listed: list[str] | None) -> str | None:
+    if listed is None:
+        return resolve.tuned_default(task, model, profile)
+    return model.removesuffix("_tuned") if f"{task}/{model}" in listed else None
 
 
 def learning_curve(client: MlflowClient, run_ids: list[str]) -> pd.Series:
@@ -960,7 +983,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     if not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
         raise ConfigError(f"pairs must be a list of [model, model], e.g. [[gru, lstm], [gru, rnn]], got {pairs}.")
     alias, tasks = check_alias(cfg.champion_alias), choices("task", cfg.tasks)
-    seeds = requested_seeds(cfg, tasks)
+    seeds, tuned_defaults = requested_seeds(cfg, tasks), tuned_as_default(cfg)
     client = tracking.open_store(cfg.tracking.uri)
     where = f"of profile {cfg.profile!r} in experiments {', '.join(f'rnnlab-{task}' for task in tasks)} at {cfg.tracking.uri}"
     if cfg.runs not in ("pipeline", "newest"):
@@ -982,7 +1005,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     # Baseline stages write beside the runs' metrics files (conf/baselines.yaml: paths.baselines_dir).
     scores = {task: task_scores(client, task_runs, Path(cfg.metrics_dir, task, "baselines")) for task, task_runs in runs.groupby("task")}
     settings = {"confidence": cfg.confidence, "alpha": cfg.alpha, "resamples": cfg.resamples, "seed": cfg.bootstrap_seed}
-    report = build_report(runs, scores, pairs, settings, cfg.profile, seeds, cfg.baseline_tests)
+    report = build_report(runs, scores, pairs, settings, cfg.profile, seeds, cfg.baseline_tests, tuned_defaults)
     curves = {
         task: {model: learning_curve(client, m["run_ids"]) for model, m in result["models"].items()}
         for task, result in report["tasks"].items()
