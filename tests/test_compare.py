@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from scipy import stats
 from statsmodels.regression.linear_model import OLS
 from statsmodels.stats.multitest import multipletests
 
+from rnnlab import resolve
 from rnnlab.compare import (
     _test_set,
     baselines_to_test,
@@ -200,7 +202,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(store: Path) -> dict[str, Any]:
-    return compare(compose_compare(*store_overrides(store), NO_ALIAS))
+    # As the DVC stage passes resolve's findings: the store's sentiment gru_tuned is model=gru's default configuration.
+    resolved = store / "resolved_compare.yaml"
+    resolved.write_text("tuned_as_default:\n  sentiment/gru_tuned: gru\n")
+    return compare(compose_compare(*store_overrides(store), NO_ALIAS, f"tuned_as_default_from={resolved}"))
 
 
 def run_id_of(store: Path, task: str, model: str, seed: int) -> str:
@@ -440,7 +445,7 @@ def test_a_task_config_says_what_its_test_set_is_from_its_split_settings(
 
 
 def test_a_tuned_model_equal_to_its_default_is_marked(report: dict[str, Any], store: Path) -> None:
-    # The store's sentiment gru_tuned is conf/experiment/sentiment_gru_tuned.yaml, whose study found model=gru's default.
+    # The store's sentiment gru_tuned is model=gru's default configuration, as resolve found (the report fixture).
     models = report["tasks"]["sentiment"]["models"]
     assert models["gru_tuned"]["same_as_default"] == "gru"
     assert [models[model]["same_as_default"] for model in ("gru", "lstm", "rnn")] == [None, None, None]
@@ -449,27 +454,30 @@ def test_a_tuned_model_equal_to_its_default_is_marked(report: dict[str, Any], st
     assert "gru_tuned is gru's default configuration: its study found nothing better (conf/experiment/sentiment_gru_tuned.yaml)" in md
 
 
-def test_the_pipeline_s_list_of_tuned_models_equal_to_their_default_decides_the_mark(store: Path, tmp_path: Path) -> None:
-    # The DVC stage passes resolved/compare.yaml, whose list rnnlab.resolve wrote: compare then composes nothing.
+def test_a_tuned_model_resolve_did_not_check_is_composed(store: Path, tmp_path: Path) -> None:
+    # A file that says nothing of sentiment/gru_tuned (runs=newest may compare tuned models the pipeline does not train):
+    # compare composes it, as it does without a file; what resolve says it takes as it is.
     listed = tmp_path / "compare.yaml"
-    listed.write_text("compare:\n  profile: default\ntuned_as_default: []\n")
+    listed.write_text("tuned_as_default:\n  forecast/gru_tuned: null\n")
     report = compare(compose_compare(*store_overrides(store, tmp_path), NO_ALIAS, FEW_RESAMPLES, f"tuned_as_default_from={listed}"))
-    assert report["tasks"]["sentiment"]["models"]["gru_tuned"]["same_as_default"] is None
-    listed.write_text("compare:\n  profile: default\ntuned_as_default: [sentiment/gru_tuned, sentiment/lstm_tuned]\n")
-    report = compare(compose_compare(*store_overrides(store, tmp_path), NO_ALIAS, FEW_RESAMPLES, f"tuned_as_default_from={listed}"))
-    models = report["tasks"]["sentiment"]["models"]
-    assert [models[model]["same_as_default"] for model in ("gru_tuned", "gru", "lstm")] == ["gru", None, None]
+    assert report["tasks"]["sentiment"]["models"]["gru_tuned"]["same_as_default"] == resolve.tuned_default("sentiment", "gru_tuned")
 
 
 @pytest.mark.parametrize(
-    ("text", "found"),
-    [("compare:\n  profile: smoke\ntuned_as_default: []\n", "'smoke'"), ("compare:\n  profile: default\n", "'default'")],
+    ("text", "got"),
+    [
+        ("tuned_as_default: [sentiment/gru_tuned]\n", "['sentiment/gru_tuned']"),
+        ("compare: {}\n", "None"),
+        ("tuned_as_default: {a: 1}\n", "{'a': 1}"),
+    ],
 )
-def test_a_list_of_tuned_models_resolved_for_another_profile_or_none_is_refused(store: Path, tmp_path: Path, text: str, found: str) -> None:
+def test_a_file_without_resolve_s_findings_is_refused(store: Path, tmp_path: Path, text: str, got: str) -> None:
     listed = tmp_path / "compare.yaml"
     listed.write_text(text)
     out = tmp_path / "out"
-    says = rf"tuned_as_default_from={listed}: it lists no `tuned_as_default` of profile 'default' \(found profile {found}\); run `python -m"
+    says = (
+        rf"tuned_as_default_from={listed}: it has no `tuned_as_default` mapping .* \(got {re.escape(got)}\); run `python -m rnnlab.resolve`"
+    )
     with pytest.raises(ConfigError, match=says):
         compare(compose_compare(*store_overrides(store, out), NO_ALIAS, f"tuned_as_default_from={listed}"))
     assert not out.exists()  # refused before anything was written

@@ -95,6 +95,18 @@ SMALL_PIPELINE = PIPELINE.replace("tasks: [sentiment, forecast, forecast_stock, 
 SMALL_TUNED_ONLY = "default_tasks: [speech]"
 
 
+# The fixture's sentiment studies: model=gru's and model=lstm's defaults with another learning rate (not the project's
+# conf/experiment/sentiment_*_tuned.yaml, which a study may rewrite).
+TUNED_SENTIMENT = """# @package _global_
+defaults:
+- override /task: sentiment
+- override /model: {model}
+optimizer:
+  lr: 0.001
+model:
+  name: {model}_tuned
+"""
+
 # A study journal's text as the fixture writes it: not a valid Optuna journal, which resolve never reads, only hashes.
 JOURNAL = "a {model} study of {task}\n"
 
@@ -107,11 +119,10 @@ class Project:
         shutil.copytree(PROJECT / "conf", root / "conf")
         (root / "optuna").mkdir()
         self.write_params(pipeline)
-        # Studies that found something other than the default (the project's sentiment GRU search found the default).
+        # Studies that found something other than the default.
         self.tuned = root / "conf/experiment/sentiment_gru_tuned.yaml"
-        self.tuned.write_text(self.tuned.read_text().replace("lr: 0.002", "lr: 0.001"))
-        lstm = self.tuned.read_text().replace("model: gru", "model: lstm").replace("name: gru_tuned", "name: lstm_tuned")
-        (root / "conf/experiment/sentiment_lstm_tuned.yaml").write_text(lstm)
+        for model in ("gru", "lstm"):
+            (root / f"conf/experiment/sentiment_{model}_tuned.yaml").write_text(TUNED_SENTIMENT.format(model=model))
 
     def write_params(self, pipeline: str) -> None:
         """`pipeline` as params.yaml, with a journal for each model of each studied task."""
@@ -371,23 +382,35 @@ def test_default_tasks_outside_tasks_or_a_task_nothing_trains_on_are_refused(tmp
 
 def test_a_tuned_configuration_equal_to_an_untrained_default_is_that_cell_s_tuned_entry_marked_for_the_report(tmp_path: Path) -> None:
     project = Project(tmp_path, SMALL_PIPELINE + SMALL_TUNED_ONLY)
-    assert project.first["compare.yaml"]["tuned_as_default"] == []
+    assert project.first["compare.yaml"]["tuned_as_default"] == {"sentiment/gru_tuned": None, "sentiment/lstm_tuned": None}
     project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.002"))  # the default's value
     files = project.resolve()
     assert files["sentiment/gru_tuned.yaml"]["hparams"]["lr"] == 0.002
     # Listed among compare's params: the report's mark follows the fact, and DVC reruns the comparison when it changes.
-    assert files["compare.yaml"]["tuned_as_default"] == ["sentiment/gru_tuned"]
+    assert files["compare.yaml"]["tuned_as_default"] == {"sentiment/gru_tuned": "gru", "sentiment/lstm_tuned": None}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RNNLAB_ROOT", str(tmp_path))
-        assert resolve.tuned_default("sentiment", "gru_tuned", "default") == "gru"
-        assert resolve.tuned_default("sentiment", "lstm_tuned", "default") is None  # lr 0.001: not the default
-        assert resolve.tuned_default("sentiment", "gru", "default") is None  # not a tuned model
-        assert resolve.tuned_default("forecast", "gru_tuned", "smoke") is None  # a study that found other settings
+        assert resolve.tuned_default("sentiment", "gru_tuned") == "gru"
+        assert resolve.tuned_default("sentiment", "lstm_tuned") is None  # lr 0.001: not the default
+        assert resolve.tuned_default("sentiment", "gru") is None  # not a tuned model
+        assert resolve.tuned_default("forecast", "gru_tuned") is None  # a study that found other settings
+
+
+def test_whether_a_tuned_model_equals_its_default_is_decided_on_the_default_profile(tmp_path: Path) -> None:
+    # A study that chose another width only: the smoke profile's width of 16 makes both alike, yet the study found
+    # something other than the default, so the smoke pipeline neither marks it nor refuses it beside its default.
+    pipeline = SMALL_PIPELINE.replace("tasks: [sentiment, speech]", "tasks: [sentiment]").replace("profile: default", "profile: smoke")
+    project = Project(tmp_path, pipeline)
+    project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.002") + "  encoder:\n    hidden_size: 64\n")
+    files = project.resolve()
+    tuned, default = (files[f"sentiment/{model}.yaml"]["config"] for model in ("gru_tuned", "gru"))
+    assert {**tuned, "model": {**tuned["model"], "name": "gru"}} == default  # alike on smoke
+    assert files["compare.yaml"]["tuned_as_default"]["sentiment/gru_tuned"] is None
 
 
 def test_the_project_s_speech_gru_study_found_its_default() -> None:
     # The committed studies (conf/experiment/speech_*_tuned.yaml): the GRU's best trial is model=gru's default, the others' are not.
-    assert [resolve.tuned_default("speech", f"{model}_tuned", "default") for model in ("gru", "lstm", "rnn")] == ["gru", None, None]
+    assert [resolve.tuned_default("speech", f"{model}_tuned") for model in ("gru", "lstm", "rnn")] == ["gru", None, None]
 
 
 MEMORY_PIPELINE = """

@@ -152,19 +152,23 @@ def _task_list(params: DictConfig, key: str, path: str) -> list[str]:
     return tasks
 
 
-def tuned_as_default(cfg: DictConfig) -> list[str] | None:
-    """The `<task>/<model>_tuned` equal to their default model, from the YAML file `tuned_as_default_from` (the DVC stage
-    passes resolved/compare.yaml, which rnnlab.resolve wrote); None without one: build_report composes to find out."""
+# `<task>/<model>_tuned` -> the default model it equals, or None (resolve.tuned_default).
+TunedDefaults = dict[str, str | None]
+
+
+def tuned_as_default(cfg: DictConfig) -> TunedDefaults | None:
+    """What rnnlab.resolve found for each tuned model of the pipeline, from the YAML file `tuned_as_default_from` (the DVC
+    stage passes resolved/compare.yaml); None without one. build_report composes for any tuned model it does not list."""
     if cfg.tuned_as_default_from is None:
         return None
-    params = _params_file(cfg, "tuned_as_default_from", "a `tuned_as_default` list (rnnlab.resolve writes resolved/compare.yaml)")
-    listed, profile = _plain(params.get("tuned_as_default")), OmegaConf.select(params, "compare.profile")
-    if not isinstance(listed, list) or profile != cfg.profile:
+    needs = "`tuned_as_default` mapping of <task>/<model>_tuned to the default model it equals or null"
+    found = _plain(_params_file(cfg, "tuned_as_default_from", f"a {needs}").get("tuned_as_default"))
+    if not isinstance(found, dict) or not all(value is None or isinstance(value, str) for value in found.values()):
         raise ConfigError(
-            f"tuned_as_default_from={cfg.tuned_as_default_from}: it lists no `tuned_as_default` of profile {cfg.profile!r} (found "
-            f"profile {profile!r}); run `python -m rnnlab.resolve` on that profile first, or leave tuned_as_default_from null."
+            f"tuned_as_default_from={cfg.tuned_as_default_from}: it has no {needs} (got {found!r}); run `python -m rnnlab.resolve` "
+            "(or `dvc repro resolve`) to write resolved/compare.yaml, or leave tuned_as_default_from null."
         )
-    return listed
+    return found
 
 
 # Per task, the models to compare; or one list (or None: every model with runs) for every task.
@@ -553,13 +557,13 @@ def build_report(
     profile: str,
     seeds: TaskSeeds = None,
     baseline_tests: str = "strongest",
-    tuned_as_default: list[str] | None = None,
+    tuned_as_default: TunedDefaults | None = None,
 ) -> dict[str, Any]:
     """The comparison as JSON-ready data. `runs` carry best_val and best_epoch (best_validation) besides load_runs' columns;
     `scores` are task_scores' per task; `settings` are compare_pair's confidence, alpha, resamples and seed;
     `baseline_tests` which baselines the networks are tested against (baselines_to_test). A `<model>_tuned` whose study
-    found nothing better than the default records that default as `same_as_default`: listed as `<task>/<model>` in
-    `tuned_as_default` (compare's tuned_as_default_from), or if that is None, as resolve.tuned_default composes it."""
+    found nothing better than the default records that default as `same_as_default`: as `tuned_as_default` (compare's
+    tuned_as_default_from) says for `<task>/<model>`, or as resolve.tuned_default composes it where that does not say."""
     tasks = {}
     for task, task_runs in runs.groupby("task"):
         newest = task_runs.loc[task_runs["start_time"].idxmax()]  # its config decides the task's metrics, direction and margin
@@ -571,7 +575,7 @@ def build_report(
                 **describe(group["value"].to_numpy(), settings["confidence"]),
                 **{key: float(group[key].mean()) for key in EXTRAS},  # None (shown "—") where no run logged it
                 "champion": champion(group.reset_index(drop=True)),
-                "same_as_default": _same_as_default(str(task), model, profile, tuned_as_default),
+                "same_as_default": _same_as_default(str(task), model, tuned_as_default or {}),
             }
             for model, group in by_model.items()
         }
@@ -603,10 +607,9 @@ def build_report(
     return _json_safe(report | {"tasks": tasks})
 
 
-def _same_as_default(task: str, model: str, profile: str, listed: list[str] | None) -> str | None:
-    if listed is None:
-        return resolve.tuned_default(task, model, profile)
-    return model.removesuffix("_tuned") if f"{task}/{model}" in listed else None
+def _same_as_default(task: str, model: str, known: TunedDefaults) -> str | None:
+    name = f"{task}/{model}"
+    return known[name] if name in known else resolve.tuned_default(task, model)
 
 
 def learning_curve(client: MlflowClient, run_ids: list[str]) -> pd.Series:

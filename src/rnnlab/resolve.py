@@ -173,17 +173,19 @@ def tuned_pairs(params: dict[str, Any]) -> list[tuple[str, str]]:
     return [(task, model) for task in params["tuned"] for model in params["models"]]
 
 
-def tuned_default(task: str, tuned_model: str, profile: str, composed: Mapping[str, dict[str, Any]] | None = None) -> str | None:
+def tuned_default(task: str, tuned_model: str, composed: Mapping[str, dict[str, Any]] | None = None) -> str | None:
     """The default model that `tuned_model` (<model>_tuned, conf/experiment/<task>_<model>_tuned.yaml) equals on `task`,
     if its study found nothing better than the default configuration; else None (also for a model of no study).
-    `composed`: result configs of this profile already at hand, by `<task>/<model>` (the rest are composed: ~0.3 s each)."""
+    A fact about the study, so decided on the default profile: the smoke profile's width and epochs would make
+    configurations that differ only there look equal. `composed`: default-profile result configs already at hand, by
+    `<task>/<model>` (the others are composed: ~0.3 s each)."""
     model = tuned_model.removesuffix("_tuned")
     if model == tuned_model or not (config_dir() / "experiment" / f"{task}_{tuned_model}.yaml").is_file():
         return None
     composed = composed or {}
 
     def config(name: str, overrides: list[str]) -> dict[str, Any]:
-        return composed[name] if name in composed else result_config(compose_run([*overrides, f"profile={profile}"]))
+        return composed[name] if name in composed else result_config(compose_run([*overrides, "profile=default"]))
 
     with project_configs():
         tuned = config(f"{task}/{tuned_model}", [f"experiment={task}_{tuned_model}"])
@@ -207,12 +209,14 @@ def write_all(root: Path) -> list[Path]:
         _check_lag_sweep(params, files)
         for task, model, overrides in stage_models(params):
             files[f"{task}/{model}.yaml"] = training_params(compose_run([*overrides, f"profile={profile}"]))
+        # Per tuned model, the default it equals (or null): the report marks it; listed among compare's params, a change
+        # of that fact reruns the comparison.
+        at_hand = {name.removesuffix(".yaml"): values["config"] for name, values in files.items() if "hparams" in values}
+        composed = at_hand if profile == "default" else None
+        same = {f"{task}/{model}_tuned": tuned_default(task, f"{model}_tuned", composed) for task, model in tuned_pairs(params)}
         for task, model in tuned_pairs(params):
-            if task in params["default_tasks"]:
-                _check_tuned_differs(files[f"{task}/{model}.yaml"], files[f"{task}/{model}_tuned.yaml"], task, model)
-        # The report marks a tuned model equal to its default; listed here, a change of that fact reruns the comparison.
-        composed = {name.removesuffix(".yaml"): values["config"] for name, values in files.items() if "hparams" in values}
-        same = [f"{task}/{model}_tuned" for task, model in tuned_pairs(params) if tuned_default(task, f"{model}_tuned", profile, composed)]
+            if task in params["default_tasks"] and same[f"{task}/{model}_tuned"]:
+                _refuse_tuned_twice(task, model)
         files["compare.yaml"] = {**compare_params(profile, params["tasks"]), "tuned_as_default": same}
         files["memory_report.yaml"] = memory_report_params(profile, params)
         report_code = code_of("rnnlab.study_report", {})  # one module for every task's report: hashed once
@@ -279,16 +283,15 @@ def _check_tuned_exists(root: Path, task: str, model: str) -> None:
         )
 
 
-def _check_tuned_differs(default: dict[str, Any], tuned: dict[str, Any], task: str, model: str) -> None:
+def _refuse_tuned_twice(task: str, model: str) -> None:
     """A tuned configuration equal to the default of a task that default_tasks also trains would train the same runs
     twice under two names: refuse it. (On a task of `tuned` alone it is that cell's tuned entry, marked in the report.)"""
-    if _unnamed(tuned["config"]) == _unnamed(default["config"]):
-        raise ConfigError(
-            f"tuned in params.yaml lists {task}, but conf/experiment/{task}_{model}_tuned.yaml is model={model}'s default "
-            f"configuration for task={task} (its study found nothing better) and default_tasks trains that default too, so "
-            f"{model}_tuned's runs would repeat {model}'s: drop {task} from default_tasks (the report then marks {model}_tuned "
-            f"as the default), or from `tuned`."
-        )
+    raise ConfigError(
+        f"tuned in params.yaml lists {task}, but conf/experiment/{task}_{model}_tuned.yaml is model={model}'s default "
+        f"configuration for task={task} (its study found nothing better) and default_tasks trains that default too, so "
+        f"{model}_tuned's runs would repeat {model}'s: drop {task} from default_tasks (the report then marks {model}_tuned "
+        f"as the default), or from `tuned`."
+    )
 
 
 def _unnamed(config: dict[str, Any]) -> dict[str, Any]:
