@@ -58,6 +58,19 @@ def test_a_task_budget_applies_on_every_profile_below_the_profile(compose_cfg) -
     assert default.callbacks.early_stopping.patience == quick.callbacks.early_stopping.patience == 4
 
 
+@pytest.mark.parametrize(("task", "epochs"), [("memory_adding", 3), ("memory_copy", 4)])
+def test_the_quick_profile_halves_a_memory_task_s_epochs_and_keeps_the_rest_of_its_budget(compose_cfg, task: str, epochs: int) -> None:
+    cfg = compose_cfg(f"task={task}", "profile=quick")
+    assert (cfg.trainer.max_epochs, cfg.model.encoder.hidden_size, cfg.optimizer.lr) == (epochs, 32, 0.01)
+    assert cfg.callbacks.early_stopping is None
+
+
+def test_no_task_tweak_of_the_default_profile_exists() -> None:
+    # It would come after a saved configuration and override what a study chose: a task's own budget (epochs, patience)
+    # belongs in conf/task_budget/<task>.yaml, which a saved configuration overrides.
+    assert sorted(path.name for path in (CONF / "task_profile").glob("*_default.yaml")) == []
+
+
 def test_command_line_overrides_beat_the_profile(compose_cfg) -> None:
     cfg = compose_cfg("profile=smoke", "model.encoder.hidden_size=33", "seed=7")
     assert cfg.model.encoder.hidden_size == 33
