@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,6 @@ from scipy import stats
 from statsmodels.regression.linear_model import OLS
 from statsmodels.stats.multitest import multipletests
 
-from rnnlab import resolve
 from rnnlab.compare import (
     _test_set,
     baselines_to_test,
@@ -172,11 +172,14 @@ def compose_compare(*overrides: str) -> DictConfig:
         return compose(config_name="compare", overrides=list(overrides))
 
 
-def store_overrides(store: Path, out: Path | None = None) -> list[str]:
-    """Read runs from, and log the comparison to, the store in `store`; write the reports under `out` (default `store`)."""
-    out = out or store
+def store_overrides(store: Path, out: Path | None = None, resolved: bool = True) -> list[str]:
+    """Read runs from, and log the comparison to, the store in `store`; write the reports under `out` (default `store`).
+    `resolved`: read whether gru_tuned equals its default from the store's resolved_compare.yaml if it has one (the
+    `store` fixture's), as the DVC stage reads resolve's findings, instead of composing the configs each time."""
+    out, findings_file = out or store, store / "resolved_compare.yaml"
     tracking = [f"tracking.uri=sqlite:///{store}/mlflow.db", f"tracking.artifact_location={store}/artifacts"]
-    return [*tracking, f"output_dir={out}/reports", f"metrics_dir={store}/metrics"]
+    findings = [f"tuned_as_default_from={findings_file}"] if resolved and findings_file.exists() else []
+    return [*tracking, f"output_dir={out}/reports", f"metrics_dir={store}/metrics", *findings]
 
 
 @pytest.fixture(scope="module")
@@ -197,15 +200,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     baselines = root / "metrics" / "sentiment" / "baselines"
     baselines.mkdir(parents=True)
     synthetic_predictions("sentiment", BASELINE_SENTIMENT).to_csv(baselines / "tfidf_logreg_predictions.csv", index=False)
+    # What resolve would have found (store_overrides): the store's sentiment gru_tuned is model=gru's default configuration.
+    (root / "resolved_compare.yaml").write_text("tuned_as_default:\n  sentiment/gru_tuned: gru\n")
     return root
 
 
 @pytest.fixture(scope="module")
 def report(store: Path) -> dict[str, Any]:
-    # As the DVC stage passes resolve's findings: the store's sentiment gru_tuned is model=gru's default configuration.
-    resolved = store / "resolved_compare.yaml"
-    resolved.write_text("tuned_as_default:\n  sentiment/gru_tuned: gru\n")
-    return compare(compose_compare(*store_overrides(store), NO_ALIAS, f"tuned_as_default_from={resolved}"))
+    return compare(compose_compare(*store_overrides(store), NO_ALIAS))
 
 
 def run_id_of(store: Path, task: str, model: str, seed: int) -> str:
@@ -454,13 +456,29 @@ def test_a_tuned_model_equal_to_its_default_is_marked(report: dict[str, Any], st
     assert "gru_tuned is gru's default configuration: its study found nothing better (conf/experiment/sentiment_gru_tuned.yaml)" in md
 
 
-def test_a_tuned_model_resolve_did_not_check_is_composed(store: Path, tmp_path: Path) -> None:
+# A study that found model=gru's default configuration on sentiment.
+DEFAULT_GRU_TUNED = """# @package _global_
+defaults:
+- override /task: sentiment
+- override /model: gru
+model:
+  name: gru_tuned
+"""
+
+
+@pytest.mark.parametrize(("listed", "marked"), [("forecast/gru_tuned: null", "gru"), ("sentiment/gru_tuned: null", None)])
+def test_a_tuned_model_resolve_did_not_check_is_composed(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listed: str, marked: str | None
+) -> None:
     # A file that says nothing of sentiment/gru_tuned (runs=newest may compare tuned models the pipeline does not train):
-    # compare composes it, as it does without a file; what resolve says it takes as it is.
-    listed = tmp_path / "compare.yaml"
-    listed.write_text("tuned_as_default:\n  forecast/gru_tuned: null\n")
-    report = compare(compose_compare(*store_overrides(store, tmp_path), NO_ALIAS, FEW_RESAMPLES, f"tuned_as_default_from={listed}"))
-    assert report["tasks"]["sentiment"]["models"]["gru_tuned"]["same_as_default"] == resolve.tuned_default("sentiment", "gru_tuned")
+    # compare composes it, as it does without a file, and finds the default; what resolve says it takes as it is.
+    shutil.copytree(config_dir(), tmp_path / "conf")
+    (tmp_path / "conf" / "experiment" / "sentiment_gru_tuned.yaml").write_text(DEFAULT_GRU_TUNED)
+    monkeypatch.setenv("RNNLAB_ROOT", str(tmp_path))
+    findings = tmp_path / "compare.yaml"
+    findings.write_text(f"tuned_as_default:\n  {listed}\n")
+    overrides = [*store_overrides(store, tmp_path, resolved=False), NO_ALIAS, FEW_RESAMPLES, f"tuned_as_default_from={findings}"]
+    assert compare(compose_compare(*overrides))["tasks"]["sentiment"]["models"]["gru_tuned"]["same_as_default"] == marked
 
 
 @pytest.mark.parametrize(
@@ -479,7 +497,7 @@ def test_a_file_without_resolve_s_findings_is_refused(store: Path, tmp_path: Pat
         rf"tuned_as_default_from={listed}: it has no `tuned_as_default` mapping .* \(got {re.escape(got)}\); run `python -m rnnlab.resolve`"
     )
     with pytest.raises(ConfigError, match=says):
-        compare(compose_compare(*store_overrides(store, out), NO_ALIAS, f"tuned_as_default_from={listed}"))
+        compare(compose_compare(*store_overrides(store, out, resolved=False), NO_ALIAS, f"tuned_as_default_from={listed}"))
     assert not out.exists()  # refused before anything was written
 
 
