@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,13 +59,34 @@ def test_other_thread_settings_get_another_server(tmp_path: Path) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_client_reaches_the_run(tmp_path: Path, signum: int) -> None:
     run = warm("wait", cwd=tmp_path, server=3 + signum)
-    assert run.stdout.readline() == "ready\n"
+    assert run.stdout.readline().startswith("ready ")
     run.send_signal(signum)
     out, _ = run.communicate(timeout=60)
     if signum == signal.SIGTERM:
         assert run.returncode == 143 and out == "got SIGTERM\n"  # the module's own handler ran, its exit code came back
     else:
         assert run.returncode == -signal.SIGINT  # killed by the signal, as the module was: the client ends the same way
+
+
+def test_a_run_whose_client_is_killed_is_stopped(tmp_path: Path) -> None:
+    # SIGKILL to a stage's process group reaches the client, not the run forked from the server (in its own session):
+    # the server sees the client's connection close and sends the run SIGTERM, as a plain process would have died.
+    run = warm("wait", cwd=tmp_path, server=40)
+    child = int(run.stdout.readline().split()[1])
+    run.kill()
+    run.communicate(timeout=60)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _running(child):
+        time.sleep(0.1)
+    assert not _running(child)  # it would sleep on for a minute
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # also true for a child that ended but is not yet reaped: the server reaps within 0.2 s
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_a_module_that_cannot_be_imported_fails_as_in_a_plain_process(tmp_path: Path) -> None:

@@ -16,5 +16,5 @@ if __name__ == "__main__":
         )
         sys.exit(int(sys.argv[2]))
     signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(143)))
-    print("ready", flush=True)
+    print(f"ready {os.getpid()}", flush=True)
     time.sleep(60)

@@ -3,6 +3,7 @@
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+import rnnlab.data.base  # noqa: F401  torch, Lightning, pandas: imported once by rnnlab.warm's server, not per task
 from rnnlab.config import hydra_entry
 
 

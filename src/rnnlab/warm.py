@@ -3,8 +3,9 @@
 `python -m rnnlab.warm rnnlab.train task=forecast seed=42` does what `python -m rnnlab.train task=forecast seed=42`
 does (the same arguments, working directory, environment, standard streams, signals and exit code), but the
 first call starts a server that imports the module (torch, Lightning and MLflow: about 5 s) and every later
-call is a fork of it. The pipeline runs each training as its own process, so that each stays its own DVC stage
-and MLflow run; this keeps that, without paying the imports 200 times.
+call is a fork of it. The pipeline runs each training (and each fetch, preprocess, baseline and study report) as
+its own process, so that each stays its own DVC stage and MLflow run; this keeps that, without paying the imports
+200 times.
 
 Why a server of our own: Python's multiprocessing forkserver serves its own children, not another command's.
 
@@ -13,6 +14,8 @@ Safety, kept small on purpose:
   it forks from its one thread;
 - a server is keyed by the interpreter, the module, the source files' sizes and times and the environment
   variables read at import (KEY_ENV): after an edit or with other thread settings a new server starts;
+- a child whose client is gone (killed, say, with its process group, which the server is not in) gets SIGTERM,
+  as a plain process would have ended with the group;
 - it exits after IDLE_SECONDS without children; `RNNLAB_WARM=0` (or any failure to reach a server) runs the
   module in a plain process instead (os.execv), which gives the same results.
 """
@@ -29,6 +32,7 @@ import json
 import os
 import random
 import runpy
+import select
 import signal
 import socket
 import struct
@@ -43,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 # Environment variables that change what importing the module does (thread pools, module search path).
-KEY_ENV = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES")
+KEY_ENV = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES")
 IDLE_SECONDS = float(os.environ.get("RNNLAB_WARM_IDLE", "120"))
 START_SECONDS = 60.0  # how long a client waits for a server it started to import its module
 CLIENT_PID = "RNNLAB_CLIENT_PID"  # set in the child: the process that asked for it (rnnlab.callbacks watches it)
@@ -76,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     connection = _connect(path) or _start_server(module, path)
     if connection is None:
         _run_plain(module, args)
-    sys.exit(_ask(connection, module, args))
+    sys.exit(_ask(connection, module, args, path.with_suffix(".log")))
 
 
 # ---------------------------------------------------------------------------- the client
@@ -115,9 +119,10 @@ def _start_server(module: str, path: Path) -> socket.socket | None:
     return None
 
 
-def _ask(connection: socket.socket, module: str, args: list[str]) -> int:
+def _ask(connection: socket.socket, module: str, args: list[str], server_log: Path) -> int:
     """Have the server fork a child that runs the module with this process's arguments, directory, environment and
-    streams; forward the signals this process gets to it; return its exit code, as a shell reports it."""
+    streams; forward the signals this process gets to it; return its exit code, as a shell reports it. `server_log`: where
+    the server writes its own errors."""
     request = json.dumps({"module": module, "args": args, "cwd": os.getcwd(), "env": dict(os.environ), "client": os.getpid()})
     socket.send_fds(connection, [_INT.pack(len(request)) + request.encode()], [_open_or_null(fd) for fd in (0, 1, 2)])
     child = _INT.unpack(_receive(connection, _INT.size))[0]
@@ -125,7 +130,11 @@ def _ask(connection: socket.socket, module: str, args: list[str]) -> int:
         signal.signal(signum, lambda received, frame: os.kill(child, received))
     raw = _receive(connection, _INT.size)
     if not raw:  # the server died before its child ended: its status is lost
-        print(f"rnnlab.warm: the server ended before process {child} did; its exit status is unknown.", file=sys.stderr)
+        print(
+            f"rnnlab.warm: the server ended before process {child} did, so its exit status is unknown; see {server_log}, "
+            "or run plain processes with RNNLAB_WARM=0.",
+            file=sys.stderr,
+        )
         return 1
     status = _INT.unpack(raw)[0]
     if os.WIFSIGNALED(status):
@@ -168,15 +177,22 @@ def serve(module: str, path: Path) -> None:
     listener.listen()
     listener.settimeout(0.2)
     children: dict[int, socket.socket] = {}
+    stopping: set[int] = set()  # children sent SIGTERM because their client is gone
     idle_since = time.monotonic()
     try:
         while children or time.monotonic() - idle_since < IDLE_SECONDS:
+            for pid in set(children) - stopping:
+                if _client_gone(children[pid]):
+                    stopping.add(pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
             for pid in list(children):
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
                     with contextlib.suppress(OSError):
                         children[pid].sendall(_INT.pack(status))
                     children.pop(pid).close()
+                    stopping.discard(pid)
                     idle_since = time.monotonic()
             try:
                 connection, _ = listener.accept()
@@ -202,6 +218,17 @@ def serve(module: str, path: Path) -> None:
                 path.unlink()
 
 
+def _client_gone(connection: socket.socket) -> bool:
+    """Whether the client at the other end has closed its connection (it sends nothing after its request)."""
+    readable, _, _ = select.select([connection], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 def _child(request: dict[str, Any], fds: list[int], connection: socket.socket) -> None:
     """In the fork: become the client's process (streams, directory, environment, arguments), run the module as
     `python -m` would, and exit with its code; never return into the server's loop."""
@@ -212,6 +239,7 @@ def _child(request: dict[str, Any], fds: list[int], connection: socket.socket) -
         for target, fd in zip((0, 1, 2), fds, strict=True):
             os.dup2(fd, target)
             os.close(fd)
+        sys.stdout.reconfigure(line_buffering=os.isatty(1))  # as a fresh interpreter buffers it: the server's is a log file
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
