@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.io import wavfile
 from torch import nn
 
+import rnnlab.io
 from rnnlab.console import console
 from rnnlab.data.speech import SAMPLE_RATE
 from rnnlab.models.encoder import RecurrentEncoder, match_parameters
@@ -188,3 +189,8 @@ def config_encoder(input_size: int, cfg: DictConfig) -> RecurrentEncoder:
         return RecurrentEncoder(input_size=input_size, **settings)
 
     return build(match_parameters(OmegaConf.to_container(cfg.model.encoder), build))
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (relative path) and its sha256."""
+    return {str(p.relative_to(folder)): rnnlab.io.sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -19,7 +19,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from helpers import isolated_outputs, only_results, run_main
+from helpers import file_hashes, isolated_outputs, only_results, run_main
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -444,10 +444,6 @@ def test_a_failure_while_moving_outputs_into_place_puts_back_the_earlier_ones(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing staged or set aside is left
     versions = MlflowClient(first.tracking.uri).search_model_versions("name='rnnlab-sentiment-gru'")
     assert [str(v.version) for v in versions] == ["1"]  # the failed run's version was removed
-
-
-def file_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): rnnlab.io.sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # A fixed ARIMA order: the baselines are still fitted and written, without auto-ARIMA's 10 s search.

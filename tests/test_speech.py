@@ -4,8 +4,11 @@ Speech Commands folder loader, bad input, and learning on the features."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,12 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import fit_one_batch, quiet_trainer, write_tone
+from helpers import file_hashes, fit_one_batch, quiet_trainer, write_tone
 from omegaconf import DictConfig
 from scipy.io import wavfile
 from sklearn.metrics import accuracy_score, f1_score
 
 from rnnlab.data.speech import (
+    FEATURE_GRID,
     SAMPLE_RATE,
     SpeechDataModule,
     assign_splits,
@@ -202,6 +206,35 @@ def test_features_are_log_mel_frames_normalised_with_train_statistics(speech_dir
     assert metadata["held_out"] == "speaker"
 
 
+def test_log_mel_values_lie_on_the_feature_grid(speech_dirs: tuple[Path, Path]) -> None:
+    raw, _ = speech_dirs
+    waves = torch.stack([torch.from_numpy(read_wav(path, convert=False)[0]) for path in sorted((raw / "wav").rglob("*.wav"))])
+    frames = log_mel(waves, 40, 25, 20)
+    assert frames.dtype == torch.float32 and frames.shape == (len(waves), 51, 40)
+    steps = frames.to(torch.float64) / FEATURE_GRID
+    assert torch.equal(steps, steps.round()) and steps.unique().numel() > 1000
+
+
+# Kernels of other CPUs, chosen on this one: ATen without its AVX code, MKL's reproducible-results path, oneDNN's SSE4.1
+# code. Each rounds convolutions, FFTs or sums differently (the float32 data of 2026-12-06 changed under each).
+OTHER_CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+
+
+@pytest.mark.slow
+def test_another_cpu_s_kernels_give_the_same_bytes(tmp_path: Path) -> None:
+    """The smoke profile's fetch and preprocess with this CPU's kernels and with those of another give the same files."""
+    hashes = []
+    for name, kernels in (("here", {}), ("other", OTHER_CPU_KERNELS)):
+        env = {**os.environ, "RNNLAB_WARM": "0", **kernels}
+        for stage in ("fetch", "preprocess"):
+            overrides = ["task=speech", "profile=smoke", f"paths.root={tmp_path / name}", f"hydra.run.dir={tmp_path / name}/hydra"]
+            command = [sys.executable, "-m", f"rnnlab.{stage}", *overrides]
+            finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+            assert finished.returncode == 0, finished.stderr[-3000:]
+        hashes.append(file_hashes(tmp_path / name / "data"))
+    assert len(hashes[0]) > 100 and hashes[0] == hashes[1]
+
+
 class BatchRecorder(L.Callback):
     """Keeps the batches the model saw, after the data module's on_after_batch_transfer."""
 
@@ -352,6 +385,8 @@ def test_wav_reader_resamples_or_refuses_naming_the_mismatch(tmp_path: Path) -> 
         read_wav(tmp_path / "fast.wav", convert=False)
     audio, note = read_wav(tmp_path / "fast.wav", convert=True)
     assert audio.shape == (8000,) and audio.dtype == np.float32 and "44100 Hz" in note
+    levels = audio.astype(np.float64) * 32767  # resampled onto the 16-bit levels a WAV is read as
+    assert np.abs(levels - np.round(levels)).max() < 1e-3 and len(np.unique(np.round(levels))) > 100
     write_tone(tmp_path / "ok.wav")
     assert read_wav(tmp_path / "ok.wav", convert=False)[1] is None
     (tmp_path / "bad.wav").write_bytes(b"not a wav file")

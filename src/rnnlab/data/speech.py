@@ -10,6 +10,7 @@ Both write the same raw format: 16 kHz mono 16-bit WAVs plus manifest.csv with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -92,8 +93,29 @@ def conform(data: np.ndarray, rate: int, path: str | Path, convert: bool) -> tup
     if audio.ndim == 2:
         audio = audio.mean(axis=1)
     if rate != SAMPLE_RATE:
-        audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, SAMPLE_RATE).numpy()
+        resampled = torchaudio.functional.resample(torch.from_numpy(audio.astype(np.float64)), rate, SAMPLE_RATE).numpy()
+        audio = to_16_bit_grid(resampled)
     return audio, " and ".join(conversions)
+
+
+# Data made on one CPU must be the bytes made on any other (docs/reliability.md). Convolutions, FFTs and sums run in
+# an order that depends on the CPU's vector width and on the library's kernel (oneDNN, MKL), so the audio and feature
+# steps compute in float64 and round to a grid far coarser than float64's rounding error: the 16-bit levels the clips
+# are stored as, 2**-10 for log-mel values, 2**-20 for their normalisation statistics. A value then differs between
+# CPUs only if it lies within about 1e-14 of a grid boundary; element-wise arithmetic on the grid values is IEEE's,
+# the same everywhere.
+FEATURE_GRID = 2.0**-10
+STATISTICS_GRID = 2.0**-20
+
+
+def to_16_bit_grid(audio: np.ndarray) -> np.ndarray:
+    """float64 samples rounded to the 16-bit levels conform reads WAVs as (k / 32767), as float32."""
+    return (np.round(np.clip(audio, -1, 1) * 32767) / 32767).astype(np.float32)
+
+
+def on_grid(values: torch.Tensor, step: float) -> torch.Tensor:
+    """float64 values rounded to multiples of `step`, as float32 (exact: 2**-20 steps below 16 fit its 24 bits)."""
+    return (torch.round(values / step) * step).to(torch.float32)
 
 
 def write_wav(path: Path, audio: np.ndarray) -> np.ndarray:
@@ -523,12 +545,24 @@ def read_manifest(raw_dir: Path, classes: Sequence[str]) -> pd.DataFrame:
     return manifest
 
 
+@functools.cache
+def mel_spectrogram(n_mels: int, n_fft: int, hop_length: int) -> torchaudio.transforms.MelSpectrogram:
+    """torchaudio's mel power spectrogram in float64, window and mel filter bank computed in float64."""
+    # torchaudio computes them in the default dtype: in float32, the filter bank's small entries differ between
+    # CPUs by up to 2.5e-4 of their value, enough to move log-mel values across FEATURE_GRID.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def log_mel(waveforms: torch.Tensor, n_mels: int, window_ms: float, hop_ms: float) -> torch.Tensor:
     """Log-mel spectrogram frames [N, T, n_mels] of one-second waveforms [N, samples]."""
-    n_fft = round(SAMPLE_RATE * window_ms / 1000)
-    transform = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=n_fft, hop_length=round(SAMPLE_RATE * hop_ms / 1000), n_mels=n_mels)
+    power = mel_spectrogram(n_mels, round(SAMPLE_RATE * window_ms / 1000), round(SAMPLE_RATE * hop_ms / 1000))(waveforms.to(torch.float64))
     # The offset floors the log at about -14 (near-silent clips), far below any speech.
-    return torch.log(transform(waveforms) + 1e-6).transpose(1, 2)
+    return on_grid(torch.log(power + 1e-6), FEATURE_GRID).transpose(1, 2)
 
 
 def clip_features(paths: Sequence[Path], description: str, chunk: int = 512, **log_mel_settings: float) -> torch.Tensor:
@@ -579,8 +613,9 @@ def preprocess(
         paths = [raw_dir / "wav" / file for file in part["file"]]
         features[split] = clip_features(paths, f"Log-mel features of {split}", n_mels=n_mels, window_ms=window_ms, hop_ms=hop_ms)
         rows[split] = part
-    mean = features["train"].mean(dim=(0, 1))
-    std = features["train"].std(dim=(0, 1)).clamp_min(1e-5)
+    train = features["train"].to(torch.float64)  # statistics on a grid too, so normalising is the same everywhere
+    mean = on_grid(train.mean(dim=(0, 1)), STATISTICS_GRID)
+    std = on_grid(train.std(dim=(0, 1)), STATISTICS_GRID).clamp_min(1e-5)
 
     with io.atomic_dir(out_dir) as tmp:
         for split in SPLITS:
