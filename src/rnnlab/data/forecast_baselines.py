@@ -162,6 +162,12 @@ def arima_forecasts(
     return forecasts, info
 
 
+# A seasonal ETS likelihood has several optima: on half-hourly electricity statsmodels' default L-BFGS-B stopped about
+# 460 AICc above the optimum that Powell's method and least squares reach, and where it stopped depended on the CPU's
+# kernels (docs/reliability.md). Each form is fitted by all three; the lowest AICc wins.
+ETS_OPTIMISERS = ("L-BFGS-B", "Powell", "least_squares")
+
+
 def ets_forecasts(target: np.ndarray, train_end: int, origins: np.ndarray, horizon: int, period: int) -> tuple[np.ndarray, dict[str, Any]]:
     """[N, horizon] forecasts of the exponential smoothing form with the lowest AICc on rows [0, train_end) (trend:
     none or additive damped; seasonality: none, or additive at `period` when period > 1), its smoothing parameters
@@ -176,7 +182,8 @@ def ets_forecasts(target: np.ndarray, train_end: int, origins: np.ndarray, horiz
         for trend, seasonal in forms:
             shape = {"trend": trend, "damped_trend": trend is not None, "seasonal": seasonal}
             shape["seasonal_periods"] = period if seasonal else None
-            fits[trend, seasonal] = (shape, ExponentialSmoothing(target[:train_end], initialization_method="estimated", **shape).fit())
+            model = ExponentialSmoothing(target[:train_end], initialization_method="estimated", **shape)
+            fits[trend, seasonal] = (shape, min((model.fit(method=method) for method in ETS_OPTIMISERS), key=lambda fit: fit.aicc))
         shape, best = min(fits.values(), key=lambda fit: fit[1].aicc)
         params = best.params
         known = {

@@ -17,6 +17,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -98,12 +99,12 @@ def conform(data: np.ndarray, rate: int, path: str | Path, convert: bool) -> tup
     return audio, " and ".join(conversions)
 
 
-# Data made on one CPU must be the bytes made on any other (docs/reliability.md). Convolutions, FFTs and sums run in
+# Data made on one CPU should be the bytes made on any other (docs/reliability.md). Convolutions, FFTs and sums run in
 # an order that depends on the CPU's vector width and on the library's kernel (oneDNN, MKL), so the audio and feature
 # steps compute in float64 and round to a grid far coarser than float64's rounding error: the 16-bit levels the clips
 # are stored as, 2**-10 for log-mel values, 2**-20 for their normalisation statistics. A value then differs between
-# CPUs only if it lies within about 1e-14 of a grid boundary; element-wise arithmetic on the grid values is IEEE's,
-# the same everywhere.
+# CPUs only if it lies within that error (at most about 1e-11, for a quiet mel bin of a loud frame) of a grid
+# boundary: unlikely, not impossible. Element-wise arithmetic on grid values is IEEE's, the same everywhere.
 FEATURE_GRID = 2.0**-10
 STATISTICS_GRID = 2.0**-20
 
@@ -545,17 +546,22 @@ def read_manifest(raw_dir: Path, classes: Sequence[str]) -> pd.DataFrame:
     return manifest
 
 
+_DEFAULT_DTYPE_LOCK = threading.Lock()
+
+
 @functools.cache
 def mel_spectrogram(n_mels: int, n_fft: int, hop_length: int) -> torchaudio.transforms.MelSpectrogram:
     """torchaudio's mel power spectrogram in float64, window and mel filter bank computed in float64."""
     # torchaudio computes them in the default dtype: in float32, the filter bank's small entries differ between
-    # CPUs by up to 2.5e-4 of their value, enough to move log-mel values across FEATURE_GRID.
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        return torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels)
-    finally:
-        torch.set_default_dtype(default)
+    # CPUs by up to 2.5e-4 of their value, enough to move log-mel values across FEATURE_GRID. The default is
+    # process-wide, so it is switched under a lock, once per setting and process (the transform is cached).
+    with _DEFAULT_DTYPE_LOCK:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            return torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels)
+        finally:
+            torch.set_default_dtype(default)
 
 
 def log_mel(waveforms: torch.Tensor, n_mels: int, window_ms: float, hop_ms: float) -> torch.Tensor:
