@@ -110,6 +110,19 @@ def test_automatic_arima_selects_on_train_and_forecasts_with_the_selected_order(
         arima_forecasts(series, None, 180, origins, 4, order="best")
 
 
+@pytest.mark.parametrize("max_order", [0, 1])
+def test_automatic_arima_keeps_within_a_bound_below_its_stepwise_start(max_order: int) -> None:
+    series = 5 + np.cumsum(np.random.default_rng(4).normal(size=200)) * 0.1
+    order, _ = auto_arima_order(series, None, max_order=max_order)
+    assert order[0] <= max_order and order[2] <= max_order
+
+
+@pytest.mark.parametrize("max_order", [-1, 1.5, True])
+def test_automatic_arima_refuses_a_bound_that_is_not_a_count(max_order: object) -> None:
+    with pytest.raises(ConfigError, match="max_order must be an integer >= 0"):
+        auto_arima_order(np.arange(50.0), None, max_order=max_order)
+
+
 def test_every_baseline_is_named_in_report_order() -> None:
     series = seasonal_series(200, noise=0.05)
     origins = np.arange(150, 197)

@@ -45,10 +45,12 @@ def test_a_warm_run_gets_the_arguments_directory_environment_and_exit_code_of_a_
     for run, seen in zip(runs, reports, strict=True):
         assert seen["args"] == ["report", "3", "extra"] and seen["cwd"] == str(tmp_path) and seen["probe"] == "x"
         assert seen["pid"] != run.pid  # a fork of the server, not the client
+        assert seen["warmed_in"] == seen["ppid"]  # the server ran the module's warm_up() once, before forking
     assert reports[0]["ppid"] == reports[1]["ppid"]  # the second run reused the first's server
     plain = warm("report", "0", cwd=tmp_path, server=1, RNNLAB_WARM="0")
     code, seen, _ = report(plain)
     assert code == 0 and seen["pid"] == plain.pid  # RNNLAB_WARM=0: the client becomes the module's process
+    assert seen["warmed_in"] is None  # warm_up() prepares a server only; a plain run does the work when it needs it
 
 
 def test_other_thread_settings_get_another_server(tmp_path: Path) -> None:
@@ -94,3 +96,11 @@ def test_a_module_that_cannot_be_imported_fails_as_in_a_plain_process(tmp_path: 
     command = [sys.executable, "-m", "rnnlab.warm", "no_such_probe"]
     failed = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=30)
     assert failed.returncode == 1 and "No module named no_such_probe" in failed.stderr  # its server ended: a plain process ran
+
+
+def test_the_training_servers_warm_up_prepares_mlflow() -> None:
+    # A warm_up() that failed would leave every pipeline training in a plain, slower process, without a word.
+    from rnnlab import train
+
+    train.warm_up()
+    assert {"mlflow.pytorch", "mlflow.store.tracking.sqlalchemy_store"} <= set(sys.modules)

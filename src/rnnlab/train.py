@@ -66,6 +66,11 @@ def build(cfg: DictConfig) -> tuple[SplitTensorDataModule, RecurrentModule]:
     return datamodule, module
 
 
+def warm_up() -> None:
+    """What rnnlab.warm's server runs once after importing this module, so that each training it forks starts ready."""
+    tracking.warm_up()
+
+
 class RunInterrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped a run; `exit_code` is the shell's convention, 128 + the signal number."""
 

@@ -10,8 +10,8 @@ its own process, so that each stays its own DVC stage and MLflow run; this keeps
 Why a server of our own: Python's multiprocessing forkserver serves its own children, not another command's.
 
 Safety, kept small on purpose:
-- the server imports only; it runs no torch computation (whose OpenMP threads would not survive a fork), and
-  it forks from its one thread;
+- the server imports, then runs the module's `warm_up()` if it has one (more imports, caches); it runs no torch
+  computation (whose OpenMP threads would not survive a fork), and it forks from its one thread;
 - a server is keyed by the interpreter, the module, the source files' sizes and times and the environment
   variables read at import (KEY_ENV): after an edit or with other thread settings a new server starts;
 - a child whose client is gone (killed, say, with its process group, which the server is not in) gets SIGTERM,
@@ -168,7 +168,9 @@ def _receive(connection: socket.socket, size: int) -> bytes:
 
 def serve(module: str, path: Path) -> None:
     """Import `module`, then fork a child per request until IDLE_SECONDS pass without one running."""
-    importlib.import_module(module)
+    warm_up = getattr(importlib.import_module(module), "warm_up", None)  # a module's own preparation, if it has one
+    if callable(warm_up):
+        warm_up()
     gc.freeze()  # the imported objects stay shared with the children instead of being copied by their collector
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(FileNotFoundError):

@@ -94,11 +94,15 @@ def auto_arima_order(history: np.ndarray, exog: np.ndarray | None, max_order: in
     at most `max_order`, and statsmodels' trend term for its intercept: a constant, or a drift when d = 1."""
     import pmdarima
 
+    if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order < 0:
+        raise ConfigError(f"task.preprocess.baselines.arima.max_order must be an integer >= 0, got {max_order!r}.")
     model = pmdarima.auto_arima(
         history,
         X=exog,
         seasonal=False,  # seasonality enters as Fourier regressors: a seasonal ARIMA at period 48 or 365 is too slow
         stepwise=True,
+        start_p=min(2, max_order),  # pmdarima's stepwise search starts at (2, d, 2), which must lie within the bound
+        start_q=min(2, max_order),
         max_p=max_order,
         max_q=max_order,
         information_criterion="aicc",
