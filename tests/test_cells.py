@@ -22,7 +22,7 @@ from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.models import cells
 from rnnlab.models.encoder import RecurrentEncoder
-from rnnlab.train import train
+from rnnlab.training import train
 
 KINDS = ["GRU", "LSTM", "RNN"]
 # Each cell, and the LSTM with projections (proj_size=2) besides: (cell, constructor options).

@@ -39,7 +39,7 @@ from rnnlab.compare import (
 from rnnlab.compare import main as compare_main
 from rnnlab.config import config_dir
 from rnnlab.errors import ConfigError, DataError
-from rnnlab.train import train
+from rnnlab.training import train
 
 # task -> (primary metric, monitor, monitor mode), as conf/task/*.yaml set them.
 TASKS = {

@@ -33,7 +33,7 @@ from rnnlab.config import config_dir, project_root
 from rnnlab.errors import ConfigError, TrainingError
 from rnnlab.tracking import ContinuedRunLogger
 from rnnlab.train import main as train_main
-from rnnlab.train import train
+from rnnlab.training import train
 
 OUTPUTS = ("metrics.json", "history.csv", "models", "plots")  # what isolated_outputs sends a run's DVC outputs to
 

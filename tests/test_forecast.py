@@ -31,7 +31,7 @@ from rnnlab.data.forecast import (
 from rnnlab.data.forecast_baselines import arima_forecasts, persistence_forecasts, seasonal_naive_forecasts
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.models.forecaster import Forecaster, forecast_metrics
-from rnnlab.train import build, train
+from rnnlab.training import build, train
 
 TINY = {
     "lookback": 8,

@@ -33,7 +33,7 @@ from rnnlab.data.memory import (
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.models.encoder import count_parameters
 from rnnlab.models.memory import AddingRegressor, CopyNet, SequenceCopier
-from rnnlab.train import train
+from rnnlab.training import train
 
 SIZES = {"train_size": 40, "val_size": 10, "test_size": 12}
 LAGS = [4, 9]

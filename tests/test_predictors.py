@@ -34,7 +34,7 @@ from rnnlab.predictors.forecast import SeriesPredictor, periods_between
 from rnnlab.predictors.memory import AddingPredictor, CopyPredictor
 from rnnlab.predictors.speech import ClipPredictor
 from rnnlab.serving import predictor_for, register_champion
-from rnnlab.train import train
+from rnnlab.training import train
 
 # --- speech --------------------------------------------------------------------------------
 

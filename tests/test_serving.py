@@ -38,7 +38,7 @@ from rnnlab.models.language_model import generate
 from rnnlab.predictors.sentiment import ReviewPredictor
 from rnnlab.predictors.textgen import PromptPredictor
 from rnnlab.serving import InvalidRequest, load_served, register_champion
-from rnnlab.train import train
+from rnnlab.training import train
 
 
 @dataclass

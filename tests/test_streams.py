@@ -11,7 +11,7 @@ from helpers import isolated_outputs, record_batches, recorded_batches
 from rnnlab import streams
 from rnnlab.data.base import EpochShuffle
 from rnnlab.data.speech import SpeechDataModule
-from rnnlab.train import train
+from rnnlab.training import train
 
 
 def test_stream_seeds_depend_on_seed_stream_and_epoch_only() -> None:

@@ -31,7 +31,7 @@ from rnnlab.data.textgen import ShuffledWindows, StreamChunks, TextStreamDataMod
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.generate import sample
 from rnnlab.models.language_model import LanguageModel, generate
-from rnnlab.train import train
+from rnnlab.training import train
 
 CELLS = ["torch.nn.GRU", "torch.nn.LSTM", "torch.nn.RNN"]
 WORDS = ["thou", "art", "my", "lord", "the", "king", "doth", "love", "fair", "night", "sweet", "o"]

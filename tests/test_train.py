@@ -15,7 +15,7 @@ from helpers import isolated_outputs, only_results, run_main
 from mlflow import MlflowClient
 
 from rnnlab.train import main as train_main
-from rnnlab.train import train
+from rnnlab.training import train
 
 
 def test_train_writes_outputs_and_tracks_in_mlflow(compose_cfg, tiny_overrides: list[str], tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """Measure what rnnlab costs besides the training itself: start-up, and per step.
 
 `python -m rnnlab.overhead` prints both:
-- start-up: a fresh interpreter, `import rnnlab.train`, and a whole smoke-profile forecast training from
-  process start to exit (fetch and preprocess into a temporary project root first), each the median
+- start-up: a fresh interpreter, `import rnnlab.training` (what a training imports), a misspelt override refused,
+  and a whole smoke-profile forecast training from process start to exit (fetch and preprocess into a temporary
+  project root first), each the median
   of `startup_repeats` processes, after one warm-up run that creates the MLflow store; then the same training
   as the pipeline runs it, through rnnlab.warm: its first call (which starts the server) and the median of
   the later ones;
@@ -30,7 +31,7 @@ from rnnlab.config import hydra_entry
 from rnnlab.console import summary
 from rnnlab.errors import RnnlabError
 from rnnlab.tracking import make_logger
-from rnnlab.train import build
+from rnnlab.training import build
 
 
 class StepTimer(L.Callback):
@@ -89,12 +90,12 @@ def lightning_loop(cfg: DictConfig) -> float:
     return (timer.finished - timer.started) / cfg.steps
 
 
-def _seconds(*args: str) -> float:
-    """Wall time of `python <args>` from process start to exit."""
+def _seconds(*args: str, exit_code: int = 0) -> float:
+    """Wall time of `python <args>` from process start to exit; it must end with `exit_code`."""
     started = time.perf_counter()
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True)
     elapsed = time.perf_counter() - started
-    if result.returncode != 0:
+    if result.returncode != exit_code:
         raise RnnlabError(f"`python {' '.join(args)}` failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
     return elapsed
 
@@ -110,7 +111,9 @@ def startup_times(repeats: int) -> dict[str, float]:
         seeds = range(1, repeats + 1)
         measured = {
             "python -c pass": [_seconds("-c", "pass") for _ in range(repeats)],
-            "import rnnlab.train": [_seconds("-c", "import rnnlab.train") for _ in range(repeats)],
+            "import rnnlab.training": [_seconds("-c", "import rnnlab.training") for _ in range(repeats)],
+            # Hydra refuses it before rnnlab.train imports the training code: a typo costs no torch import.
+            "misspelt override, start to error": [_seconds(*train, "model.encoder.hiden_size=8", exit_code=1) for _ in range(repeats)],
             "smoke forecast training, start to exit": [_seconds(*train, f"seed={seed}") for seed in seeds],
         }
         # As the pipeline runs it: forked from a warm server (rnnlab.warm), started by the first call here.
