@@ -146,6 +146,15 @@ def test_importing_the_data_modules_loads_neither_mlflow_nor_serving() -> None:
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
 
+def test_the_training_command_imports_no_training_library_before_hydra_composes() -> None:
+    # `python -m rnnlab.train` answers a misspelt override before torch, Lightning or MLflow load (rnnlab.training does).
+    watched = ["torch", "lightning", "mlflow", "rnnlab.training"]
+    code = f"import json, sys\nimport rnnlab.train\nprint(json.dumps([m for m in {watched!r} if m in sys.modules]))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
 @pytest.mark.parametrize("old", sorted(serving.MOVED_PREDICTORS))
 def test_models_registered_before_the_predictors_moved_still_load(old: str) -> None:
     # Their predictor.json and their run's config.yaml name the class where it was: in the task's data module.
