@@ -257,6 +257,16 @@ OVERRIDES = [
         ),
         id="preprocess-setting-at-training",
     ),
+    case(
+        "train",
+        "task=forecast",
+        "task.baselines.arima.max_order=1",
+        says=(
+            "task.baselines.arima.max_order is a setting of the baseline stage, which training does not use",
+            "`python -m rnnlab.baselines task=forecast task.baselines.arima.max_order=1`",
+        ),
+        id="baseline-setting-at-training",
+    ),
 ]
 
 DATA = [

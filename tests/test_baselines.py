@@ -1,5 +1,6 @@
-"""The baseline stages: TF-IDF + logistic regression (sentiment), Kneser-Ney character n-grams (textgen) and log-mel
-statistics + logistic regression (speech), each on the networks' splits and test units."""
+"""The baseline stages: TF-IDF + logistic regression (sentiment), Kneser-Ney character n-grams (textgen), log-mel
+statistics + logistic regression (speech), the training prior (memory tasks) and the statistical forecasters (forecast
+tasks), each on the networks' splits and test units."""
 
 from __future__ import annotations
 
@@ -15,16 +16,19 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from sklearn.metrics import accuracy_score, log_loss
+from test_forecast import fetch_and_preprocess, make_series
 from test_memory import make_data
 from test_textgen import archive, textgen_overrides, textgen_root  # noqa: F401 (the textgen fixtures)
 
-from rnnlab.baselines import KneserNey, run
+from rnnlab.baselines import KneserNey, run, written_baselines
 from rnnlab.baselines import main as baselines_main
 from rnnlab.config import config_dir
+from rnnlab.data.forecast import ForecastDataModule
+from rnnlab.data.forecast_baselines import persistence_forecasts, seasonal_naive_forecasts
 from rnnlab.data.sentiment import SentimentDataModule
 from rnnlab.data.speech import SpeechDataModule
 from rnnlab.data.textgen import TextStreamDataModule
-from rnnlab.errors import ConfigError
+from rnnlab.errors import ConfigError, DataError
 from rnnlab.inference import unit_scores
 
 
@@ -33,13 +37,13 @@ def compose_baselines(*overrides: str) -> DictConfig:
         return compose(config_name="baselines", overrides=list(overrides))
 
 
-def assert_c_is_the_best_on_validation(overrides: list[str], task: str, metrics: dict, tmp_path: Path) -> dict[float, float]:
+def assert_c_is_the_best_on_validation(overrides: list[str], name: str, metrics: dict, tmp_path: Path) -> dict[float, float]:
     """The chosen C is the one whose model, fitted alone (a grid of that C only), is the most accurate on validation,
     the smallest C among equals, and the reported val_acc is that model's."""
     val_acc = {}
-    for c in compose_baselines(*overrides).baselines[task].c_grid:
-        alone = [*overrides, f"baselines.{task}.c_grid=[{c}]", f"paths.baselines_dir={tmp_path / f'C{c}'}"]
-        val_acc[c] = run(compose_baselines(*alone))["val_acc"]
+    for c in compose_baselines(*overrides).task.baselines.c_grid:
+        alone = [*overrides, f"task.baselines.c_grid=[{c}]", f"paths.baselines_dir={tmp_path / f'C{c}'}"]
+        val_acc[c] = run(compose_baselines(*alone))[name]["val_acc"]
     best = max(val_acc, key=lambda c: (val_acc[c], -c))
     assert (metrics["C"], metrics["val_acc"]) == (best, val_acc[best])
     return val_acc
@@ -48,9 +52,10 @@ def assert_c_is_the_best_on_validation(overrides: list[str], task: str, metrics:
 def test_tfidf_baseline_scores_the_networks_test_reviews(sentiment_root: Path, tmp_path: Path) -> None:
     overrides = [f"paths.root={sentiment_root}", "task.data.limit_test=20"]
     cfg = compose_baselines(*overrides, f"paths.baselines_dir={tmp_path}")
-    metrics = run(cfg)
+    metrics = run(cfg)["tfidf_logreg"]
     predictions = pd.read_csv(tmp_path / "tfidf_logreg_predictions.csv")
     assert json.loads((tmp_path / "tfidf_logreg.json").read_text()) == metrics
+    assert json.loads((tmp_path / "baselines.json").read_text()) == {"task": "sentiment", "baselines": ["tfidf_logreg"]}
     # The same test reviews, in the same order, as a network's test loader reads them.
     data = SentimentDataModule(sentiment_root / "data" / "processed" / "sentiment", limit_test=20)
     data.setup()
@@ -59,19 +64,19 @@ def test_tfidf_baseline_scores_the_networks_test_reviews(sentiment_root: Path, t
     assert list(predictions.columns) == ["unit", "group", "target", "prediction", "score", "loss"]
     assert metrics["test_acc"] == pytest.approx((predictions["prediction"] == predictions["target"]).mean())
     assert metrics["test_acc"] >= 0.9  # three sentiment words per synthetic review: an easy bar
-    assert metrics["C"] in cfg.baselines.sentiment.c_grid and metrics["features"] > 0
+    assert metrics["C"] in cfg.task.baselines.c_grid and metrics["features"] > 0
     assert ((predictions["score"] > 0.5) == predictions["prediction"]).all()
     # scikit-learn's own measures of the written predictions.
     assert metrics["test_acc"] == pytest.approx(accuracy_score(predictions["target"], predictions["prediction"]))
     assert metrics["test_loss"] == pytest.approx(log_loss(predictions["target"], predictions["score"], labels=[0, 1]), rel=1e-5)
     # The fixture's reviews separate at every C of the grid: all tie on validation, so the smallest C must win.
-    assert set(assert_c_is_the_best_on_validation(overrides, "sentiment", metrics, tmp_path).values()) == {1.0}
-    assert metrics["C"] == min(cfg.baselines.sentiment.c_grid)
+    assert set(assert_c_is_the_best_on_validation(overrides, "tfidf_logreg", metrics, tmp_path).values()) == {1.0}
+    assert metrics["C"] == min(cfg.task.baselines.c_grid)
 
 
 def test_a_task_without_a_baseline_stage_is_a_clear_error(sentiment_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(ConfigError, match=r"task forecast has no baseline stage \(tasks with one: sentiment, .*, memory_copy\); forecast"):
-        run(compose_baselines(f"paths.root={sentiment_root}", "task=forecast", f"paths.baselines_dir={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"task sentiment has no baseline \(tasks with one: sentiment, .*\); a new task's baseline is"):
+        run(compose_baselines(f"paths.root={sentiment_root}", "~task.baselines", f"paths.baselines_dir={tmp_path}"))
     result = run_main(baselines_main, f"paths.root={tmp_path}", run_dir=tmp_path / "hydra", capsys=capsys)
     assert result.returncode == 2 and "splits.json is missing: run the preprocess stage first" in result.stderr
     assert not list(tmp_path.glob("metrics/**/*.csv"))
@@ -153,15 +158,15 @@ def test_kneser_ney_agrees_with_the_textbook_recursion_on_random_text() -> None:
 
 
 def test_an_order_that_does_not_fit_an_int64_key_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"baselines.textgen.orders: order 12 with 100 characters does not fit .*from 1 to 9"):
+    with pytest.raises(ConfigError, match=r"task.baselines.orders: order 12 with 100 characters does not fit .*from 1 to 9"):
         KneserNey(np.arange(50), vocab_size=100, max_order=12)
 
 
 def test_ngram_baseline_scores_the_language_models_test_chunk_rows(textgen_root: Path, archive: Path, tmp_path: Path) -> None:  # noqa: F811
     overrides = [o for o in textgen_overrides(textgen_root, archive) if not o.startswith("task.fetch")]
     data_overrides = ["task.data.batch_size=4", "task.data.seq_len=10"]
-    cfg = compose_baselines(*overrides, *data_overrides, f"paths.baselines_dir={tmp_path}", "baselines.textgen.orders=[1,2,3,4]")
-    metrics = run(cfg)
+    cfg = compose_baselines(*overrides, *data_overrides, f"paths.baselines_dir={tmp_path}", "task.baselines.orders=[1,2,3,4]")
+    metrics = run(cfg)["kn_ngram"]
     predictions = pd.read_csv(tmp_path / "kn_ngram_predictions.csv")
     assert json.loads((tmp_path / "kn_ngram.json").read_text()) == metrics
     data = TextStreamDataModule(textgen_root / "data" / "processed" / "textgen", batch_size=4, seq_len=10)
@@ -190,7 +195,7 @@ def test_mel_statistics_baseline_scores_the_networks_test_clips(speech_dirs: tup
     _, processed_dir = speech_dirs
     overrides = ["task=speech", f"paths.processed={processed_dir}"]
     cfg = compose_baselines(*overrides, f"paths.baselines_dir={tmp_path}")
-    metrics = run(cfg)
+    metrics = run(cfg)["mel_logreg"]
     predictions = pd.read_csv(tmp_path / "mel_logreg_predictions.csv", keep_default_na=False)
     data = SpeechDataModule(str(processed_dir))
     data.setup()
@@ -200,17 +205,17 @@ def test_mel_statistics_baseline_scores_the_networks_test_clips(speech_dirs: tup
     assert metrics["test_loss"] == pytest.approx(predictions["loss"].mean(), rel=1e-5)  # the CSV keeps 6 digits
     num_classes = data.head_dims["num_classes"]
     assert predictions["score"].between(1 / num_classes, 1).all()  # the predicted class's probability
-    assert metrics["C"] in cfg.baselines.speech.c_grid and metrics["features"] == 5 * data.metadata["num_features"]
-    val_acc = assert_c_is_the_best_on_validation(overrides, "speech", metrics, tmp_path)
+    assert metrics["C"] in cfg.task.baselines.c_grid and metrics["features"] == 5 * data.metadata["num_features"]
+    val_acc = assert_c_is_the_best_on_validation(overrides, "mel_logreg", metrics, tmp_path)
     assert len(set(val_acc.values())) > 1  # the Cs differ on validation here: the choice is by accuracy, not the tie rule
 
 
 def test_unknown_mel_statistics_are_refused(speech_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     _, processed_dir = speech_dirs
     cfg = compose_baselines(
-        "task=speech", f"paths.processed={processed_dir}", f"paths.baselines_dir={tmp_path}", "baselines.speech.statistics=[mean,median]"
+        "task=speech", f"paths.processed={processed_dir}", f"paths.baselines_dir={tmp_path}", "task.baselines.statistics=[mean,median]"
     )
-    with pytest.raises(ConfigError, match=r"baselines.speech.statistics \['mean', 'median'\] is invalid; choose one or more of"):
+    with pytest.raises(ConfigError, match=r"task.baselines.statistics \['mean', 'median'\] is invalid; choose one or more of"):
         run(cfg)
     assert not list(tmp_path.iterdir())
 
@@ -223,7 +228,7 @@ def test_the_memory_baseline_is_the_training_targets_best_blind_guess(problem: s
     processed = make_data(tmp_path / "data", problem)
     task = f"memory_{problem}"
     cfg = compose_baselines(f"task={task}", f"paths.processed={processed}", f"paths.baselines_dir={tmp_path}", "task.data.lag=4")
-    metrics = run(cfg)
+    metrics = run(cfg)["train_prior"]
     predictions = pd.read_csv(tmp_path / "train_prior_predictions.csv")
     data = instantiate(cfg.task.data)
     data.setup()
@@ -248,3 +253,86 @@ def test_the_memory_baseline_is_the_training_targets_best_blind_guess(problem: s
         correct = (predictions["prediction"] == predictions["target"]).to_numpy().reshape(len(test), length)
         assert metrics["test_seq_acc"] == pytest.approx(correct.all(axis=1).mean())
     pd.testing.assert_frame_equal(scored[["unit", "group"]].drop_duplicates().reset_index(drop=True), data.test_units())
+
+
+# --- forecast tasks: the statistical forecasters -----------------------------------------------------------------
+
+# A fixed ARIMA order: the forecasters are fitted and written without auto-ARIMA's search.
+FORECAST_SETTINGS = ("task.baselines.seasonal_periods=[7]", "task.baselines.arima.order=[1,0,0]", "task.baselines.arima.trend=c")
+
+
+def forecast_overrides(root: Path, out: Path, *more: str) -> list[str]:
+    return ["task=forecast", f"paths.raw={root / 'raw'}", f"paths.processed={root / 'processed'}", f"paths.baselines_dir={out}", *more]
+
+
+@pytest.fixture(scope="module")
+def forecast_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("forecast")
+    fetch_and_preprocess(root, make_series())
+    return root
+
+
+def test_forecast_baselines_score_the_networks_test_windows(forecast_root: Path, tmp_path: Path) -> None:
+    results = run(compose_baselines(*forecast_overrides(forecast_root, tmp_path, *FORECAST_SETTINGS, "task.data.limit_test=10")))
+    names = ["persistence", "seasonal_naive_7", "naive2", "arima", "ets"]
+    assert list(results) == names == written_baselines(tmp_path)
+    data = ForecastDataModule(forecast_root / "processed", limit_test=10)
+    data.setup()
+    targets = data.datasets["test"].tensors[1].numpy()
+    series = pd.read_csv(forecast_root / "raw" / "series.csv")["value"].to_numpy()
+    origins = np.arange(136, 136 + 10)  # the oldest 10 test origins, as the networks' limited test loader
+    expected = {"persistence": persistence_forecasts(series, origins, 3)}
+    expected["seasonal_naive_7"] = seasonal_naive_forecasts(series, origins, 3, 7)
+    for name in names:
+        predictions = pd.read_csv(tmp_path / f"{name}_predictions.csv")
+        assert list(predictions.columns) == ["unit", "group", "horizon", "target", "prediction"]
+        # One row per test origin and step ahead, the units and groups of a network's test outputs.
+        pd.testing.assert_frame_equal(predictions[["unit", "group"]].drop_duplicates(ignore_index=True), data.test_units())
+        assert predictions["horizon"].tolist() == [1, 2, 3] * 10
+        assert predictions["target"].to_numpy() == pytest.approx(targets.ravel(), rel=1e-5)  # 6 significant digits
+        metrics = json.loads((tmp_path / f"{name}.json").read_text())
+        # The CSV keeps 6 significant digits: values near 20 to +-5e-5 each.
+        mae = (predictions["prediction"] - predictions["target"]).abs().mean()
+        assert metrics["test_mae"] == pytest.approx(mae, abs=1e-4)
+        assert metrics["test_mase"] == pytest.approx(metrics["test_mae"] / data.metadata["mase_scale"], rel=1e-12)
+        if name in expected:
+            assert predictions["prediction"].to_numpy() == pytest.approx(expected[name].ravel(), rel=1e-5)
+        scored = unit_scores(predictions, "test_mase", data.metadata["mase_scale"])  # as compare scores it beside the networks
+        assert scored["score"].mean() == pytest.approx(mae / data.metadata["mase_scale"], rel=1e-12)
+    assert results["arima"]["fitted"]["order"] == [1, 0, 0] and "fitted" not in results["persistence"]
+
+
+def test_a_dropped_forecaster_leaves_the_list_compare_reads(forecast_root: Path, tmp_path: Path) -> None:
+    run(compose_baselines(*forecast_overrides(forecast_root, tmp_path, *FORECAST_SETTINGS)))
+    run(compose_baselines(*forecast_overrides(forecast_root, tmp_path, *FORECAST_SETTINGS[1:], "task.baselines.seasonal_periods=[]")))
+    # The earlier run's seasonal naive stays on disk (a run deletes nothing), but is no longer listed.
+    assert (tmp_path / "seasonal_naive_7_predictions.csv").is_file()
+    assert written_baselines(tmp_path) == ["persistence", "naive2", "arima", "ets"]
+    (tmp_path / "baselines.json").write_text("{")
+    with pytest.raises(DataError, match=r"baselines.json is unreadable .*: rerun the task's baseline stage"):
+        written_baselines(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("task.baselines.seasonal_periods=[1]", r"task.baselines.seasonal_periods must be periods > 1 \(1 is persistence\)"),
+        ("task.baselines.arima.order=[1,0]", r"task.baselines.arima.order must be auto or \[p, d, q\]"),
+    ],
+)
+def test_bad_forecast_baseline_settings_are_refused_before_anything_is_written(
+    forecast_root: Path, tmp_path: Path, setting: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run(compose_baselines(*forecast_overrides(forecast_root, tmp_path / "out", *FORECAST_SETTINGS, setting)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_forecast_baselines_refuse_processed_data_of_another_series(forecast_root: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    fetch_and_preprocess(other, make_series(seed=1))  # as many rows, other values: the targets do not match
+    overrides = forecast_overrides(forecast_root, tmp_path / "out", *FORECAST_SETTINGS)
+    cfg = compose_baselines(*overrides, f"paths.processed={other / 'processed'}")
+    with pytest.raises(DataError, match="does not match the fetched series: rerun the preprocess stage"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()

@@ -76,14 +76,15 @@ N_REVIEWS, N_ORIGINS, HORIZON, CHUNKS = 1000, 40, 3, 30
 # Forecast errors per origin: a fixed pattern of mean 1, so that a run's MASE is its value exactly.
 ERROR_PATTERN = np.tile([0.7, 1.3, 0.9, 1.1], N_ORIGINS // 4)
 BASELINE_SENTIMENT = 0.95
-PERSISTENCE_MASE = 1.0  # the baseline in every forecast run's test outputs: between the GRU (1.1) and the LSTM (0.9)
-NAIVE2_MASE = 1.2  # a weaker baseline of the test outputs: scored, not tested (compare's baseline_tests: strongest)
+PERSISTENCE_MASE = 1.0  # a forecast baseline stage's: between the GRU (1.1) and the LSTM (0.9)
+NAIVE2_MASE = 1.2  # a weaker one: scored, not tested (compare's baseline_tests: strongest)
 LEVEL = 10.0  # every forecast target
 
 
-def synthetic_predictions(task: str, value: float) -> pd.DataFrame:
+def synthetic_predictions(task: str, value: float, errors: np.ndarray = ERROR_PATTERN) -> pd.DataFrame:
     """Per-example test outputs whose primary metric is `value` exactly, with a structure shared by every model: the same
-    reviews are hard for all (a model gets right the round(value * N) easiest), the same origins are hard to forecast."""
+    reviews are hard for all (a model gets right the round(value * N) easiest), the same origins are hard to forecast
+    (`errors`: each origin's error, of mean 1)."""
     if task == "sentiment":
         units = np.arange(N_REVIEWS)
         right = np.random.default_rng(0).permutation(N_REVIEWS) < round(value * N_REVIEWS)
@@ -92,7 +93,7 @@ def synthetic_predictions(task: str, value: float) -> pd.DataFrame:
         return pd.DataFrame({"unit": units, "group": units, "target": target, "prediction": prediction, "score": prediction, "loss": 0.5})
     if task == "forecast":
         origin = np.repeat(np.arange(N_ORIGINS), HORIZON)
-        error = np.repeat(ERROR_PATTERN, HORIZON)
+        error = np.repeat(errors, HORIZON)
         return pd.DataFrame(
             {
                 "unit": [f"2020-01-{o + 1:02d} 00:00" for o in origin],
@@ -100,8 +101,6 @@ def synthetic_predictions(task: str, value: float) -> pd.DataFrame:
                 "horizon": np.tile(np.arange(1, HORIZON + 1), N_ORIGINS),
                 "target": LEVEL,
                 "prediction": LEVEL + value * error,  # MASE scale 1: the run's test_mae is its test_mase
-                "persistence": LEVEL + PERSISTENCE_MASE * np.repeat(ERROR_PATTERN[::-1], HORIZON),
-                "naive2": LEVEL - NAIVE2_MASE * error,
             }
         )
     units = np.arange(CHUNKS) * 100
@@ -167,6 +166,15 @@ def add_run(
     return run_id
 
 
+def write_baselines(task_metrics: Path, baselines: dict[str, pd.DataFrame]) -> None:
+    """A baseline stage's outputs as rnnlab.baselines writes them: each baseline's test outputs, and the list of them."""
+    out = task_metrics / "baselines"
+    out.mkdir(parents=True)
+    for name, predictions in baselines.items():
+        predictions.to_csv(out / f"{name}_predictions.csv", index=False)
+    (out / "baselines.json").write_text(json.dumps({"task": task_metrics.name, "baselines": list(baselines)}))
+
+
 def compose_compare(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="compare", overrides=list(overrides))
@@ -196,10 +204,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for seed, value in enumerate(values, start=1):
             extra = {"latency_ms_per_sequence": 0.5} if (task, model) == ("forecast", "gru") else {}
             add_run(client, task, model, seed, value, start + 1000, **extra)
-    # A baseline stage's test outputs (rnnlab.baselines), beside the metrics files: better than every network.
-    baselines = root / "metrics" / "sentiment" / "baselines"
-    baselines.mkdir(parents=True)
-    synthetic_predictions("sentiment", BASELINE_SENTIMENT).to_csv(baselines / "tfidf_logreg_predictions.csv", index=False)
+    # The baseline stages' test outputs (rnnlab.baselines), beside the metrics files: TF-IDF better than every network;
+    # persistence's errors fall on other origins than the networks' (reversed), naive2's below the target.
+    write_baselines(root / "metrics" / "sentiment", {"tfidf_logreg": synthetic_predictions("sentiment", BASELINE_SENTIMENT)})
+    naive2 = synthetic_predictions("forecast", NAIVE2_MASE)
+    naive2["prediction"] = 2 * LEVEL - naive2["prediction"]
+    persistence = synthetic_predictions("forecast", PERSISTENCE_MASE, ERROR_PATTERN[::-1])
+    write_baselines(root / "metrics" / "forecast", {"persistence": persistence, "naive2": naive2})
     # What resolve would have found (store_overrides): the store's sentiment gru_tuned is model=gru's default configuration.
     (root / "resolved_compare.yaml").write_text("tuned_as_default:\n  sentiment/gru_tuned: gru\n")
     return root
@@ -262,7 +273,7 @@ def test_paired_tests_and_verdicts(report: dict[str, Any], store: Path) -> None:
     assert sentiment["gru", "rnn"]["p_value"] == pytest.approx(stats.ttest_1samp(right["gru"] - right["rnn"], 0).pvalue)
 
     forecast = {(p["first"], p["second"]): p for p in report["tasks"]["forecast"]["pairs"]}
-    # The configured pair with runs (no rnn runs), then each network against the strongest baseline of the test outputs.
+    # The configured pair with runs (no rnn runs), then each network against the strongest baseline of the baseline stage.
     assert list(forecast) == [("gru", "lstm"), ("gru", "persistence"), ("lstm", "persistence")]
     assert report["tasks"]["forecast"]["baselines"] == {
         "persistence": pytest.approx(PERSISTENCE_MASE),
@@ -323,9 +334,7 @@ def test_the_same_runs_give_the_same_report_byte_for_byte(store: Path, tmp_path:
     ],
 )
 def test_a_baseline_of_other_test_examples_is_a_clear_error(store: Path, tmp_path: Path, change: Any, what: str) -> None:
-    baselines = tmp_path / "metrics" / "sentiment" / "baselines"
-    baselines.mkdir(parents=True)
-    change(synthetic_predictions("sentiment", 0.9)).to_csv(baselines / "tfidf_logreg_predictions.csv", index=False)
+    write_baselines(tmp_path / "metrics" / "sentiment", {"tfidf_logreg": change(synthetic_predictions("sentiment", 0.9))})
     overrides = [*store_overrides(store, tmp_path), NO_ALIAS, f"metrics_dir={tmp_path}/metrics", "tasks=[sentiment]"]
     with pytest.raises(DataError, match=rf"tfidf_logreg_predictions\.csv scores {what} than the runs of sentiment"):
         compare(compose_compare(*overrides))

@@ -19,6 +19,7 @@ from statsmodels.tsa.arima.model import ARIMA
 
 from rnnlab.data.forecast import (
     ForecastDataModule,
+    baseline_inputs,
     fetch,
     fourier_features,
     input_windows,
@@ -39,9 +40,7 @@ TINY = {
     "season": 7,
     "fourier_terms": 1,
     "m4_period": 7,
-    "baselines": {"seasonal_periods": [7], "arima": {"order": [1, 0, 0], "trend": "c"}},
 }
-BASELINES = ["persistence", "seasonal_naive_7", "naive2", "arima", "ets"]
 
 
 def make_series(n: int = 160, seed: int = 0) -> pd.DataFrame:
@@ -89,16 +88,16 @@ def test_fetch_reads_the_packaged_series(tmp_path: Path, source: str, columns: l
     assert json.loads((tmp_path / "source.json").read_text())["source"] == source
 
 
-def test_preprocess_writes_windows_metadata_and_baselines(processed: Path) -> None:
+def test_preprocess_writes_windows_and_metadata(processed: Path) -> None:
     meta = json.loads((processed / "metadata.json").read_text())
     assert meta["num_features"] == 1 + 2  # the target plus one sin/cos pair
-    assert meta["baselines"] == BASELINES
-    assert meta["fitted_baselines"]["arima"]["order"] == [1, 0, 0] and meta["fitted_baselines"]["naive2"]["seasonal"]
+    assert meta["fill_missing"] == "error" and "baselines" not in meta  # the baselines are the baseline stage's
     # 160 rows: 112 train, 24 val, 24 test; train windows start after the lookback, all end inside their split.
     assert meta["sizes"] == {"train": 112 - 8 - 3 + 1, "val": 24 - 3 + 1, "test": 24 - 3 + 1}
     test = load(processed, "test")
     n = meta["sizes"]["test"]
-    assert test["inputs"].shape == (n, 8, 3) and test["targets"].shape == (n, 3) and test["baselines"].shape == (n, len(BASELINES), 3)
+    assert test["inputs"].shape == (n, 8, 3) and test["targets"].shape == (n, 3)
+    assert set(test) == {"inputs", "targets", "offsets", "target_times"}
     assert load(processed, "train")["inputs"].shape == (meta["sizes"]["train"], 8, 3)
 
 
@@ -163,7 +162,7 @@ def test_datamodule_batches_and_dims(processed: Path) -> None:
     inputs, targets, offsets = next(iter(dm.train_dataloader()))
     assert inputs.shape == (4, 8, 3) and targets.shape == (4, 3) and offsets.shape == (4,)
     test_batch = next(iter(dm.test_dataloader()))
-    assert [t.shape for t in test_batch[3:]] == [(4, len(BASELINES), 3), (4, 3)]
+    assert [t.shape for t in test_batch[3:]] == [(4, 3)]  # the target dates
     assert len(dm.datasets["test"]) == 5
     assert dm.front_end_dims == {"num_features": 3}
     assert dm.head_dims["horizon"] == 3 and dm.head_dims["series"] == "csv: value"
@@ -217,13 +216,23 @@ def test_arima_forecasts_equal_statsmodels_from_each_origin(with_exog: bool) -> 
         assert forecasts[i] == pytest.approx(np.asarray(own), abs=1e-8)
 
 
-def test_preprocessed_baselines_are_the_naive_forecasts_of_the_test_windows(processed: Path) -> None:
+def test_baseline_inputs_are_the_series_and_test_windows_preprocess_cut(processed: Path) -> None:
     test = load(processed, "test")
     series = read_series_csv(processed.parent / "raw" / "series.csv")["value"].to_numpy()
-    origins = np.arange(136, 160 - 3 + 1)
-    assert test["baselines"][:, 0].numpy() == pytest.approx(persistence_forecasts(series, origins, 3), abs=1e-4)
-    assert test["baselines"][:, 1].numpy() == pytest.approx(seasonal_naive_forecasts(series, origins, 3, 7), abs=1e-4)
-    assert test["targets"].numpy() == pytest.approx(target_windows(series, origins, 3), abs=1e-4)
+    inputs = baseline_inputs(processed.parent / "raw", processed)
+    assert inputs["target"] == pytest.approx(series) and inputs["exog"] == pytest.approx(fourier_features(160, 7, 1))
+    assert inputs["origins"].tolist() == list(range(136, 160 - 3 + 1)) and inputs["train_end"] == 112
+    assert (inputs["horizon"], inputs["m4_period"]) == (3, 7)
+    assert test["targets"].numpy() == pytest.approx(target_windows(series, inputs["origins"], 3), abs=1e-4)
+
+
+def test_baseline_inputs_refuse_a_series_that_is_not_the_one_preprocessed(tmp_path: Path) -> None:
+    processed = fetch_and_preprocess(tmp_path, make_series(100))
+    fetch(str(tmp_path / "raw"), source="csv", csv_path=str(write_csv(make_series(120), tmp_path / "longer.csv")))
+    with pytest.raises(DataError, match=r"has 120 rows but .* was cut from 100: rerun preprocess"):
+        baseline_inputs(tmp_path / "raw", processed)
+    with pytest.raises(DataError, match=r"metadata\.json is missing: run the preprocess stage first"):
+        baseline_inputs(tmp_path / "raw", tmp_path / "nowhere")
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -238,7 +247,6 @@ def make_forecaster(**overrides) -> Forecaster:
         "horizon": 3,
         "target_scale": 2.0,
         "mase_scale": 2.5,
-        "baselines": BASELINES,
     }
     return Forecaster(**{**settings, **overrides})
 
@@ -275,19 +283,19 @@ def test_an_untrained_forecaster_is_persistence(processed: Path) -> None:
     test = load(processed, "test")
     module = make_forecaster()
     forecasts = test["offsets"][:, None] + module.hparams.target_scale * module(test["inputs"]).detach()
-    assert torch.equal(forecasts, test["baselines"][:, BASELINES.index("persistence")])
+    origins = np.arange(136, 160 - 3 + 1)
+    series = read_series_csv(processed.parent / "raw" / "series.csv")["value"].to_numpy()
+    assert forecasts.numpy() == pytest.approx(persistence_forecasts(series, origins, 3), abs=1e-5)
 
 
-def test_test_step_scores_model_and_baselines_on_the_same_windows(processed: Path, tmp_path: Path) -> None:
+def test_test_step_scores_the_model_on_the_limited_test_windows(processed: Path, tmp_path: Path) -> None:
     dm = ForecastDataModule(processed, batch_size=8, limit_test=10)
     module = make_forecaster(target_scale=json.loads((processed / "metadata.json").read_text())["target_scale"])
     result = quiet_trainer(tmp_path).test(module, datamodule=dm, verbose=False)[0]
     test = load(processed, "test")
-    targets, baselines = test["targets"][:10], test["baselines"][:10]
-    for index, name in enumerate(BASELINES):
-        assert result[f"test_mae_{name}"] == pytest.approx((baselines[:, index] - targets).abs().mean().item(), rel=1e-5)
-        assert result[f"test_mase_{name}"] == pytest.approx(result[f"test_mae_{name}"] / 2.5)  # the module's mase_scale
-    assert {"test_mae", "test_rmse", "test_mase", "test_loss"} <= result.keys()
+    persistence = test["offsets"][:10, None]  # an untrained forecaster
+    assert result["test_mae"] == pytest.approx((persistence - test["targets"][:10]).abs().mean().item(), rel=1e-5)
+    assert {"test_mae", "test_rmse", "test_mase", "test_loss"} == {key for key in result if key.startswith("test_")}
     assert result["test_mase"] == pytest.approx(result["test_mae"] / 2.5)
     assert (tmp_path / "figures" / "forecast.png").is_file()
 
@@ -319,29 +327,21 @@ def test_the_task_config_builds_a_module_sized_to_the_data(compose_cfg: Callable
 
 
 @pytest.mark.slow
-def test_train_writes_forecast_metrics_beside_the_baselines(
-    compose_cfg: Callable[..., DictConfig], processed: Path, tmp_path: Path
-) -> None:
+def test_train_writes_forecast_metrics_and_test_outputs(compose_cfg: Callable[..., DictConfig], processed: Path, tmp_path: Path) -> None:
     metrics = train(tiny_run(compose_cfg, processed, tmp_path))
     assert json.loads((tmp_path / "metrics.json").read_text()) == {**metrics, "mlflow_run_id": ANY}
-    names = ["", *(f"_{name}" for name in BASELINES)]
-    expected = {f"test_{m}{b}" for m in ("mae", "rmse", "mase") for b in names}
-    assert expected <= metrics.keys()
+    assert {"test_mae", "test_rmse", "test_mase"} <= metrics.keys() and not any(key.startswith("test_mae_") for key in metrics)
     scale = json.loads((processed / "metadata.json").read_text())["mase_scale"]
-    for name in names:
-        assert metrics[f"test_mase{name}"] == pytest.approx(metrics[f"test_mae{name}"] / scale, rel=1e-5)
+    assert metrics["test_mase"] == pytest.approx(metrics["test_mae"] / scale, rel=1e-5)
     test = load(processed, "test")
-    persistence_mae = (test["baselines"][:, 0] - test["targets"]).abs().mean().item()
-    assert metrics["test_mae_persistence"] == pytest.approx(persistence_mae, rel=1e-5)
     assert (tmp_path / "plots" / "forecast.png").is_file()
-    # One row per test origin and step ahead, with the baselines' forecasts of the same targets: Diebold-Mariano's input.
+    # One row per test origin and step ahead, as the baseline stage writes its forecasts: Diebold-Mariano's input.
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     horizon = test["targets"].shape[1]
-    assert list(predictions.columns) == ["unit", "group", "horizon", "target", "prediction", *BASELINES]
+    assert list(predictions.columns) == ["unit", "group", "horizon", "target", "prediction"]
     assert len(predictions) == test["targets"].numel() and predictions["horizon"].tolist()[:horizon] == list(range(1, horizon + 1))
     assert predictions["group"].tolist() == [i // horizon for i in range(len(test["targets"])) for _ in range(horizon)]
     assert (predictions["prediction"] - predictions["target"]).abs().mean() == pytest.approx(metrics["test_mae"], rel=1e-4)
-    assert predictions["persistence"].to_numpy() == pytest.approx(test["baselines"][:, 0].flatten().numpy(), rel=1e-5)
 
 
 def test_configs_place_each_series_in_its_own_task(compose_cfg: Callable[..., DictConfig]) -> None:
@@ -424,8 +424,4 @@ def test_unknown_source_column_and_settings_are_refused(tmp_path: Path) -> None:
         fetch_and_preprocess(tmp_path / "c", make_series(60), m4_period=365, fourier_terms=0)
     with pytest.raises(ConfigError, match="mase_history"):
         fetch_and_preprocess(tmp_path / "d", make_series(60), mase_history=5)
-    with pytest.raises(ConfigError, match="seasonal_periods must be periods > 1"):
-        fetch_and_preprocess(tmp_path / "e", make_series(60), baselines={"seasonal_periods": [1]})
-    with pytest.raises(ConfigError, match=r"arima.order must be auto or \[p, d, q\]"):
-        fetch_and_preprocess(tmp_path / "f", make_series(60), baselines={"arima": {"order": [1, 0]}})
-    assert not any((tmp_path / name / "processed").exists() for name in "cdef")
+    assert not any((tmp_path / name / "processed").exists() for name in "cd")

@@ -33,10 +33,10 @@ def test_unit_scores_are_the_primary_metric_per_unit() -> None:
     assert np.average(scored["score"], weights=scored["weight"]) == pytest.approx((150 + 100) / 150)
     forecast = pd.DataFrame(
         {"unit": ["t0", "t0", "t1", "t1"], "group": [0, 0, 0, 0], "horizon": [1, 2, 1, 2], "target": [1.0, 2, 3, 4]}
-        | {"prediction": [2.0, 2, 3, 6], "naive": [1.0, 1, 1, 1]}
+        | {"prediction": [2.0, 2, 3, 6]}
     )
     assert inference.unit_scores(forecast, "test_mase", scale=0.5)["score"].tolist() == [1.0, 2.0]  # (|1| + 0) / 2 / 0.5
-    assert inference.unit_scores(forecast, "test_mase", forecast="naive")["score"].tolist() == [0.5, 2.5]
+    assert inference.unit_scores(forecast, "test_mase")["score"].tolist() == [0.5, 1.0]
     with pytest.raises(ValueError, match="no per-unit form of test_f1"):
         inference.unit_scores(classified, "test_f1")
 

@@ -1,10 +1,9 @@
 """Strong simple baselines on the networks' splits and test units: `python -m rnnlab.baselines task=<task>`.
 
 A baseline answers "is this score good?": the comparison puts it in the task's table and tests every network
-against it on the same test examples. It writes, beside the networks' outputs (`paths.baselines_dir`,
+against it on the same test examples. Per baseline it writes, beside the networks' outputs (`paths.baselines_dir`,
 metrics/<task>/baselines/), `<name>.json` (its test metrics and chosen settings) and `<name>_predictions.csv` (the
-per-example test outputs, with the columns of a training's). Forecast tasks need no stage: their baselines'
-forecasts are part of every run's test outputs.
+per-example test outputs, with the columns of a training's). Its settings are the task config's `baselines:`.
 
 - sentiment: TF-IDF over word 1- and 2-grams (rnnlab's own tokenizer) and a logistic regression (scikit-learn),
   its inverse regularisation C chosen on validation accuracy;
@@ -13,11 +12,15 @@ forecasts are part of every run's test outputs.
 - speech: summary statistics of each clip's log-mel frames (mean, spread, extremes, mean change per frame) and a
   logistic regression, C chosen on validation accuracy;
 - memory_adding, memory_copy: the best guess that ignores the inputs, from the training targets (the mean sum; each
-  recalled position's most frequent symbol): where a network stays at this bar it remembered nothing.
+  recalled position's most frequent symbol): where a network stays at this bar it remembered nothing;
+- forecast tasks: persistence, a seasonal naive per period, M4's Naive2, automatic ARIMA and ETS
+  (rnnlab.data.forecast_baselines), fitted on the train rows and forecasting from every test origin. Their fits (scipy's
+  optimisers) differ in the last digits between CPUs, which is why they are this stage's outputs and not data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +40,24 @@ from rnnlab import io
 from rnnlab.config import hydra_entry
 from rnnlab.console import summary
 from rnnlab.data.base import SPLITS, SplitTensorDataModule
+from rnnlab.data.forecast import baseline_inputs, target_windows
+from rnnlab.data.forecast_baselines import baseline_forecasts
 from rnnlab.data.sentiment import RAW_FILE, read_reviews_csv, tokenize
 from rnnlab.errors import ConfigError, DataError
+
+# The list of the baselines a stage wrote, in paths.baselines_dir.
+MANIFEST = "baselines.json"
+
+
+def written_baselines(baselines_dir: Path) -> list[str]:
+    """The baselines the task's baseline stage last wrote to `baselines_dir`, in its order (none without the stage)."""
+    manifest = baselines_dir / MANIFEST
+    if not manifest.is_file():
+        return []
+    try:
+        return list(json.loads(manifest.read_text())["baselines"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{manifest} is unreadable ({err}): rerun the task's baseline stage (`dvc repro`).") from err
 
 
 def split_ids(processed_dir: Path, limits: dict[str, int | None]) -> dict[str, list[Any]]:
@@ -113,7 +132,7 @@ def mel_statistics_logistic_regression(
     each C of `c_grid`, the best on validation accuracy scoring the test clips."""
     unknown = [name for name in statistics if name not in MEL_STATISTICS]
     if unknown or not statistics:
-        raise ConfigError(f"baselines.speech.statistics {statistics} is invalid; choose one or more of {list(MEL_STATISTICS)}.")
+        raise ConfigError(f"task.baselines.statistics {statistics} is invalid; choose one or more of {list(MEL_STATISTICS)}.")
     data.setup()
     features, labels = {}, {}
     for split in SPLITS:
@@ -187,7 +206,7 @@ class KneserNey:
         if max_order < 1 or vocab_size**max_order >= 2**62:
             longest = max(n for n in range(1, 63) if vocab_size**n < 2**62)
             raise ConfigError(
-                f"baselines.textgen.orders: order {max_order} with {vocab_size} characters does not fit an int64 key; "
+                f"task.baselines.orders: order {max_order} with {vocab_size} characters does not fit an int64 key; "
                 f"choose orders from 1 to {longest}."
             )
         self.vocab_size, self.max_order = vocab_size, max_order
@@ -229,7 +248,7 @@ def kneser_ney_ngram(raw_dir: Path, data: SplitTensorDataModule, orders: list[in
     each character predicted from the validation stream before it), and score every test chunk row as the language
     model does: the characters it predicts, each from its row's text since the row's start."""
     if not orders or min(orders) < 1:
-        raise ConfigError(f"baselines.textgen.orders must be n-gram lengths of at least 1, got {orders}.")
+        raise ConfigError(f"task.baselines.orders must be n-gram lengths of at least 1, got {orders}.")
     data.setup()
     stream = {split: data.chunks[split].stream.numpy().astype(np.int64) for split in SPLITS}
     model = KneserNey(stream["train"], len(data.vocabulary), max(orders))
@@ -286,31 +305,80 @@ def training_prior(raw_dir: Path, data: SplitTensorDataModule) -> tuple[pd.DataF
     return outputs, metrics | {"test_loss": float(outputs["loss"].mean())}
 
 
-BASELINES = {
-    "sentiment": ("tfidf_logreg", tfidf_logistic_regression),
-    "textgen": ("kn_ngram", kneser_ney_ngram),
-    "speech": ("mel_logreg", mel_statistics_logistic_regression),
-    "memory_adding": ("train_prior", training_prior),
-    "memory_copy": ("train_prior", training_prior),
+def statistical_forecasts(
+    raw_dir: Path, data: SplitTensorDataModule, seasonal_periods: list[int], arima: dict[str, Any]
+) -> dict[str, tuple[pd.DataFrame, dict[str, Any]]]:
+    """Each statistical forecaster's test outputs (one row per forecast origin and step ahead, as a network's) and
+    metrics in the series' units (MASE over the series' scale, as the networks'), on the test origins the networks
+    are tested on (task.data.limit_test keeps the oldest); the fitted models' settings go with their metrics."""
+    data.setup()
+    test = data.datasets["test"]
+    inputs = baseline_inputs(raw_dir, data.processed_dir)
+    inputs["origins"] = inputs["origins"][: len(test)]
+    forecasts, fitted = baseline_forecasts(**inputs, seasonal_periods=seasonal_periods, arima=arima)
+    targets = test.tensors[1].numpy().astype(np.float64)  # the networks' targets, float32 as they read them
+    expected = target_windows(inputs["target"], inputs["origins"], inputs["horizon"])
+    if targets.shape != expected.shape or not np.allclose(targets, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max()):
+        raise DataError(f"{data.processed_dir} does not match the fetched series: rerun the preprocess stage (`dvc repro`).")
+    units, horizon = data.test_units(), inputs["horizon"]
+    rows = pd.DataFrame(
+        {
+            "unit": units["unit"].repeat(horizon).to_numpy(),
+            "group": units["group"].repeat(horizon).to_numpy(),
+            "horizon": np.tile(np.arange(1, horizon + 1), len(units)),
+            "target": targets.reshape(-1),
+        }
+    )
+    results = {}
+    for name, values in forecasts.items():
+        errors = values - targets
+        mae = float(np.abs(errors).mean())
+        metrics = {"test_mae": mae, "test_rmse": float(np.sqrt((errors**2).mean())), "test_mase": mae / data.metadata["mase_scale"]}
+        results[name] = rows.assign(prediction=values.reshape(-1)), metrics | ({"fitted": fitted[name]} if name in fitted else {})
+    return results
+
+
+Outputs = dict[str, tuple[pd.DataFrame, dict[str, Any]]]  # per baseline: its test outputs and metrics
+
+
+def _one(name: str, fit: Callable[..., tuple[pd.DataFrame, dict[str, Any]]]) -> Callable[..., Outputs]:
+    """A task's single baseline, named, as BASELINES' fits return them (name -> outputs and metrics)."""
+    return lambda *args, **settings: {name: fit(*args, **settings)}
+
+
+# Per task, what its baseline stage fits: (raw folder, data module, **task.baselines) -> {name: (outputs, metrics)}.
+BASELINES: dict[str, Callable[..., Outputs]] = {
+    "sentiment": _one("tfidf_logreg", tfidf_logistic_regression),
+    "textgen": _one("kn_ngram", kneser_ney_ngram),
+    "speech": _one("mel_logreg", mel_statistics_logistic_regression),
+    "memory_adding": _one("train_prior", training_prior),
+    "memory_copy": _one("train_prior", training_prior),
+    "forecast": statistical_forecasts,
+    "forecast_stock": statistical_forecasts,
+    "forecast_electricity": statistical_forecasts,
 }
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the task's baseline and write its metrics and per-example test outputs atomically."""
-    if cfg.task.name not in BASELINES:
+def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Fit the task's baselines and write each one's metrics and per-example test outputs, all or none."""
+    if cfg.task.name not in BASELINES or "baselines" not in cfg.task:
         raise ConfigError(
-            f"task {cfg.task.name} has no baseline stage (tasks with one: {', '.join(BASELINES)}); forecast tasks score their "
-            "baselines inside every training run."
+            f"task {cfg.task.name} has no baseline (tasks with one: {', '.join(BASELINES)}); a new task's baseline is a "
+            "function in rnnlab.baselines.BASELINES and its settings the task config's `baselines:` (docs/development.md)."
         )
-    name, fit = BASELINES[cfg.task.name]
-    settings = OmegaConf.to_container(cfg.baselines[cfg.task.name], resolve=True)
-    outputs, metrics = fit(Path(cfg.paths.raw), instantiate(cfg.task.data), **settings)
+    settings = OmegaConf.to_container(cfg.task.baselines, resolve=True)
+    results = BASELINES[cfg.task.name](Path(cfg.paths.raw), instantiate(cfg.task.data), **settings)
     out = Path(cfg.paths.baselines_dir)
-    with io.atomic_path(out / f"{name}_predictions.csv") as predictions_tmp, io.atomic_path(out / f"{name}.json") as metrics_tmp:
-        outputs.to_csv(predictions_tmp, index=False, float_format="%.6g")
-        metrics_tmp.write_text(io.json_text(metrics))
-    summary(f"baseline {name} on {cfg.task.name}", {**{k: f"{v:.4g}" for k, v in metrics.items()}, "written": out})
-    return metrics
+    with contextlib.ExitStack() as stack:
+        for name, (outputs, metrics) in results.items():
+            outputs.to_csv(stack.enter_context(io.atomic_path(out / f"{name}_predictions.csv")), index=False, float_format="%.6g")
+            stack.enter_context(io.atomic_path(out / f"{name}.json")).write_text(io.json_text(metrics))
+    # Written last, and what compare reads: a baseline dropped from the settings since an earlier run is not listed.
+    io.write_json(out / MANIFEST, {"task": cfg.task.name, "baselines": list(results)})
+    for name, (_, metrics) in results.items():
+        shown = {key: f"{value:.4g}" for key, value in metrics.items() if isinstance(value, float)}
+        summary(f"baseline {name} on {cfg.task.name}", {**shown, "written": out})
+    return {name: metrics for name, (_, metrics) in results.items()}
 
 
 @hydra_entry(config_name="baselines")

@@ -47,6 +47,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from scipy import stats
 
 from rnnlab import inference, io, resolve, serving, tracking
+from rnnlab.baselines import written_baselines
 from rnnlab.config import config_dir, hydra_entry
 from rnnlab.console import summary
 from rnnlab.errors import ConfigError, DataError
@@ -61,8 +62,6 @@ EXTRAS = {
     "latency_ms_per_sequence": ("latency ms / seq", ".3g"),
     "peak_memory_mb": ("peak MB", ".0f"),
 }
-# The columns of a run's test predictions that are not a forecast; a forecast task's other columns are its baselines'.
-PREDICTION_COLUMNS = ["unit", "group", "horizon", "target", "prediction", "score", "loss", "characters"]
 SEARCH_TAGS = ("optuna.trial", "optuna.study")  # a search's trials and its study's parent run are not seeds of a model
 FIGURES = ("learning_curves", "metric_ci", "metric_vs_params")
 RUN_FIGURES = "figures"  # where a training run logs its PNGs (tracking.save_figure)
@@ -394,12 +393,12 @@ def run_predictions(client: MlflowClient, run: pd.Series, scratch: Path) -> pd.D
     return pd.read_csv(_download(client, run["run_id"], tracking.PREDICTIONS_ARTIFACT, scratch))
 
 
-def forecast_accuracy(predictions: pd.DataFrame, scale: float, forecast: str = "prediction") -> dict[str, float]:
-    """M4's accuracy measures of one column of forecasts over every test origin and step ahead: sMAPE (in percent),
+def forecast_accuracy(predictions: pd.DataFrame, scale: float) -> dict[str, float]:
+    """M4's accuracy measures of the forecasts over every test origin and step ahead: sMAPE (in percent),
     MASE (`scale`: the series' MASE scale), and the MAE one step ahead (where persistence is hardest to beat)."""
-    errors = (predictions[forecast] - predictions["target"]).abs()
+    errors = (predictions["prediction"] - predictions["target"]).abs()
     # M4's sMAPE: 200 |error| / (|actual| + |forecast|), averaged; a 0/0 term (both zero) counts as 0.
-    smape = (200 * errors / (predictions["target"].abs() + predictions[forecast].abs())).fillna(0.0)
+    smape = (200 * errors / (predictions["target"].abs() + predictions["prediction"].abs())).fillna(0.0)
     first = predictions["horizon"] == 1
     return {"smape": float(smape.mean()), "mase": float(errors.mean() / scale), "mae_1": float(errors[first].mean())}
 
@@ -417,12 +416,12 @@ def with_owa(accuracy: dict[str, dict[str, float]]) -> dict[str, dict[str, float
 
 
 def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Path) -> TaskScores:
-    """Per model of one task, and per baseline (the forecasts of baselines in the runs' test outputs, and the
-    `<name>_predictions.csv` of baseline stages in `baselines_dir`), its per-unit scores of the primary metric over its
-    seeds, units sorted by name (for forecasts and text: time or text order); for a forecast task, the horizon and
-    M4's accuracy measures of every model (means over seeds) and baseline."""
-    metric, per_model, baselines, units, horizon, targets = task_runs["metric"].iloc[0], {}, {}, None, None, None
-    accuracy: dict[str, dict[str, float]] = {}
+    """Per model of one task, and per baseline its baseline stage wrote to `baselines_dir` (the `<name>_predictions.csv`
+    its manifest lists), its per-unit scores of the primary metric over its seeds, units sorted by name (for forecasts
+    and text: time or text order); for a forecast task, the horizon and M4's accuracy measures of every model (means
+    over seeds) and baseline."""
+    metric, per_model, units, horizon, targets, scale = task_runs["metric"].iloc[0], {}, None, None, None, 1.0
+    accuracy: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as scratch, _quiet_downloads():
         for model, group in task_runs.sort_values("seed").groupby("model"):
             rows = []
@@ -437,12 +436,6 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
                     units = scored[["unit", "group", "weight"]].reset_index(drop=True)
                     targets = _unit_targets(predictions)
                     horizon = int(predictions["horizon"].max()) if "horizon" in predictions else None
-                    in_runs = predictions.columns.difference(PREDICTION_COLUMNS, sort=False)
-                    baselines = {
-                        name: inference.unit_scores(predictions, metric, scale, forecast=name).sort_values("unit", kind="stable")["score"]
-                        for name in in_runs
-                    }
-                    accuracy |= {name: [forecast_accuracy(predictions, scale, name)] for name in in_runs}
                 elif not units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True)):
                     raise DataError(
                         f"{run['run_name']} ({run['run_id']}) was tested on other test examples than {task_runs['run_name'].iloc[0]}: "
@@ -450,9 +443,11 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
                     )
                 rows.append(scored["score"].to_numpy())
             per_model[model] = (np.stack(rows), tuple(int(seed) for seed in group["seed"]))
-    for path in sorted(baselines_dir.glob("*_predictions.csv")):
+    baselines = {}
+    for name in written_baselines(baselines_dir):
+        path = baselines_dir / f"{name}_predictions.csv"
         predictions = pd.read_csv(path)
-        scored = inference.unit_scores(predictions, metric).sort_values("unit", kind="stable")
+        scored = inference.unit_scores(predictions, metric, scale).sort_values("unit", kind="stable")
         same_units = units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True))
         if not (same_units and (targets is None or targets.equals(_unit_targets(predictions)))):
             what = "the same test examples with other targets" if same_units else "other test examples"
@@ -460,7 +455,9 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
                 f"{path} scores {what} than the runs of {task_runs['task'].iloc[0]} (other processed data or "
                 "task.data.limit_test): rerun its baseline stage with the runs' profile (`dvc repro`)."
             )
-        baselines[path.name.removesuffix("_predictions.csv")] = scored["score"]
+        baselines[name] = scored["score"]
+        if metric == "test_mase":
+            accuracy[name] = [forecast_accuracy(predictions, scale)]
     weights, groups = units["weight"].to_numpy(), units["group"].to_numpy()
     independent = metric in inference.INDEPENDENT_UNITS
     scores = {model: inference.Scores(values, weights, groups, seeds, independent) for model, (values, seeds) in per_model.items()}

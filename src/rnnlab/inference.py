@@ -48,13 +48,12 @@ class Scores:
     independent: bool  # units independent but for their groups (INDEPENDENT_UNITS): the clustered paired t
 
 
-def unit_scores(predictions: pd.DataFrame, metric: str, scale: float = 1.0, forecast: str = "prediction") -> pd.DataFrame:
+def unit_scores(predictions: pd.DataFrame, metric: str, scale: float = 1.0) -> pd.DataFrame:
     """Per test unit, in test order: `unit`, `group`, `score` (its part of `metric`) and `weight`.
 
     test_acc: 1 where the prediction is the target; test_mse: the prediction's squared error; test_loss with
     `characters` (text): the chunk row's nats per character, weighted by its characters; test_mase: the unit's mean
-    absolute error over its steps ahead divided by `scale` (the series' MASE scale), for the column `forecast` (the
-    model's, or a baseline's).
+    absolute error over its steps ahead divided by `scale` (the series' MASE scale).
     """
     if metric == "test_acc":
         frame = predictions.assign(score=(predictions["prediction"] == predictions["target"]).astype(float), weight=1.0)
@@ -63,7 +62,7 @@ def unit_scores(predictions: pd.DataFrame, metric: str, scale: float = 1.0, fore
     elif metric == "test_loss" and "characters" in predictions:
         frame = predictions.assign(score=predictions["loss"], weight=predictions["characters"].astype(float))
     elif metric == "test_mase":
-        errors = predictions.assign(score=(predictions[forecast] - predictions["target"]).abs() / scale)
+        errors = predictions.assign(score=(predictions["prediction"] - predictions["target"]).abs() / scale)
         frame = errors.groupby("unit", sort=False).agg(group=("group", "first"), score=("score", "mean")).reset_index()
         frame = frame.assign(weight=1.0)
     else:

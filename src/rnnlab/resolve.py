@@ -85,7 +85,7 @@ def result_config(cfg: DictConfig) -> dict[str, Any]:
     for key in NOT_RESULTS:
         config.pop(key, None)
     # Other stages' settings (training reads their outputs) and what the report says the test set is: no part of a result.
-    for key in ("fetch", "preprocess", "predictor", "test_set", "test_set_by_source"):
+    for key in ("fetch", "preprocess", "baselines", "predictor", "test_set", "test_set_by_source"):
         config["task"].pop(key, None)
     return config
 
@@ -121,7 +121,7 @@ def data_params(cfg: DictConfig) -> dict[str, Any]:
 def baseline_params(cfg: DictConfig) -> dict[str, Any]:
     """A baseline stage's DVC params: the task's baseline settings, the data module's (its limits decide the splits,
     its layout the test units), its code."""
-    settings = OmegaConf.to_container(cfg.baselines[cfg.task.name], resolve=True)
+    settings = OmegaConf.to_container(cfg.task.baselines, resolve=True)
     data = {key: value for key, value in OmegaConf.to_container(cfg.task.data, resolve=True).items() if key != "processed_dir"}
     return {"baselines": settings, "data": data, "code": code_of("rnnlab.baselines", [settings, data])}
 

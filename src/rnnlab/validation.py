@@ -117,7 +117,7 @@ RUN_KEYS = (
 )
 HYDRA_NODE = "hydra"  # Hydra's own settings, in a config composed with return_hydra_config
 # Settings of the stages before training: a training reads their outputs, so overriding them there changes nothing but
-# what MLflow records.
+# what MLflow records. The same holds for the baseline stage's settings (task.baselines).
 DATA_STAGES = {"fetch": "rnnlab.fetch", "preprocess": "rnnlab.preprocess"}
 
 
@@ -137,6 +137,11 @@ def check_overrides(overrides: list[str], task: str, cfg: DictConfig | None = No
             raise ConfigError(f"{node}.{name} is not a setting of a training (added with +): nothing would read it{known}.")
         key = override.split("=", 1)[0].lstrip("+~")
         stage = key.split(".")[1] if key.startswith("task.") and key.count(".") >= 2 else None
+        if stage == "baselines":
+            raise ConfigError(
+                f"{key} is a setting of the baseline stage, which training does not use. Run `python -m rnnlab.baselines "
+                f"task={task} {override.lstrip('+')}`, or change it in conf/task/{task}.yaml and run `dvc repro`; then train without it."
+            )
         if stage in DATA_STAGES:
             raise ConfigError(
                 f"{key} is a {stage} setting, which training does not apply (it reads data/processed/{task}). Run "

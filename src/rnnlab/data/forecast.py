@@ -3,8 +3,8 @@
 Sources (no network needed): Seattle's daily weather 2012-2015 from the PyPI package
 `vega-datasets`, daily Microsoft prices 1986-2017 and half-hourly electricity demand of
 England and Wales (summer 2000) from `pmdarima`'s datasets, or a CSV of your own with a
-date column and numeric value columns. Preprocess also computes the statistical baselines' forecasts of the
-test windows (rnnlab.data.forecast_baselines) so that every run scores them beside the network.
+date column and numeric value columns. The statistical baselines (rnnlab.data.forecast_baselines) are the
+baseline stage's (rnnlab.baselines): `baseline_inputs` gives them the series and test origins that preprocess cut.
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ from torch.utils.data import TensorDataset
 from rnnlab import io
 from rnnlab.console import summary
 from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, read_csv, save_split
-from rnnlab.data.forecast_baselines import baseline_forecasts
 from rnnlab.errors import ConfigError, DataError
 
 RAW_FILE = "series.csv"
 NORMALIZATIONS = ("standard", "last_value")
 FILL_STRATEGIES = ("error", "forward_fill")
-# The test batch also carries the baselines' forecasts and the target dates (for the plot).
-TEST_EXTRAS = ("baselines", "target_times")
+# The test batch also carries the target dates (for the plot and the test units' names).
+TEST_EXTRAS = ("target_times",)
 
 
 def _seattle_weather() -> pd.DataFrame:
@@ -280,13 +279,12 @@ def preprocess(
     fill_missing: str = "error",
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
-    baselines: dict[str, Any] | None = None,
 ) -> None:
-    """Split chronologically, fit the scaling on train only, cut windows, and add the baselines' test forecasts.
+    """Split chronologically, fit the scaling on train only, and cut windows.
 
     `season` is the Fourier terms' period; `m4_period` is M4's seasonal period of the data's frequency, the lag of
     MASE's scale (over the last `mase_history` rows before the test split; None: all, as M4) and the seasonality of
-    Naive2 and ETS; `baselines` are forecast_baselines.baseline_forecasts' seasonal_periods and arima settings.
+    the baseline stage's Naive2 and ETS.
     """
     if lookback <= 0 or horizon <= 0 or season <= 0 or m4_period <= 0 or fourier_terms < 0:
         raise ConfigError(
@@ -312,7 +310,6 @@ def preprocess(
     test_start = bounds["test"][0]
     mase_scale = seasonal_naive_scale(series[max(0, test_start - (mase_history or test_start)) : test_start], m4_period)
     fourier = fourier_features(len(frame), season, fourier_terms) if fourier_terms else None
-    forecasts, fitted = baseline_forecasts(series, fourier, train_end, origins["test"], horizon, m4_period, **(baselines or {}))
     times = frame["date"].to_numpy(dtype="datetime64[ns]").astype(np.int64)
     source_file = Path(raw_dir) / "source.json"  # absent if the user wrote series.csv by hand
     source = json.loads(source_file.read_text())["source"] if source_file.is_file() else "csv"
@@ -329,8 +326,6 @@ def preprocess(
                 "offsets": torch.tensor(offsets, dtype=torch.float32),
                 "target_times": torch.tensor(target_windows(times, split_origins, horizon)),
             }
-            if split == "test":
-                tensors["baselines"] = torch.tensor(np.stack(list(forecasts.values()), axis=1), dtype=torch.float32)
             save_split(tmp, split, tensors)
         splits = {
             split: {
@@ -364,9 +359,8 @@ def preprocess(
             "normalize": normalize,
             "target_scale": float(scales[0]),
             "mase_scale": mase_scale,
+            "fill_missing": fill_missing,
             "filled_missing": filled,
-            "baselines": list(forecasts),
-            "fitted_baselines": fitted,
             "sizes": {split: len(origins[split]) for split in SPLITS},
         }
         io.write_json(tmp / "metadata.json", metadata)
@@ -375,19 +369,43 @@ def preprocess(
         {
             **{f"{s} windows": f"{splits[s]['windows']} ({splits[s]['first_date'][:10]} .. {splits[s]['last_date'][:10]})" for s in SPLITS},
             "MASE scale": f"{mase_scale:.4g} (in-sample seasonal naive MAE at lag {m4_period}, M4's period)",
-            "baselines": ", ".join(forecasts),
-            "ARIMA": "order {order}, {exog_columns} Fourier regressors, converged {converged}".format(**fitted["arima"]),
-            "ETS": f"trend {fitted['ets']['trend']}, seasonal period {fitted['ets']['seasonal']}",
             "written": out_dir,
         },
     )
 
 
+def baseline_inputs(raw_dir: str | Path, processed_dir: str | Path) -> dict[str, Any]:
+    """What the statistical baselines fit and forecast from, as preprocess cut it (its metadata.json and splits.json,
+    over the fetched series): the cleaned target series, its Fourier regressors (None without), the end of the train
+    rows, every test origin in order, the horizon and M4's period; forecast_baselines.baseline_forecasts' arguments."""
+    metadata_path, splits_path = Path(processed_dir) / "metadata.json", Path(processed_dir) / "splits.json"
+    raw_path = Path(raw_dir) / RAW_FILE
+    for path, stage in ((raw_path, "fetch"), (metadata_path, "preprocess"), (splits_path, "preprocess")):
+        if not path.is_file():
+            raise DataError(f"{path} is missing: run the {stage} stage first (`dvc repro` or `python -m rnnlab.{stage} task=...`).")
+    meta, splits = json.loads(metadata_path.read_text()), json.loads(splits_path.read_text())
+    if "fill_missing" not in meta:
+        raise DataError(f"{metadata_path} was written by an older rnnlab: rerun the preprocess stage (`dvc repro`).")
+    frame, _ = clean_values(read_series_csv(raw_path), meta["columns"], meta["fill_missing"], str(raw_path))
+    if len(frame) != splits["test"]["rows"][1]:
+        rows = splits["test"]["rows"][1]
+        raise DataError(f"{raw_path} has {len(frame)} rows but {processed_dir} was cut from {rows}: rerun preprocess (`dvc repro`).")
+    season, terms = meta["season"], meta["fourier_terms"]
+    return {
+        "target": frame[meta["target"]].to_numpy(dtype=np.float64),
+        "exog": fourier_features(len(frame), season, terms) if terms else None,
+        "train_end": splits["train"]["rows"][1],
+        "origins": window_origins(*splits["test"]["rows"], meta["lookback"], meta["horizon"], "test"),
+        "horizon": meta["horizon"],
+        "m4_period": meta["m4_period"],
+    }
+
+
 class ForecastDataModule(SplitTensorDataModule):
     """Batches of (input windows [B, lookback, F], targets [B, horizon] in the series' units, offsets [B]).
 
-    Windows stay in time order (a limit keeps the oldest); test batches also carry the
-    baselines' forecasts [B, baselines, horizon] and the target dates [B, horizon] (ns since 1970).
+    Windows stay in time order (a limit keeps the oldest); test batches also carry the target dates [B, horizon]
+    (ns since 1970).
     """
 
     batch_keys = ("inputs", "targets", "offsets")
@@ -413,4 +431,4 @@ class ForecastDataModule(SplitTensorDataModule):
     @property
     def head_dims(self) -> dict[str, Any]:
         meta = self.metadata
-        return {key: meta[key] for key in ("horizon", "target_scale", "mase_scale", "baselines", "series")}
+        return {key: meta[key] for key in ("horizon", "target_scale", "mase_scale", "series")}

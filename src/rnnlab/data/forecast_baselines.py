@@ -95,7 +95,7 @@ def auto_arima_order(history: np.ndarray, exog: np.ndarray | None, max_order: in
     import pmdarima
 
     if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order < 0:
-        raise ConfigError(f"task.preprocess.baselines.arima.max_order must be an integer >= 0, got {max_order!r}.")
+        raise ConfigError(f"task.baselines.arima.max_order must be an integer >= 0, got {max_order!r}.")
     model = pmdarima.auto_arima(
         history,
         X=exog,
@@ -131,7 +131,7 @@ def arima_forecasts(
     every origin then follow from the Kalman filter's one-step state predictions, all origins at
     once (the same numbers statsmodels' `forecast` gives from each origin, without refitting).
     """
-    # Imported here: statsmodels takes seconds to import and only preprocess needs it.
+    # Imported here: statsmodels takes seconds to import and only the baseline stage needs it.
     from statsmodels.tools.sm_exceptions import ConvergenceWarning, EstimationWarning
     from statsmodels.tsa.arima.model import ARIMA
 
@@ -145,7 +145,7 @@ def arima_forecasts(
         if order == "auto":
             order, trend = auto_arima_order(target[:train_end], exog_train, max_order)
         elif isinstance(order, str) or len(order) != 3:
-            raise ConfigError(f"task.preprocess.baselines.arima.order must be auto or [p, d, q], got {order!r}.")
+            raise ConfigError(f"task.baselines.arima.order must be auto or [p, d, q], got {order!r}.")
         fitted = ARIMA(target[:train_end], exog=exog_train, order=tuple(order), trend=trend).fit()
         states = fitted.apply(target, exog=exog).filter_results
     predicted = states.predicted_state[:, origins]  # state at each origin given the rows before it
@@ -222,9 +222,7 @@ def baseline_forecasts(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Every baseline's [N, horizon] test forecasts, by name in report order, and what was fitted (for metadata)."""
     if any(int(period) <= 1 for period in seasonal_periods):
-        raise ConfigError(
-            f"task.preprocess.baselines.seasonal_periods must be periods > 1 (1 is persistence), got {list(seasonal_periods)}."
-        )
+        raise ConfigError(f"task.baselines.seasonal_periods must be periods > 1 (1 is persistence), got {list(seasonal_periods)}.")
     forecasts = {"persistence": persistence_forecasts(target, origins, horizon)}
     forecasts |= {f"seasonal_naive_{p}": seasonal_naive_forecasts(target, origins, horizon, int(p)) for p in seasonal_periods}
     info: dict[str, Any] = {}

@@ -1,4 +1,4 @@
-"""Multi-step forecasting around the shared SequenceNet, scored beside the baselines' forecasts."""
+"""Multi-step forecasting around the shared SequenceNet."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ class Forecaster(RecurrentModule):
     The network (what MLflow stores) works in normalised units; a forecast in the series' units
     is `offset + target_scale * output`, with the per-window offset the data module provides (the window's last
     value: the network forecasts changes, and starts as persistence) and `target_scale` from the processed metadata.json.
-    The test step scores the baselines' forecasts of the same windows with the same metrics
-    (`test_mase_<baseline>`) and plots forecast against actual for the test period.
+    The test step plots forecast against actual for the test period (the baselines are the baseline stage's:
+    rnnlab.baselines).
     """
 
     def __init__(
@@ -61,7 +61,6 @@ class Forecaster(RecurrentModule):
         horizon: int,
         target_scale: float,
         mase_scale: float,
-        baselines: list[str] | None = None,
         series: str = "series",
         loss: str = "mse",
     ) -> None:
@@ -76,7 +75,6 @@ class Forecaster(RecurrentModule):
         self.loss_fn = LOSSES[loss]
         self.val_metrics = forecast_metrics(mase_scale).clone(prefix="val_")
         self.test_metrics = forecast_metrics(mase_scale).clone(prefix="test_")
-        self.baseline_metrics = nn.ModuleList(forecast_metrics(mase_scale).clone(prefix="test_", postfix=f"_{b}") for b in baselines or [])
         self._test_outputs: list[dict[str, torch.Tensor]] = []
 
     def _step(self, batch: list[torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,16 +95,12 @@ class Forecaster(RecurrentModule):
         self.log_dict(self.val_metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(forecasts))
 
     def test_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
-        _inputs, targets, _offsets, baselines, target_times = batch
+        _inputs, targets, _offsets, target_times = batch
         forecasts = self._step(batch, "test")[1]
         self.test_metrics.update(forecasts, targets)
         self.log_dict(self.test_metrics, on_step=False, on_epoch=True, batch_size=len(targets))
-        for index, metrics in enumerate(self.baseline_metrics):
-            metrics.update(baselines[:, index].contiguous(), targets)
-            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=len(targets))
-        self._test_outputs.append({"forecasts": forecasts, "targets": targets, "baselines": baselines, "times": target_times})
-        names = self.hparams.baselines or []
-        self.record_test(target=targets, prediction=forecasts, **{name: baselines[:, index] for index, name in enumerate(names)})
+        self._test_outputs.append({"forecasts": forecasts, "targets": targets, "times": target_times})
+        self.record_test(target=targets, prediction=forecasts)
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
@@ -117,27 +111,20 @@ class Forecaster(RecurrentModule):
         self._test_outputs.clear()
         tracking.save_figure(self, self.forecast_figure(**outputs), "forecast")
 
-    def forecast_figure(self, forecasts: np.ndarray, targets: np.ndarray, baselines: np.ndarray, times: np.ndarray) -> Figure:
+    def forecast_figure(self, forecasts: np.ndarray, targets: np.ndarray, times: np.ndarray) -> Figure:
         """Top: actual against the forecasts from every horizon-th origin (so each test date is forecast
-        once, from 1 to horizon steps ahead). Bottom: MAE by steps ahead, model and baselines."""
+        once, from 1 to horizon steps ahead). Bottom: MAE by steps ahead."""
         horizon = targets.shape[1]
-        names = self.hparams.baselines or []
         figure = Figure(figsize=(11, 7), layout="tight")  # no pyplot: no global figure state, any backend
         series_axis, error_axis = figure.subplots(2, 1, height_ratios=[2, 1])
         every = slice(None, None, horizon)
         dates = pd.to_datetime(times[every].ravel())
         series_axis.plot(dates, targets[every].ravel(), color="black", linewidth=1.2, label="actual")
         series_axis.plot(dates, forecasts[every].ravel(), color="C0", linewidth=1.2, label="model")
-        if "arima" in names:
-            arima = names.index("arima")
-            series_axis.plot(dates, baselines[every, arima].ravel(), color=f"C{arima + 1}", linewidth=1, linestyle="--", label="arima")
         series_axis.set_title(f"{self.hparams.series}: test period, non-overlapping {horizon}-step forecasts")
         series_axis.legend(loc="upper left")
         steps = np.arange(1, horizon + 1)
         error_axis.plot(steps, np.abs(forecasts - targets).mean(axis=0), color="C0", marker="o", label="model")
-        for index, name in enumerate(names):
-            mae = np.abs(baselines[:, index] - targets).mean(axis=0)
-            error_axis.plot(steps, mae, color=f"C{index + 1}", marker=".", linestyle="--", label=name)
         error_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         error_axis.set_xlabel("steps ahead")
         error_axis.set_ylabel("test MAE")
