@@ -446,6 +446,35 @@ def test_a_failure_while_moving_outputs_into_place_puts_back_the_earlier_ones(
     assert [str(v.version) for v in versions] == ["1"]  # the failed run's version was removed
 
 
+# Kernels of other CPUs, chosen on this one: ATen without its AVX code, MKL's reproducible-results path, oneDNN's SSE4.1
+# code. Each rounds convolutions, FFTs or sums differently (the float32 data of 2026-12-06 changed under each).
+# numpy's AVX-512 code (its float64 sin, say) is left out too: the augmentation's noise uses it.
+OTHER_CPU_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_CBWR": "COMPATIBLE",
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
+}
+
+
+# Speech's synthesis and features, and the windows cut from a series (whose statistical baselines, fitted by scipy's
+# optimisers, are the baseline stage's: they differed in the last digits under these kernels when preprocess made them).
+@pytest.mark.slow
+@pytest.mark.parametrize(("task", "files"), [("speech", 100), ("forecast_electricity", 6)])
+def test_another_cpu_s_kernels_give_the_same_bytes(tmp_path: Path, task: str, files: int) -> None:
+    """The smoke profile's fetch and preprocess with this CPU's kernels and with those of another give the same files."""
+    hashes = []
+    for name, kernels in (("here", {}), ("other", OTHER_CPU_KERNELS)):
+        env = {**os.environ, "RNNLAB_WARM": "0", **kernels}
+        for stage in ("fetch", "preprocess"):
+            overrides = [f"task={task}", "profile=smoke", f"paths.root={tmp_path / name}", f"hydra.run.dir={tmp_path / name}/hydra"]
+            command = [sys.executable, "-m", f"rnnlab.{stage}", *overrides]
+            finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+            assert finished.returncode == 0, finished.stderr[-3000:]
+        hashes.append(file_hashes(tmp_path / name / "data"))
+    assert len(hashes[0]) > files and hashes[0] == hashes[1]
+
+
 @pytest.mark.parametrize(("task", "stages"), [("forecast", ("fetch", "preprocess")), ("sentiment", ("fetch",))])
 def test_stage_outputs_are_the_same_bytes_in_another_folder(compose_cfg, tmp_path: Path, task: str, stages: tuple[str, ...]) -> None:
     """Outputs are a function of the inputs alone (no absolute path, host or time inside): a DVC remote can share them."""
