@@ -20,11 +20,12 @@ from test_forecast import fetch_and_preprocess, make_series
 from test_memory import make_data
 from test_textgen import archive, textgen_overrides, textgen_root  # noqa: F401 (the textgen fixtures)
 
-from rnnlab.baselines import KneserNey, run, written_baselines
 from rnnlab.baselines import main as baselines_main
+from rnnlab.baselines import run, written_baselines
+from rnnlab.baselines.forecast import persistence_forecasts, seasonal_naive_forecasts
+from rnnlab.baselines.textgen import KneserNey
 from rnnlab.config import config_dir
 from rnnlab.data.forecast import ForecastDataModule
-from rnnlab.data.forecast_baselines import persistence_forecasts, seasonal_naive_forecasts
 from rnnlab.data.sentiment import SentimentDataModule
 from rnnlab.data.speech import SpeechDataModule
 from rnnlab.data.textgen import TextStreamDataModule
@@ -75,7 +76,7 @@ def test_tfidf_baseline_scores_the_networks_test_reviews(sentiment_root: Path, t
 
 
 def test_a_task_without_a_baseline_stage_is_a_clear_error(sentiment_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(ConfigError, match=r"task sentiment has no baseline \(tasks with one: sentiment, .*\); a new task's baseline is"):
+    with pytest.raises(ConfigError, match=r"task sentiment has no baseline: its config needs `baselines:` with the `_target_` function"):
         run(compose_baselines(f"paths.root={sentiment_root}", "~task.baselines", f"paths.baselines_dir={tmp_path}"))
     result = run_main(baselines_main, f"paths.root={tmp_path}", run_dir=tmp_path / "hydra", capsys=capsys)
     assert result.returncode == 2 and "splits.json is missing: run the preprocess stage first" in result.stderr

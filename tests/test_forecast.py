@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from statsmodels.tsa.arima.model import ARIMA
 
+from rnnlab.baselines.forecast import arima_forecasts, persistence_forecasts, seasonal_naive_forecasts
 from rnnlab.data.forecast import (
     ForecastDataModule,
     baseline_inputs,
@@ -29,7 +30,6 @@ from rnnlab.data.forecast import (
     target_windows,
     window_origins,
 )
-from rnnlab.data.forecast_baselines import arima_forecasts, persistence_forecasts, seasonal_naive_forecasts
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.models.forecaster import Forecaster, forecast_metrics
 from rnnlab.training import build, train

@@ -9,7 +9,7 @@ import pytest
 from statsmodels.tsa.holtwinters import ExponentialSmoothing
 from statsmodels.tsa.stattools import acf
 
-from rnnlab.data.forecast_baselines import (
+from rnnlab.baselines.forecast import (
     ETS_OPTIMISERS,
     arima_forecasts,
     auto_arima_order,

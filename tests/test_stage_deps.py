@@ -85,13 +85,16 @@ models: [gru, lstm]
 single_seed_models: [gru_scratch]
 tuned: [sentiment]
 studied: [sentiment]
+baseline_tasks: [sentiment, forecast, speech]
 """
 
 # The tuned task's default models left out (params.yaml leaves out the tuned series' defaults).
 TUNED_ONLY = "default_tasks: [forecast, forecast_stock, speech]"
 
 # PIPELINE without the two series, for tests that resolve several pipelines (about half of PIPELINE's composes).
-SMALL_PIPELINE = PIPELINE.replace("tasks: [sentiment, forecast, forecast_stock, speech]", "tasks: [sentiment, speech]")
+SMALL_PIPELINE = PIPELINE.replace("tasks: [sentiment, forecast, forecast_stock, speech]", "tasks: [sentiment, speech]").replace(
+    "baseline_tasks: [sentiment, forecast, speech]", "baseline_tasks: [sentiment, speech]"
+)
 SMALL_TUNED_ONLY = "default_tasks: [speech]"
 
 
@@ -159,6 +162,11 @@ def test_a_task_s_data_code_is_a_dependency_of_that_task_s_stages_only(project: 
     assert holding(files, "rnnlab/data/speech.py") == {name for name in files if name.startswith("speech/")} | {"compare.yaml"}
     forecast_tasks = ("forecast/", "forecast_stock/")
     assert holding(files, "rnnlab/data/forecast.py") == {name for name in files if name.startswith(forecast_tasks)} | {"compare.yaml"}
+    assert holding(files, "rnnlab/data/sentiment.py") == {name for name in files if name.startswith("sentiment/")} | {"compare.yaml"}
+    # Each baseline stage runs its task's baseline module only (the command imports none of them).
+    assert {"sentiment/baselines.yaml", "forecast/baselines.yaml", "speech/baselines.yaml"} <= files.keys()
+    assert holding(files, "rnnlab/baselines/forecast.py") == {"forecast/baselines.yaml"}
+    assert holding(files, "rnnlab/baselines/sentiment.py") == {"sentiment/baselines.yaml"}
 
 
 def test_rnnlab_s_own_cells_are_a_dependency_of_the_runs_that_use_them_only(project: Project) -> None:

@@ -129,8 +129,10 @@ def baseline_params(cfg: DictConfig) -> dict[str, Any]:
 def compare_params(profile: str, tasks: Iterable[str]) -> dict[str, Any]:
     """The comparison's settings and code, with each task's serving code (the champions' predictors)."""
     cfg = compose_run([f"profile={profile}"], config_name="compare")
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    settings.pop("paths", None)
+    # Its own settings (conf/compare.yaml's keys), not those of the training config it extends, which it never reads (a
+    # default task's would make that task's baseline code and config a dependency of the comparison).
+    own = set(OmegaConf.load(config_dir() / "compare.yaml")) - {"defaults", "hydra", "metrics_dir", "output_dir"}
+    settings = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items() if key in own}
     predictors = [OmegaConf.to_container(compose_run([f"task={task}"]).task.predictor, resolve=True) for task in tasks]
     return {"compare": settings, "code": code_of("rnnlab.compare", [settings, predictors])}
 

@@ -3,8 +3,8 @@
 Sources (no network needed): Seattle's daily weather 2012-2015 from the PyPI package
 `vega-datasets`, daily Microsoft prices 1986-2017 and half-hourly electricity demand of
 England and Wales (summer 2000) from `pmdarima`'s datasets, or a CSV of your own with a
-date column and numeric value columns. The statistical baselines (rnnlab.data.forecast_baselines) are the
-baseline stage's (rnnlab.baselines): `baseline_inputs` gives them the series and test origins that preprocess cut.
+date column and numeric value columns. The statistical baselines are the baseline stage's
+(rnnlab.baselines.forecast): `baseline_inputs` gives them the series and test origins that preprocess cut.
 """
 
 from __future__ import annotations
@@ -377,7 +377,7 @@ def preprocess(
 def baseline_inputs(raw_dir: str | Path, processed_dir: str | Path) -> dict[str, Any]:
     """What the statistical baselines fit and forecast from, as preprocess cut it (its metadata.json and splits.json,
     over the fetched series): the cleaned target series, its Fourier regressors (None without), the end of the train
-    rows, every test origin in order, the horizon and M4's period; forecast_baselines.baseline_forecasts' arguments."""
+    rows, every test origin in order, the horizon and M4's period; rnnlab.baselines.forecast.baseline_forecasts' arguments."""
     metadata_path, splits_path = Path(processed_dir) / "metadata.json", Path(processed_dir) / "splits.json"
     raw_path = Path(raw_dir) / RAW_FILE
     for path, stage in ((raw_path, "fetch"), (metadata_path, "preprocess"), (splits_path, "preprocess")):

@@ -1,5 +1,6 @@
-"""The forecast task's statistical baselines: each is fitted on the train rows only (as the networks are) and then
-forecasts from every test origin with its parameters fixed, so that all are scored on the networks' test windows.
+"""The forecast tasks' statistical baselines (`statistical_forecasts`): each is fitted on the train rows only (as the
+networks are) and then forecasts from every test origin with its parameters fixed, so that all are scored on the
+networks' test windows.
 
 - persistence (M4's Naive1): the last observed value;
 - seasonal_naive_<p>: the value one period p before each target, for every period of the task (daily and weekly
@@ -16,11 +17,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from threadpoolctl import threadpool_limits
 
+from rnnlab.baselines.common import Outputs
+from rnnlab.data.base import SplitTensorDataModule
+from rnnlab.data.forecast import baseline_inputs, target_windows
 from rnnlab.errors import ConfigError, DataError
 
 
@@ -230,3 +236,34 @@ def baseline_forecasts(
     forecasts["arima"], info["arima"] = arima_forecasts(target, exog, train_end, origins, horizon, **(arima or {}))
     forecasts["ets"], info["ets"] = ets_forecasts(target, train_end, origins, horizon, m4_period)
     return forecasts, info
+
+
+def statistical_forecasts(raw_dir: Path, data: SplitTensorDataModule, seasonal_periods: list[int], arima: dict[str, Any]) -> Outputs:
+    """Each statistical forecaster's test outputs (one row per forecast origin and step ahead, as a network's) and
+    metrics in the series' units (MASE over the series' scale, as the networks'), on the test origins the networks
+    are tested on (task.data.limit_test keeps the oldest); the fitted models' settings go with their metrics."""
+    data.setup()
+    test = data.datasets["test"]
+    inputs = baseline_inputs(raw_dir, data.processed_dir)
+    inputs["origins"] = inputs["origins"][: len(test)]
+    forecasts, fitted = baseline_forecasts(**inputs, seasonal_periods=seasonal_periods, arima=arima)
+    targets = test.tensors[1].numpy().astype(np.float64)  # the networks' targets, float32 as they read them
+    expected = target_windows(inputs["target"], inputs["origins"], inputs["horizon"])
+    if targets.shape != expected.shape or not np.allclose(targets, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max()):
+        raise DataError(f"{data.processed_dir} does not match the fetched series: rerun the preprocess stage (`dvc repro`).")
+    units, horizon = data.test_units(), inputs["horizon"]
+    rows = pd.DataFrame(
+        {
+            "unit": units["unit"].repeat(horizon).to_numpy(),
+            "group": units["group"].repeat(horizon).to_numpy(),
+            "horizon": np.tile(np.arange(1, horizon + 1), len(units)),
+            "target": targets.reshape(-1),
+        }
+    )
+    results = {}
+    for name, values in forecasts.items():
+        errors = values - targets
+        mae = float(np.abs(errors).mean())
+        metrics = {"test_mae": mae, "test_rmse": float(np.sqrt((errors**2).mean())), "test_mase": mae / data.metadata["mase_scale"]}
+        results[name] = rows.assign(prediction=values.reshape(-1)), metrics | ({"fitted": fitted[name]} if name in fitted else {})
+    return results
