@@ -34,7 +34,7 @@ from rnnlab.callbacks import EpochHistory, FiniteLoss, InferenceCost, NoiseStrea
 from rnnlab.console import summary
 from rnnlab.data.base import SplitTensorDataModule
 from rnnlab.errors import ConfigError, TrainingError
-from rnnlab.models.encoder import count_parameters
+from rnnlab.models.encoder import check_encoder_settings, count_parameters
 from rnnlab.models.lit import RecurrentModule
 
 # Noise from Lightning's own internals on torch 2.11; nothing a user can act on.
@@ -101,6 +101,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _train(cfg: DictConfig, stop: StopOnSignal, trial_scope: contextlib.ExitStack) -> dict[str, float]:
     validation.check_run_config(cfg)  # before any data is read or MLflow run created
+    check_encoder_settings(cfg.model.encoder)
     if HydraConfig.initialized():
         validation.check_overrides(list(HydraConfig.get().overrides.task), cfg.task.name, cfg)
     run_paths.resolve_paths(cfg)

@@ -7,8 +7,6 @@ torch as text and fail with a traceback after the MLflow run was created, and `t
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +15,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlab.errors import ConfigError
-from rnnlab.models.encoder import RecurrentEncoder
 
 
 def is_int(value: object) -> bool:
@@ -79,24 +76,12 @@ SETTINGS: dict[str, tuple[Accepts, str]] = {
     "task.front_end.dropout": (FRACTION, "0.1"),
     "callbacks.early_stopping.patience": (NON_NEGATIVE_INT, "2"),
 }
-# input_size comes from the data; match_params is resolved into hidden_size before the encoder is built.
-ENCODER_SETTINGS = sorted(set(inspect.signature(RecurrentEncoder).parameters) - {"input_size"} | {"match_params"})
 _ABSENT = object()
 
 
 def _shown(value: object) -> str:
     """The value as the message quotes it, with its type when that is what is wrong (Hydra reads `abc` as text)."""
     return repr(value) if is_number(value) or value is None else f"{value!r} ({type(value).__name__})"
-
-
-def check_encoder_keys(encoder: DictConfig) -> None:
-    """Refuse a setting the encoder does not have: a typo added with `+` (as Hydra suggests) would otherwise
-    be a TypeError from the encoder's constructor, and the setting meant would silently keep its default."""
-    for key in encoder:
-        if key not in ENCODER_SETTINGS:
-            close = difflib.get_close_matches(str(key), ENCODER_SETTINGS, n=1)
-            hint = f" (did you mean model.encoder.{close[0]}?)" if close else ""
-            raise ConfigError(f"model.encoder.{key} is not an encoder setting{hint}; the settings are {', '.join(ENCODER_SETTINGS)}.")
 
 
 # The top-level keys of a training's config (conf/config.yaml and the groups it composes, and Hydra's own node where
@@ -159,7 +144,6 @@ def check_run_config(cfg: DictConfig) -> None:
             f"{', '.join(unknown)} is not a setting of a training (added with +?): nothing would read it. "
             f"The top-level settings are {', '.join(RUN_KEYS)}."
         )
-    check_encoder_keys(cfg.model.encoder)
     for key, (accepts, example) in SETTINGS.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not accepts.test(value):

@@ -6,7 +6,9 @@ is identical for GRU, LSTM and RNN so that comparisons are fair.
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +29,18 @@ SCRATCH_MODELS = "gru_scratch, lstm_scratch or rnn_scratch"
 # model.encoder.match_params: a reference cell by its model name.
 REFERENCE_CELLS = {"gru": "torch.nn.GRU", "lstm": "torch.nn.LSTM", "rnn": "torch.nn.RNN"}
 MATCH_TOLERANCE = 0.02  # relative difference in parameter count a matched width may leave
+
+
+def check_encoder_settings(encoder: Mapping[str, Any]) -> None:
+    """Refuse a setting the encoder does not have (model.encoder): a typo added with `+` (as Hydra suggests) would
+    otherwise be a TypeError from the constructor, and the setting meant would silently keep its default."""
+    # input_size comes from the data; match_params is resolved into hidden_size before the encoder is built.
+    settings = sorted(set(inspect.signature(RecurrentEncoder).parameters) - {"input_size"} | {"match_params"})
+    for key in encoder:
+        if key not in settings:
+            close = difflib.get_close_matches(str(key), settings, n=1)
+            hint = f" (did you mean model.encoder.{close[0]}?)" if close else ""
+            raise ConfigError(f"model.encoder.{key} is not an encoder setting{hint}; the settings are {', '.join(settings)}.")
 
 
 def resolve_cell(cell: str | type[nn.Module]) -> type[nn.Module]:
