@@ -119,6 +119,13 @@ def test_data_modules_import_nothing_above_them(module: str) -> None:
     assert not third_party, f"{module} imports, through (rnnlab module, import): {third_party}"
 
 
+def test_the_settings_checks_sit_below_the_models() -> None:
+    # validation checks a composed config's values before anything is built: it needs neither the models nor torch.
+    reached = code_deps.closure(["rnnlab.validation"])
+    assert not [m for m in reached if within(m, ("rnnlab.models", "rnnlab.data", *ABOVE_DATA))], sorted(reached)
+    assert not any(within(name, ("torch", "lightning")) for m in reached for name in code_deps.external_imports(m, dotted=True))
+
+
 def test_vocab_is_a_leaf() -> None:
     assert GRAPH["rnnlab.vocab"] == frozenset()
     assert code_deps.external_imports("rnnlab.vocab") == frozenset()
