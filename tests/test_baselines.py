@@ -158,6 +158,19 @@ def test_kneser_ney_agrees_with_the_textbook_recursion_on_random_text() -> None:
         assert probability(model, context, target, order) == pytest.approx(expected, rel=1e-12), (context, target, order)
 
 
+def test_one_pass_over_the_orders_gives_each_order_s_probabilities() -> None:
+    rng = np.random.default_rng(5)
+    model = KneserNey(rng.integers(0, 6, 3000), vocab_size=6, max_order=5)
+    stream, positions = rng.integers(0, 6, 800), np.arange(1, 800)
+    history = np.minimum(positions, rng.integers(0, 7, len(positions)))  # some rows start mid-stream
+    by_order = model.log_probabilities_by_order(stream, positions, history, 5)
+    assert list(by_order) == [1, 2, 3, 4, 5]
+    for order in range(1, 6):
+        np.testing.assert_array_equal(by_order[order], model.log_probabilities(stream, positions, history, order))
+    # Orders differ where the history allows a longer context: the pass does not return one estimate five times.
+    assert not np.array_equal(by_order[2], by_order[5])
+
+
 def test_an_order_that_does_not_fit_an_int64_key_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"task.baselines.orders: order 12 with 100 characters does not fit .*from 1 to 9"):
         KneserNey(np.arange(50), vocab_size=100, max_order=12)

@@ -89,19 +89,28 @@ class KneserNey:
         `history` characters before each (where its text starts for the model being matched)."""
         if not 1 <= order <= self.max_order:
             raise ConfigError(f"order {order} is outside the model's 1..{self.max_order}.")
+        return self.log_probabilities_by_order(stream, positions, history, order)[order]
+
+    def log_probabilities_by_order(
+        self, stream: np.ndarray, positions: np.ndarray, history: np.ndarray, max_order: int
+    ) -> dict[int, np.ndarray]:
+        """log_probabilities for every order from 1 to `max_order` in one pass up the orders: the order-n model's
+        estimate at a position is the raw-count one at context length min(history, n - 1), interpolated with the
+        continuation estimates below it, which the pass computes once for all orders (validation scores every order)."""
         targets = stream[positions].astype(np.int64)
         lower = np.full(len(positions), 1.0 / self.vocab_size)  # order 0: uniform
         contexts = np.zeros(len(positions), dtype=np.int64)
-        chosen = np.zeros(len(positions))
-        usable = np.minimum(history, order - 1)  # context length each position may use
-        for length in range(order):  # context length 0 .. order - 1
+        chosen, by_order = lower, {}
+        for length in range(max_order):  # context length 0 .. max_order - 1
             if length:
                 contexts = contexts + stream[np.maximum(positions - length, 0)].astype(np.int64) * self.vocab_size ** (length - 1)
             top = self.raw[length + 1].interpolate(contexts, targets, lower, self.vocab_size)
-            chosen = np.where(usable == length, top, chosen)  # the highest order this position may use: raw counts
-            if length + 1 < order:
+            # The highest order a position may use (its history allows): raw counts there.
+            chosen = np.where(history >= length, top, chosen)
+            by_order[length + 1] = np.log(chosen)
+            if length + 1 < max_order:
                 lower = self.continuation[length + 1].interpolate(contexts, targets, lower, self.vocab_size)
-        return np.log(chosen)
+        return by_order
 
 
 def kneser_ney_ngram(raw_dir: Path, data: SplitTensorDataModule, orders: list[int]) -> Outputs:
@@ -114,7 +123,8 @@ def kneser_ney_ngram(raw_dir: Path, data: SplitTensorDataModule, orders: list[in
     stream = {split: data.chunks[split].stream.numpy().astype(np.int64) for split in SPLITS}
     model = KneserNey(stream["train"], len(data.vocabulary), max(orders))
     val_positions = np.arange(1, len(stream["val"]))
-    val_loss = {n: float(-model.log_probabilities(stream["val"], val_positions, val_positions, n).mean()) for n in orders}
+    by_order = model.log_probabilities_by_order(stream["val"], val_positions, val_positions, max(orders))
+    val_loss = {n: float(-by_order[n].mean()) for n in orders}
     order = min(orders, key=lambda n: (val_loss[n], n))
     # The characters the test loader's chunk rows ask for, each from its row's text since the row's start.
     chunks, n_chunks = data.chunks["test"], len(data.test_dataloader())
