@@ -75,6 +75,22 @@ def test_tfidf_baseline_scores_the_networks_test_reviews(sentiment_root: Path, t
     assert metrics["C"] == min(cfg.task.baselines.c_grid)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("task.baselines=null", r"task sentiment has no baseline: its config needs `baselines:`"),
+        ("task.baselines._target_=rnnlab.baselines.nosuch.fit", r"task.baselines._target_='rnnlab.baselines.nosuch.fit' is not a function"),
+        ("+task.baselines.c_gird=[1]", r"task.baselines.c_gird is not a setting of .*tfidf_logistic_regression; its settings are c_grid"),
+    ],
+)
+def test_a_bad_baseline_setting_is_one_line_before_anything_is_fitted(
+    sentiment_root: Path, tmp_path: Path, override: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run(compose_baselines(f"paths.root={sentiment_root}", override, f"paths.baselines_dir={tmp_path}"))
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_task_without_a_baseline_stage_is_a_clear_error(sentiment_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError, match=r"task sentiment has no baseline: its config needs `baselines:` with the `_target_` function"):
         run(compose_baselines(f"paths.root={sentiment_root}", "~task.baselines", f"paths.baselines_dir={tmp_path}"))

@@ -20,7 +20,9 @@ the baselines: a stage's code (rnnlab.resolve) is this command and its task's ba
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +51,7 @@ def written_baselines(baselines_dir: Path) -> list[str]:
 
 def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Fit the task's baselines and write each one's metrics and per-example test outputs, all or none."""
-    if "_target_" not in cfg.task.get("baselines", {}):
-        raise ConfigError(
-            f"task {cfg.task.name} has no baseline: its config needs `baselines:` with the `_target_` function that fits it "
-            "(one of rnnlab.baselines' modules) and its settings; see docs/development.md, Adding a task."
-        )
-    settings = OmegaConf.to_container(cfg.task.baselines, resolve=True)
-    # get_method rather than hydra's call, which would wrap the baseline's own one-line errors in its exception.
-    fit = get_method(settings.pop("_target_"))
+    fit, settings = _baseline(cfg.task)
     results = fit(Path(cfg.paths.raw), instantiate(cfg.task.data), **settings)
     out = Path(cfg.paths.baselines_dir)
     with contextlib.ExitStack() as stack:
@@ -69,6 +64,30 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         shown = {key: f"{value:.4g}" for key, value in metrics.items() if isinstance(value, float)}
         summary(f"baseline {name} on {cfg.task.name}", {**shown, "written": out})
     return {name: metrics for name, (_, metrics) in results.items()}
+
+
+def _baseline(task: DictConfig) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """The function task.baselines names and its settings, checked against the function's parameters. Called
+    directly rather than through hydra's `call`, which would wrap the baseline's own one-line errors in its exception."""
+    baselines = task.get("baselines")
+    if not isinstance(baselines, DictConfig) or "_target_" not in baselines:
+        raise ConfigError(
+            f"task {task.name} has no baseline: its config needs `baselines:` with the `_target_` function that fits it "
+            "(one of rnnlab.baselines' modules) and its settings; see docs/development.md, Adding a task."
+        )
+    settings = OmegaConf.to_container(baselines, resolve=True)
+    target = settings.pop("_target_")
+    try:
+        fit = get_method(target)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(
+            f"task.baselines._target_={target!r} is not a function that can be imported ({str(err).splitlines()[0]})."
+        ) from err
+    accepted = [name for name in inspect.signature(fit).parameters if name not in ("raw_dir", "data")]
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        raise ConfigError(f"task.baselines.{unknown[0]} is not a setting of {target}; its settings are {', '.join(accepted) or 'none'}.")
+    return fit, settings
 
 
 @hydra_entry(config_name="baselines")
