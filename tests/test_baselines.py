@@ -81,6 +81,10 @@ def test_tfidf_baseline_scores_the_networks_test_reviews(sentiment_root: Path, t
         ("task.baselines=null", r"task sentiment has no baseline: its config needs `baselines:`"),
         ("task.baselines._target_=rnnlab.baselines.nosuch.fit", r"task.baselines._target_='rnnlab.baselines.nosuch.fit' is not a function"),
         ("+task.baselines.c_gird=[1]", r"task.baselines.c_gird is not a setting of .*tfidf_logistic_regression; its settings are c_grid"),
+        (
+            "~task.baselines.c_grid",
+            r"task.baselines.c_grid is missing: .*tfidf_logistic_regression needs c_grid; set it in conf/task/sentiment",
+        ),
     ],
 )
 def test_a_bad_baseline_setting_is_one_line_before_anything_is_fitted(
@@ -174,17 +178,19 @@ def test_kneser_ney_agrees_with_the_textbook_recursion_on_random_text() -> None:
         assert probability(model, context, target, order) == pytest.approx(expected, rel=1e-12), (context, target, order)
 
 
-def test_one_pass_over_the_orders_gives_each_order_s_probabilities() -> None:
+def test_one_pass_over_the_orders_gives_each_order_the_textbook_probabilities() -> None:
     rng = np.random.default_rng(5)
-    model = KneserNey(rng.integers(0, 6, 3000), vocab_size=6, max_order=5)
-    stream, positions = rng.integers(0, 6, 800), np.arange(1, 800)
-    history = np.minimum(positions, rng.integers(0, 7, len(positions)))  # some rows start mid-stream
-    by_order = model.log_probabilities_by_order(stream, positions, history, 5)
-    assert list(by_order) == [1, 2, 3, 4, 5]
-    for order in range(1, 6):
-        np.testing.assert_array_equal(by_order[order], model.log_probabilities(stream, positions, history, order))
-    # Orders differ where the history allows a longer context: the pass does not return one estimate five times.
-    assert not np.array_equal(by_order[2], by_order[5])
+    train = rng.choice(5, size=300, p=[0.4, 0.3, 0.15, 0.1, 0.05]).tolist()
+    model = KneserNey(np.array(train), vocab_size=6, max_order=4)
+    stream, positions = rng.choice(6, size=40), np.arange(1, 40)
+    history = np.minimum(positions, rng.integers(0, 5, len(positions)))  # rows that start mid-stream see less context
+    by_order = model.log_probabilities_by_order(stream, positions, history, 4)
+    assert list(by_order) == [1, 2, 3, 4]
+    for order in range(1, 5):
+        for i, position in enumerate(positions):
+            context = stream[position - history[i] : position].tolist()
+            expected = reference_probability(train, 6, order, context, int(stream[position]))
+            assert np.exp(by_order[order][i]) == pytest.approx(expected, rel=1e-12), (order, position, history[i])
 
 
 def test_an_order_that_does_not_fit_an_int64_key_is_refused() -> None:

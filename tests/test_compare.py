@@ -341,6 +341,15 @@ def test_a_baseline_of_other_test_examples_is_a_clear_error(store: Path, tmp_pat
     assert not (tmp_path / "reports").exists()
 
 
+def test_a_listed_baseline_without_its_test_outputs_is_a_clear_error(store: Path, tmp_path: Path) -> None:
+    write_baselines(tmp_path / "metrics" / "sentiment", {"tfidf_logreg": synthetic_predictions("sentiment", 0.9)})
+    (tmp_path / "metrics" / "sentiment" / "baselines" / "tfidf_logreg_predictions.csv").unlink()
+    overrides = [*store_overrides(store, tmp_path), NO_ALIAS, f"metrics_dir={tmp_path}/metrics", "tasks=[sentiment]"]
+    with pytest.raises(DataError, match=r"tfidf_logreg_predictions\.csv is missing though .*baselines\.json lists it: rerun"):
+        compare(compose_compare(*overrides))
+    assert not (tmp_path / "reports").exists()
+
+
 def test_single_seed_has_no_interval_and_no_test(report: dict[str, Any], store: Path) -> None:
     textgen = report["tasks"]["textgen"]
     assert textgen["models"]["gru"]["ci"] is None and textgen["models"]["gru"]["std"] is None

@@ -255,6 +255,12 @@ def test_a_comment_changes_nothing_and_a_learning_rate_one_model(tmp_path: Path)
     speech.write_text(speech.read_text().replace("the clips of the archive's testing list", "the archive's test clips"))
     assert project.resolve() == before
 
+    # A baseline's setting stales its baseline stage only: no training's config digest holds task.baselines.
+    speech.write_text(speech.read_text().replace("c_grid: [0.01, 0.1, 1.0, 10.0]", "c_grid: [0.1, 1.0]"))
+    changed = project.resolve()
+    assert {name for name in changed if changed[name] != before[name]} == {"speech/baselines.yaml"}
+    before = changed
+
     project.tuned.write_text(project.tuned.read_text().replace("lr: 0.001", "lr: 0.003"))
     after = project.resolve()
     changed = {name for name in after if after[name] != before[name]}
@@ -386,6 +392,18 @@ def test_default_tasks_choose_which_tasks_train_their_default_models(tmp_path: P
 def test_default_tasks_outside_tasks_or_a_task_nothing_trains_on_are_refused(tmp_path: Path, default_tasks: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Project(tmp_path, PIPELINE + f"default_tasks: {default_tasks}").resolve()
+
+
+def test_baseline_tasks_outside_tasks_or_without_a_baseline_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"baseline_tasks in .*params.yaml must list tasks of `tasks`, e.g. \[sentiment\]; got \['textgen'\]"
+    ):
+        Project(tmp_path / "a", SMALL_PIPELINE.replace("baseline_tasks: [sentiment, speech]", "baseline_tasks: [textgen]")).resolve()
+    project = Project(tmp_path / "b", SMALL_PIPELINE)
+    speech = tmp_path / "b/conf/task/speech.yaml"
+    speech.write_text(speech.read_text().replace("  _target_: rnnlab.baselines.speech.mel_statistics_logistic_regression\n", ""))
+    with pytest.raises(ConfigError, match=r"baseline_tasks lists speech, whose config has no `baselines:` with a `_target_`"):
+        project.resolve()
 
 
 def test_a_tuned_configuration_equal_to_an_untrained_default_is_that_cell_s_tuned_entry_marked_for_the_report(tmp_path: Path) -> None:

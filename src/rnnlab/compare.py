@@ -446,6 +446,10 @@ def task_scores(client: MlflowClient, task_runs: pd.DataFrame, baselines_dir: Pa
     baselines = {}
     for name in written_baselines(baselines_dir):
         path = baselines_dir / f"{name}_predictions.csv"
+        if not path.is_file():
+            raise DataError(
+                f"{path} is missing though {baselines_dir / 'baselines.json'} lists it: rerun the task's baseline stage (`dvc repro`)."
+            )
         predictions = pd.read_csv(path)
         scored = inference.unit_scores(predictions, metric, scale).sort_values("unit", kind="stable")
         same_units = units.equals(scored[["unit", "group", "weight"]].reset_index(drop=True))

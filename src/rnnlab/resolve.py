@@ -121,6 +121,11 @@ def data_params(cfg: DictConfig) -> dict[str, Any]:
 def baseline_params(cfg: DictConfig) -> dict[str, Any]:
     """A baseline stage's DVC params: the task's baseline settings, the data module's (its limits decide the splits,
     its layout the test units), its code."""
+    if not isinstance(cfg.task.get("baselines"), DictConfig) or "_target_" not in cfg.task.baselines:
+        raise ConfigError(
+            f"baseline_tasks lists {cfg.task.name}, whose config has no `baselines:` with a `_target_`: add one "
+            f"(docs/development.md, Adding a task) or drop {cfg.task.name} from baseline_tasks in params.yaml."
+        )
     settings = OmegaConf.to_container(cfg.task.baselines, resolve=True)
     data = {key: value for key, value in OmegaConf.to_container(cfg.task.data, resolve=True).items() if key != "processed_dir"}
     return {"baselines": settings, "data": data, "code": code_of("rnnlab.baselines", [settings, data])}
@@ -133,6 +138,7 @@ def compare_params(profile: str, tasks: Iterable[str]) -> dict[str, Any]:
     # default task's would make that task's baseline code and config a dependency of the comparison).
     own = set(OmegaConf.load(config_dir() / "compare.yaml")) - {"defaults", "hydra", "metrics_dir", "output_dir"}
     settings = {key: value for key, value in OmegaConf.to_container(cfg, resolve=True).items() if key in own}
+    settings["tracking"].pop("registered_model", None)  # the default task's and model's name: compare names its own
     predictors = [OmegaConf.to_container(compose_run([f"task={task}"]).task.predictor, resolve=True) for task in tasks]
     return {"compare": settings, "code": code_of("rnnlab.compare", [settings, predictors])}
 
@@ -338,7 +344,9 @@ def pipeline_params(path: Path) -> dict[str, Any]:
     _check_default_tasks(params, path)
     _check_more_seeds(params, path)
     _check_studied(params, path)
-    params.setdefault("baseline_tasks", [])
+    params["baseline_tasks"] = params.get("baseline_tasks") or []
+    if not isinstance(params["baseline_tasks"], list) or not set(params["baseline_tasks"]) <= set(params["tasks"]):
+        raise ConfigError(f"baseline_tasks in {path} must list tasks of `tasks`, e.g. [sentiment]; got {params['baseline_tasks']!r}.")
     params.setdefault("memory_tasks", [])
     params.setdefault("memory_lags", [])
     return params

@@ -112,8 +112,9 @@ NAMED_NODES = ("task", "model", "paths", "search", "tracking")
 
 
 def check_overrides(overrides: list[str], task: str, cfg: DictConfig | None = None) -> None:
-    """Refuse command-line overrides of a training that it would not apply: fetch and preprocess settings, and keys
-    added (with +) to a node whose keys rnnlab reads by name (given the composed `cfg`, to list the node's keys)."""
+    """Refuse command-line overrides of a training that it would not apply: fetch, preprocess and baseline settings
+    (task.baselines), and keys added (with +) to a node whose keys rnnlab reads by name (given the composed `cfg`, to
+    list the node's keys)."""
     for override in overrides:
         added = override.startswith("+") and not override.startswith("++")
         node, _, name = override.split("=", 1)[0].lstrip("+~").partition(".")

@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     # Written last, and what compare reads: a baseline dropped from the settings since an earlier run is not listed.
     io.write_json(out / MANIFEST, {"task": cfg.task.name, "baselines": list(results)})
     for name, (_, metrics) in results.items():
-        shown = {key: f"{value:.4g}" for key, value in metrics.items() if isinstance(value, float)}
+        shown = {key: f"{value:.4g}" for key, value in metrics.items() if isinstance(value, int | float)}
         summary(f"baseline {name} on {cfg.task.name}", {**shown, "written": out})
     return {name: metrics for name, (_, metrics) in results.items()}
 
@@ -83,10 +83,15 @@ def _baseline(task: DictConfig) -> tuple[Callable[..., Any], dict[str, Any]]:
         raise ConfigError(
             f"task.baselines._target_={target!r} is not a function that can be imported ({str(err).splitlines()[0]})."
         ) from err
-    accepted = [name for name in inspect.signature(fit).parameters if name not in ("raw_dir", "data")]
-    unknown = sorted(set(settings) - set(accepted))
+    parameters = {name: p for name, p in inspect.signature(fit).parameters.items() if name not in ("raw_dir", "data")}
+    unknown = sorted(set(settings) - set(parameters))
     if unknown:
-        raise ConfigError(f"task.baselines.{unknown[0]} is not a setting of {target}; its settings are {', '.join(accepted) or 'none'}.")
+        raise ConfigError(f"task.baselines.{unknown[0]} is not a setting of {target}; its settings are {', '.join(parameters) or 'none'}.")
+    missing = [name for name, p in parameters.items() if p.default is inspect.Parameter.empty and name not in settings]
+    if missing:
+        raise ConfigError(
+            f"task.baselines.{missing[0]} is missing: {target} needs {', '.join(missing)}; set it in conf/task/{task.name}.yaml."
+        )
     return fit, settings
 
 

@@ -146,7 +146,7 @@ def arima_forecasts(
         warnings.catch_warnings(),
         threadpool_limits(1),
     ):  # on a busy 2-core machine, BLAS threads made the weather fit take 10 s instead of 0.3 s
-        # Non-stationary start parameters and convergence are reported in the metadata instead.
+        # Non-stationary start parameters and convergence are reported with what was fitted (arima.json's `fitted`).
         warnings.simplefilter("ignore", (EstimationWarning, ConvergenceWarning, UserWarning))
         if order == "auto":
             order, trend = auto_arima_order(target[:train_end], exog_train, max_order)
@@ -226,7 +226,7 @@ def baseline_forecasts(
     seasonal_periods: Sequence[int] = (),
     arima: dict[str, Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Every baseline's [N, horizon] test forecasts, by name in report order, and what was fitted (for metadata)."""
+    """Every baseline's [N, horizon] test forecasts, by name in report order, and what was fitted (its `fitted`)."""
     if any(int(period) <= 1 for period in seasonal_periods):
         raise ConfigError(f"task.baselines.seasonal_periods must be periods > 1 (1 is persistence), got {list(seasonal_periods)}.")
     forecasts = {"persistence": persistence_forecasts(target, origins, horizon)}
