@@ -33,6 +33,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from rnnlab import code_deps, io
+from rnnlab.baselines import baseline_node
 from rnnlab.config import config_dir, exit_on_user_error, project_root
 from rnnlab.errors import ConfigError
 
@@ -121,7 +122,7 @@ def data_params(cfg: DictConfig) -> dict[str, Any]:
 def baseline_params(cfg: DictConfig) -> dict[str, Any]:
     """A baseline stage's DVC params: the task's baseline settings, the data module's (its limits decide the splits,
     its layout the test units), its code."""
-    if not isinstance(cfg.task.get("baselines"), DictConfig) or "_target_" not in cfg.task.baselines:
+    if baseline_node(cfg.task) is None:
         raise ConfigError(
             f"baseline_tasks lists {cfg.task.name}, whose config has no `baselines:` with a `_target_`: add one "
             f"(docs/development.md, Adding a task) or drop {cfg.task.name} from baseline_tasks in params.yaml."

@@ -66,11 +66,17 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return {name: metrics for name, (_, metrics) in results.items()}
 
 
+def baseline_node(task: DictConfig) -> DictConfig | None:
+    """A task config's `baselines:` where it names the function that fits them (`_target_`), else None."""
+    baselines = task.get("baselines")
+    return baselines if isinstance(baselines, DictConfig) and "_target_" in baselines else None
+
+
 def _baseline(task: DictConfig) -> tuple[Callable[..., Any], dict[str, Any]]:
     """The function task.baselines names and its settings, checked against the function's parameters. Called
     directly rather than through hydra's `call`, which would wrap the baseline's own one-line errors in its exception."""
-    baselines = task.get("baselines")
-    if not isinstance(baselines, DictConfig) or "_target_" not in baselines:
+    baselines = baseline_node(task)
+    if baselines is None:
         raise ConfigError(
             f"task {task.name} has no baseline: its config needs `baselines:` with the `_target_` function that fits it "
             "(one of rnnlab.baselines' modules) and its settings; see docs/development.md, Adding a task."

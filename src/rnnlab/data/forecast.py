@@ -387,8 +387,8 @@ def baseline_inputs(raw_dir: str | Path, processed_dir: str | Path) -> dict[str,
     if "fill_missing" not in meta:
         raise DataError(f"{metadata_path} was written by an older rnnlab: rerun the preprocess stage (`dvc repro`).")
     frame, _ = clean_values(read_series_csv(raw_path), meta["columns"], meta["fill_missing"], str(raw_path))
-    if len(frame) != splits["test"]["rows"][1]:
-        rows = splits["test"]["rows"][1]
+    rows = splits["test"]["rows"][1]  # the last row preprocess cut windows from
+    if len(frame) != rows:
         raise DataError(f"{raw_path} has {len(frame)} rows but {processed_dir} was cut from {rows}: rerun preprocess (`dvc repro`).")
     season, terms = meta["season"], meta["fourier_terms"]
     return {
