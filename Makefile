@@ -60,12 +60,12 @@ run: install
 	@echo "comparison: reports/comparison.md"
 
 # The smoke and quick profiles run as DVC experiments with one seed and no more_seeds (`dvc exp show` lists them);
-# params.yaml is restored afterwards so the next `make run` is the default profile again.
+# params.yaml is restored afterwards so the next `make run` is the default profile again. rnnlab.exp_run is
+# `dvc exp run -S` without its second per stage (its docstring says why).
 # The smoke profile checks the plumbing: two lags of the memory tasks' sweep are enough for that.
-smoke: SWEEP := --set-param 'memory_lags=[5,10]'
+smoke: SWEEP := -S 'memory_lags=[5,10]'
 smoke quick: install
-	@cp params.yaml .params.yaml.bak
-	dvc exp run --set-param profile=$@ --set-param 'seeds=[42]' --set-param 'more_seeds=[]' $(SWEEP); status=$$?; mv .params.yaml.bak params.yaml; exit $$status
+	python -m rnnlab.exp_run -S profile=$@ -S 'seeds=[42]' -S 'more_seeds=[]' $(SWEEP)
 	@echo "comparison: reports/comparison.md"
 
 # One pytest-xdist worker per core (each with one torch thread: tests/conftest.py). The slow tests run one
