@@ -15,13 +15,13 @@ import pytest
 TESTS = Path(__file__).parent
 
 
-def warm(*args: str, cwd: Path, server: int, **env: str) -> subprocess.Popen:
-    """The probe through rnnlab.warm; tests running at once (pytest-xdist) keep apart by `server`, a PYTHONHASHSEED,
-    which is part of a server's key."""
+def warm(*args: str, cwd: Path, server: int, module: str = "warm_probe", **env: str) -> subprocess.Popen:
+    """A probe module through rnnlab.warm; tests running at once (pytest-xdist) keep apart by `server`, a
+    PYTHONHASHSEED, which is part of a server's key."""
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     environment = {**os.environ, "PYTHONPATH": path, "RNNLAB_WARM_IDLE": "3", "PYTHONHASHSEED": str(server), **env}
     return subprocess.Popen(
-        [sys.executable, "-m", "rnnlab.warm", "warm_probe", *args],
+        [sys.executable, "-m", "rnnlab.warm", module, *args],
         cwd=cwd,
         env=environment,
         stdout=subprocess.PIPE,
@@ -51,6 +51,17 @@ def test_a_warm_run_gets_the_arguments_directory_environment_and_exit_code_of_a_
     code, seen, _ = report(plain)
     assert code == 0 and seen["pid"] == plain.pid  # RNNLAB_WARM=0: the client becomes the module's process
     assert seen["warmed_in"] is None  # warm_up() prepares a server only; a plain run does the work when it needs it
+
+
+def test_one_server_serves_every_module_and_outlives_one_that_cannot_be_imported(tmp_path: Path) -> None:
+    first = report(warm("report", "0", cwd=tmp_path, server=5))[1]
+    failed = warm(cwd=tmp_path, server=5, module="no_such_probe")
+    _, err = failed.communicate(timeout=60)
+    assert failed.returncode == 1 and "No module named no_such_probe" in err
+    out, _ = warm(cwd=tmp_path, server=5, module="warm_probe_peer").communicate(timeout=60)
+    peer = json.loads(out)
+    assert peer["ppid"] == first["ppid"]  # the same server, still up after the failed import
+    assert peer["probe_imported"]  # what the server imported for one module, a fork for another finds ready
 
 
 def test_other_thread_settings_get_another_server(tmp_path: Path) -> None:
@@ -85,7 +96,7 @@ def test_a_run_whose_client_is_killed_is_stopped(tmp_path: Path) -> None:
 
 def _running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)  # also true for a child that ended but is not yet reaped: the server reaps within 0.2 s
+        os.kill(pid, 0)  # also true for a child that ended but is not yet reaped: the server reaps it at once
     except ProcessLookupError:
         return False
     return True
@@ -95,7 +106,7 @@ def test_a_module_that_cannot_be_imported_fails_as_in_a_plain_process(tmp_path: 
     environment = {**os.environ, "RNNLAB_WARM_IDLE": "3", "PYTHONHASHSEED": "99"}
     command = [sys.executable, "-m", "rnnlab.warm", "no_such_probe"]
     failed = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=30)
-    assert failed.returncode == 1 and "No module named no_such_probe" in failed.stderr  # its server ended: a plain process ran
+    assert failed.returncode == 1 and "No module named no_such_probe" in failed.stderr  # as `python -m no_such_probe` fails
 
 
 def test_the_training_servers_warm_up_prepares_mlflow() -> None:

@@ -1,19 +1,21 @@
 """Run a module in a process forked from a server that has imported it already: a light start.
 
 `python -m rnnlab.warm rnnlab.train task=forecast seed=42` does what `python -m rnnlab.train task=forecast seed=42`
-does (the same arguments, working directory, environment, standard streams, signals and exit code), but the
-first call starts a server that imports the module (torch, Lightning and MLflow: about 5 s) and every later
-call is a fork of it. The pipeline runs each training (and each fetch, preprocess, baseline and study report) as
-its own process, so that each stays its own DVC stage and MLflow run; this keeps that, without paying the imports
-200 times.
+does (the same arguments, working directory, environment, standard streams, signals and exit code), but in a
+process forked from a server: the first call starts it, it imports a module the first time one is asked for (torch,
+Lightning and MLflow: about 5 s) and forks a child per call. One server serves every module, so what fetch,
+preprocess, the baselines and training share (torch, Lightning, pandas) is imported once. The pipeline runs each
+training (and each fetch, preprocess, baseline and study report) as its own process, so that each stays its own DVC
+stage and MLflow run; this keeps that, without paying the imports 200 times.
 
 Why a server of our own: Python's multiprocessing forkserver serves its own children, not another command's.
 
 Safety, kept small on purpose:
-- the server imports, then runs the module's `warm_up()` if it has one (more imports, caches); it runs no torch
-  computation (whose OpenMP threads would not survive a fork), and it forks from its one thread;
-- a server is keyed by the interpreter, the module, the source files' sizes and times and the environment
-  variables read at import (KEY_ENV): after an edit or with other thread settings a new server starts;
+- the server imports a module, then runs its `warm_up()` if it has one (more imports, caches); it runs no torch
+  computation (whose OpenMP threads would not survive a fork), and it forks from its one thread; a module that
+  fails to import there is left to the fork, which fails as a plain process would;
+- a server is keyed by the interpreter, the source files' sizes and times and the environment variables read at
+  import (KEY_ENV): after an edit or with other thread settings a new server starts;
 - a child whose client is gone (killed, say, with its process group, which the server is not in) gets SIGTERM,
   as a plain process would have ended with the group;
 - it exits after IDLE_SECONDS without children; `RNNLAB_WARM=0` (or any failure to reach a server) runs the
@@ -49,18 +51,17 @@ from typing import Any
 # Environment variables that change what importing the module does (thread pools, module search path).
 KEY_ENV = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES")
 IDLE_SECONDS = float(os.environ.get("RNNLAB_WARM_IDLE", "120"))
-START_SECONDS = 60.0  # how long a client waits for a server it started to import its module
+START_SECONDS = 60.0  # how long a client waits for a server it started to listen
 CLIENT_PID = "RNNLAB_CLIENT_PID"  # set in the child: the process that asked for it (rnnlab.callbacks watches it)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 _INT = struct.Struct("!i")
 
 
-def server_key(module: str) -> str:
+def server_key() -> str:
     """What a server must share with its client for a fork to behave as a fresh process would."""
-    spec = importlib.util.find_spec(module.split(".")[0])
-    sources = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.py")) if spec and spec.submodule_search_locations else []
+    sources = sorted(Path(__file__).parent.rglob("*.py"))  # rnnlab's own: an edit starts a new server
     stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
-    parts = [sys.executable, module, stamp, [os.environ.get(key) for key in KEY_ENV], sys.path]
+    parts = [sys.executable, stamp, [os.environ.get(key) for key in KEY_ENV], sys.path]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
@@ -76,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     module, args = argv[0], argv[1:]
     if os.environ.get("RNNLAB_WARM") == "0":
         _run_plain(module, args)
-    path = socket_path(server_key(module))
-    connection = _connect(path) or _start_server(module, path)
+    path = socket_path(server_key())
+    connection = _connect(path) or _start_server(path)
     if connection is None:
         _run_plain(module, args)
     sys.exit(_ask(connection, module, args, path.with_suffix(".log")))
@@ -100,18 +101,18 @@ def _connect(path: Path) -> socket.socket | None:
     return connection
 
 
-def _start_server(module: str, path: Path) -> socket.socket | None:
+def _start_server(path: Path) -> socket.socket | None:
     """Start a server in its own session (it outlives this client) and wait until it listens."""
     with path.with_suffix(".log").open("ab") as log:  # the server's own errors, if any, for whoever debugs it
         server = subprocess.Popen(
-            [sys.executable, "-m", "rnnlab.warm", "--serve", module, str(path)],
+            [sys.executable, "-m", "rnnlab.warm", "--serve", str(path)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
             start_new_session=True,
         )
     deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline and server.poll() is None:  # a module that fails to import ends its server
+    while time.monotonic() < deadline and server.poll() is None:
         connection = _connect(path)
         if connection is not None:
             return connection
@@ -166,25 +167,31 @@ def _receive(connection: socket.socket, size: int) -> bytes:
 # ---------------------------------------------------------------------------- the server
 
 
-def serve(module: str, path: Path) -> None:
-    """Import `module`, then fork a child per request until IDLE_SECONDS pass without one running."""
-    warm_up = getattr(importlib.import_module(module), "warm_up", None)  # a module's own preparation, if it has one
-    if callable(warm_up):
-        warm_up()
-    gc.freeze()  # the imported objects stay shared with the children instead of being copied by their collector
+def serve(path: Path) -> None:
+    """Fork a child per request, its module imported first (once), until IDLE_SECONDS pass without one running."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a dead server's; a live one would have answered the client
     listener.bind(str(path))
     listener.listen()
-    listener.settimeout(0.2)
+    # A child's end wakes the loop at once (SIGCHLD writes to this pipe), so that its client, and the DVC stage
+    # waiting on it, hears of it without a polling delay.
+    child_ended, wake = os.pipe()
+    os.set_blocking(wake, False)
+    signal.set_wakeup_fd(wake)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    prepared: set[str] = set()
     children: dict[int, socket.socket] = {}
     stopping: set[int] = set()  # children sent SIGTERM because their client is gone
     idle_since = time.monotonic()
     try:
         while children or time.monotonic() - idle_since < IDLE_SECONDS:
+            watched = [listener, child_ended, *(children[pid] for pid in set(children) - stopping)]
+            readable, _, _ = select.select(watched, [], [], 1.0)  # a client that closes its connection makes it readable
+            if child_ended in readable:
+                os.read(child_ended, 4096)
             for pid in set(children) - stopping:
-                if _client_gone(children[pid]):
+                if children[pid] in readable and _client_gone(children[pid]):
                     stopping.add(pid)
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
@@ -196,19 +203,22 @@ def serve(module: str, path: Path) -> None:
                     children.pop(pid).close()
                     stopping.discard(pid)
                     idle_since = time.monotonic()
-            try:
-                connection, _ = listener.accept()
-            except TimeoutError:
+            if listener not in readable:
                 continue
-            connection.settimeout(None)
+            connection, _ = listener.accept()
             message, fds, _, _ = socket.recv_fds(connection, 1 << 16, 3)
             length = _INT.unpack(message[: _INT.size])[0]
             body = message[_INT.size :]
             request = json.loads(body + _receive(connection, length - len(body)))
+            _prepare(request["module"], prepared)
             pid = os.fork()
             if pid == 0:
                 for other in (listener, *children.values()):  # the server's, not this child's
                     other.close()
+                signal.set_wakeup_fd(-1)  # as in a fresh interpreter
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                os.close(child_ended)
+                os.close(wake)
                 _child(request, fds, connection)
             for fd in fds:
                 os.close(fd)
@@ -218,6 +228,20 @@ def serve(module: str, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             if os.getpid() == _SERVER_PID:
                 path.unlink()
+
+
+def _prepare(module: str, prepared: set[str]) -> None:
+    """Import `module` into the server and run its `warm_up()`, if it has one, the first time it is asked for."""
+    if module in prepared:
+        return
+    prepared.add(module)
+    try:
+        warm_up = getattr(importlib.import_module(module), "warm_up", None)
+        if callable(warm_up):
+            warm_up()
+    except Exception:  # the fork imports it again and fails as a plain process would; this log is for whoever debugs
+        traceback.print_exc()
+    gc.freeze()  # the imported objects stay shared with the children instead of being copied by their collector
 
 
 def _client_gone(connection: socket.socket) -> bool:
@@ -283,6 +307,6 @@ _SERVER_PID = os.getpid()
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
-        serve(sys.argv[2], Path(sys.argv[3]))
+        serve(Path(sys.argv[2]))
     else:
         main()

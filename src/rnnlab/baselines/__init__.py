@@ -20,8 +20,10 @@ the baselines: a stage's code (rnnlab.resolve) is this command and its task's ba
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
+import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,7 +109,12 @@ def main(cfg: DictConfig) -> None:
 
 
 def warm_up() -> None:
-    """The libraries the baselines import, loaded once by the warm server (rnnlab.warm) before it forks a stage."""
-    import sklearn.linear_model
-    import sklearn.pipeline  # noqa: F401
-    import statsmodels.tsa.arima.model  # noqa: F401
+    """What rnnlab.warm's server imports once before it forks a stage: every baseline module (with the data modules
+    and torch they import) and the libraries they import on first use, so that no stage pays for them."""
+    import pmdarima  # noqa: F401
+    import statsmodels.tsa.arima.model
+    import statsmodels.tsa.holtwinters  # noqa: F401
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "__main__":  # the command itself
+            importlib.import_module(f"{__name__}.{module.name}")
