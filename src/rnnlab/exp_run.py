@@ -24,14 +24,6 @@ from pathlib import Path
 PARAMS = Path("params.yaml")
 
 
-def set_params(path: Path, overrides: Sequence[str]) -> None:
-    """Apply Hydra-style overrides to a params file as `dvc exp run -S` does (comments and layout kept); an unknown
-    key or a malformed value raises dvc's InvalidArgumentError."""
-    from dvc.utils.hydra import apply_overrides  # DVC's own `-S`, so that both read an override the same way
-
-    apply_overrides(path, list(overrides))
-
-
 def _run(command: list[str]) -> int:
     """Run `command` to its end, passing on a SIGTERM this process gets (a scheduler's stop) so that it stops too;
     a Ctrl-C reaches it with the terminal's process group."""
@@ -50,6 +42,7 @@ def _run(command: list[str]) -> int:
 def run(overrides: Sequence[str], name: str | None = None, params: Path = PARAMS) -> int:
     """The pipeline with `overrides` applied to `params`, saved as an experiment; `params` is restored afterwards."""
     from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides  # DVC's own `-S` (comments and layout kept): both read an override alike
 
     if not params.is_file():
         print(f"rnnlab.exp_run: {params} not found; run this from the project root.", file=sys.stderr)
@@ -57,7 +50,7 @@ def run(overrides: Sequence[str], name: str | None = None, params: Path = PARAMS
     original = params.read_bytes()
     try:
         try:
-            set_params(params, overrides)
+            apply_overrides(params, list(overrides))
         except InvalidArgumentError as error:
             cause = f" ({str(error.__cause__).splitlines()[0]})" if error.__cause__ else ""
             applied = " -S ".join(overrides)

@@ -245,10 +245,8 @@ def _prepare(module: str, prepared: set[str]) -> None:
 
 
 def _client_gone(connection: socket.socket) -> bool:
-    """Whether the client at the other end has closed its connection (it sends nothing after its request)."""
-    readable, _, _ = select.select([connection], [], [], 0)
-    if not readable:
-        return False
+    """Whether the client at the other end of a connection that `select` found readable has closed it (a client
+    sends nothing after its request, so a readable connection is a closed one or, rarely, a stray byte)."""
     try:
         return connection.recv(1, socket.MSG_PEEK) == b""
     except OSError:
