@@ -174,6 +174,20 @@ OVERRIDES = [
     case("train", "seed=4294967296", says=("seed must be a whole number in [0, 4294967295], got 4294967296",), id="seed-too-large"),
     case("train", "resume=no", says=("resume must be true or false, got 'no' (str); e.g. resume=true",), id="resume-text"),
     case("train", "resume=maybe", says=("resume must be true or false, got 'maybe' (str)",), id="resume-maybe"),
+    # Flags Lightning would read as true whatever the text says, or torch would fail on after training started.
+    case(
+        "train",
+        "trainer.deterministic=no",
+        says=("trainer.deterministic must be true, false, warn or null, got 'no' (str); e.g. trainer.deterministic=true",),
+        id="deterministic-text",
+    ),
+    case("train", "+trainer.benchmark=yes", says=("trainer.benchmark must be true, false or null, got 'yes' (str)",), id="benchmark-text"),
+    case(
+        "train",
+        "callbacks.checkpoint.save_last=always",
+        says=("callbacks.checkpoint.save_last must be true, false or null, got 'always' (str)",),
+        id="save-last-text",
+    ),
     case("train", "optimizer.lr=inf", says=("optimizer.lr must be a finite number > 0, got inf",), id="lr-infinite"),
     # Zero optimizer steps, whichever setting causes them, would record an untrained model as a result.
     case(

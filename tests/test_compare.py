@@ -54,7 +54,7 @@ VALUES = {
     # Seed noise in both directions around the GRU: no real difference.
     ("sentiment", "lstm"): [g + d for g, d in zip(GRU_SENTIMENT, [0.010, -0.012, 0.007, -0.006, 0.002], strict=True)],
     ("sentiment", "rnn"): [0.801, 0.800, 0.803, 0.799, 0.802],  # clearly worse, low noise
-    ("sentiment", "gru_tuned"): [0.91],  # a configured variant with one seed: reported, in no pair
+    ("sentiment", "gru_tuned"): [0.91],  # a configured variant with one seed: reported, in no pair of networks
     ("forecast", "gru"): [1.10, 1.12, 1.11],
     ("forecast", "lstm"): [0.90, 0.91, 0.905],  # lower error: better
     ("textgen", "gru"): [1.60],  # one seed each
@@ -244,12 +244,23 @@ def test_model_statistics_match_numpy_and_scipy(report: dict[str, Any]) -> None:
         assert result["n_params"] == 1000 * len(model) and result["seconds_per_epoch"] == 2.0
     assert report["tasks"]["forecast"]["models"]["gru"]["latency_ms_per_sequence"] == 0.5
     assert report["tasks"]["sentiment"]["models"]["gru"]["peak_memory_mb"] is None
-    # Every model with runs, conf/model/ or not; only the configured pairs are tested.
+    # Every model with runs, conf/model/ or not; of the networks, only the configured pairs are tested with each other.
     assert list(report["tasks"]["sentiment"]["models"]) == ["gru", "gru_tuned", "lstm", "rnn"]
     assert report["tasks"]["sentiment"]["models"]["gru_tuned"]["ci"] is None
-    # The configured pairs, then each of their models against the baseline.
-    pairs = [(p["first"], p["second"]) for p in report["tasks"]["sentiment"]["pairs"]]
-    assert pairs == [("gru", "lstm"), ("gru", "rnn"), ("gru", "tfidf_logreg"), ("lstm", "tfidf_logreg"), ("rnn", "tfidf_logreg")]
+    # The configured pairs, then every model against the baseline: gru_tuned too, though it is in no pair with runs (its
+    # one seed gives the effect without a test).
+    pairs = {(p["first"], p["second"]): p for p in report["tasks"]["sentiment"]["pairs"]}
+    assert list(pairs) == [
+        ("gru", "lstm"),
+        ("gru", "rnn"),
+        ("gru", "tfidf_logreg"),
+        ("gru_tuned", "tfidf_logreg"),
+        ("lstm", "tfidf_logreg"),
+        ("rnn", "tfidf_logreg"),
+    ]
+    lone = pairs["gru_tuned", "tfidf_logreg"]
+    assert lone["verdict"] == "not enough seeds" and lone["p_value"] is None
+    assert lone["effect"] == pytest.approx(report["tasks"]["sentiment"]["models"]["gru_tuned"]["mean"] - BASELINE_SENTIMENT)
     assert report["tasks"]["sentiment"]["baselines"] == {"tfidf_logreg": pytest.approx(BASELINE_SENTIMENT)}
 
 

@@ -27,13 +27,13 @@ from mlflow import MlflowClient
 
 import rnnlab
 import rnnlab.io
-from rnnlab import run_paths
+from rnnlab import run_paths, tracking
 from rnnlab.callbacks import StopOnSignal
 from rnnlab.config import config_dir, project_root
 from rnnlab.errors import ConfigError, TrainingError
 from rnnlab.tracking import ContinuedRunLogger
 from rnnlab.train import main as train_main
-from rnnlab.training import train
+from rnnlab.training import RunInterrupted, train
 
 OUTPUTS = ("metrics.json", "history.csv", "models", "plots")  # what isolated_outputs sends a run's DVC outputs to
 
@@ -159,6 +159,25 @@ def test_a_model_or_plots_folder_that_another_run_or_no_run_wrote_is_refused_and
     with pytest.raises(ConfigError, match=rf"{re.escape(str(plots))} holds files that no earlier run of sentiment/gru/seed42"):
         train(compose_cfg(*tiny_overrides, "trainer.max_epochs=1"))
     assert (plots / "notes.txt").read_text() == "mine"
+    # Pictures, but none that a run saves (run_paths.FIGURES): not a run's either.
+    (plots / "notes.txt").unlink()
+    (plots / "holiday.png").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(plots))} holds files that no earlier run of sentiment/gru/seed42"):
+        train(compose_cfg(*tiny_overrides, "trainer.max_epochs=1"))
+    assert (plots / "holiday.png").read_bytes() == b"mine"
+
+
+def test_a_folder_no_run_marked_keeps_the_figures_and_checkpoints_a_run_would_clear(
+    compose_cfg, tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    paper = tmp_path / "paper"  # someone's folder that happens to hold what a run clears before it starts afresh
+    for name in ("figures", "checkpoints"):
+        (paper / name).mkdir(parents=True)
+        (paper / name / "mine.png").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match=r"paper already holds files no rnnlab run made \(checkpoints, figures\)"):
+        train(compose_cfg(*tiny_overrides, f"paths.run_dir={paper}"))
+    assert all((paper / name / "mine.png").read_bytes() == b"mine" for name in ("figures", "checkpoints"))
+    assert not (paper / run_paths.MARKER).exists()
 
 
 def test_processed_data_that_cannot_be_read_is_one_line_naming_the_file(
@@ -186,32 +205,59 @@ def test_a_run_folder_that_cannot_be_made_is_one_line(
     assert not any((tmp_path / output).exists() for output in OUTPUTS)
 
 
-def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_publishes_nothing(
-    tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("writer", "when"),
+    [
+        ("lightning.pytorch.plugins.io.torch_plugin.TorchCheckpointIO.save_checkpoint", "while training"),
+        ("matplotlib.figure.Figure.savefig", "while testing"),  # the confusion matrix
+        ("rnnlab.tracking.log_model", "while logging the model"),
+    ],
+)
+def test_a_full_disk_at_any_step_is_one_line_and_publishes_nothing(
+    writer: str, when: str, tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(self: object, checkpoint: dict, path: str, storage_options: object = None) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "full" / "file"))
 
-    monkeypatch.setattr("lightning.pytorch.plugins.io.torch_plugin.TorchCheckpointIO.save_checkpoint", full)
+    monkeypatch.setattr(writer, full)
     result = run_main(train_main, *tiny_overrides, run_dir=tmp_path / "hydra", capsys=capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("rnnlab: error:")]
-    assert "(No space left on device) while training; free space there" in line
+    assert f"cannot write {tmp_path / 'full' / 'file'} (No space left on device) {when}; free space there" in line
     assert not any((tmp_path / output).exists() for output in OUTPUTS)
     assert only_run(tmp_path).info.status == "FAILED"
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_registered_models() == []
 
 
-def test_an_early_stopping_monitor_that_is_never_logged_is_one_line(
-    tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("override", "says", "runs"),
+    [
+        # checked only after the first validation (the run is FAILED); the message lists what was logged
+        (
+            "callbacks.early_stopping.monitor=val_accuracy",
+            ("callbacks.early_stopping.monitor names no logged metric", "`val_accuracy`", "`val_acc`"),
+            ["FAILED"],
+        ),
+        # refused by Lightning when the trainer is built, inside Hydra's instantiate: before the MLflow run starts
+        (
+            "+trainer.enable_checkpointing=false",
+            ("Lightning refused the trainer settings: Trainer was configured with `enable_checkpointing=False`",),
+            [],
+        ),
+    ],
+    ids=["early-stopping-monitor", "checkpointing-off"],
+)
+def test_a_setting_refused_once_the_run_started_is_one_line(
+    override: str, says: tuple[str, ...], runs: list[str], tiny_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = run_main(
-        train_main, *tiny_overrides, "callbacks.early_stopping.monitor=val_accuracy", run_dir=tmp_path / "hydra", capsys=capsys
-    )
+    result = run_main(train_main, *tiny_overrides, override, run_dir=tmp_path / "hydra", capsys=capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("rnnlab: error:")]
-    assert "callbacks.early_stopping.monitor names no logged metric" in line and "`val_accuracy`" in line and "`val_acc`" in line
+    assert all(part in line for part in says), line
     assert not any((tmp_path / output).exists() for output in OUTPUTS)
-    assert only_run(tmp_path).info.status == "FAILED"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("rnnlab-sentiment")
+    assert [run.info.status for run in client.search_runs([experiment.experiment_id])] == runs
 
 
 @pytest.mark.slow
@@ -242,6 +288,34 @@ def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(compose_cfg, tiny_ov
     for key in run.data.metrics:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps == sorted(m.step for m in reference_client.get_metric_history(reference_run.info.run_id, key)), key
+
+
+def test_a_signal_while_the_model_is_logged_registers_nothing_and_the_resumed_run_registers_one_version(
+    compose_cfg, tiny_overrides: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log_model = tracking.log_model
+
+    def log_then_signal(logger: object, net: torch.nn.Module) -> str:
+        model_uri = log_model(logger, net)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's signal while the network goes to MLflow
+        return model_uri
+
+    monkeypatch.setattr(tracking, "log_model", log_then_signal)
+    with pytest.raises(RunInterrupted) as stopped:
+        train(compose_cfg(*tiny_overrides))
+    assert stopped.value.exit_code == 143
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert only_run(tmp_path).info.status == "KILLED" and client.search_registered_models() == []
+    assert not any((tmp_path / output).exists() for output in OUTPUTS)
+
+    monkeypatch.setattr(tracking, "log_model", log_model)
+    train(compose_cfg(*tiny_overrides, "resume=true"))
+    run = only_run(tmp_path)  # the killed run, continued
+    assert run.info.status == "FINISHED"
+    assert [version.version for version in client.search_model_versions("name='rnnlab-sentiment-gru'")] == [1]
+    tested = [key for key in run.data.metrics if key.startswith("test_")] + ["train_seconds"]
+    assert len(tested) > 1 and all(len(client.get_metric_history(run.info.run_id, key)) == 1 for key in tested)
+    assert json.loads((tmp_path / "metrics.json").read_text())["mlflow_run_id"] == run.info.run_id
 
 
 def test_a_continued_run_logs_each_metric_once_per_step(tmp_path: Path) -> None:

@@ -389,6 +389,11 @@ def test_infinite_values_are_an_error(tmp_path: Path) -> None:
         ("when,value\n2021-01-01,1.0\n", r"no column 'date'"),
         ("", r"not a readable CSV"),
         ("date,value\n2021-01-01,1.0\n2021-01-01,2.0\n", r"repeated date"),
+        # A row cut short that still reads as a date: not "repeated", but the row that differs from its twin.
+        (
+            "date,value\n" + "".join(f"2015-12-{day:02d},{day}.0\n" for day in range(1, 31)) + "2015-12-3",
+            r"line 32: '2015-12-3' reads as 2015-12-03 00:00:00, the date of line 4 \('2015-12-03'\): a truncated or malformed row\?",
+        ),
     ],
 )
 def test_malformed_or_truncated_csv_is_refused(tmp_path: Path, text: str, message: str) -> None:

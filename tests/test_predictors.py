@@ -229,6 +229,9 @@ def test_bad_series_inputs_are_refused_with_the_fix(
         SeriesPredictor.read_input(str(write_csv(series.rename(columns={"date": "day"}), tmp_path / "recent.csv")))
     with pytest.raises(DataError, match=r"absent\.csv does not exist"):
         SeriesPredictor.read_input(str(tmp_path / "absent.csv"))
+    (tmp_path / "recent_rows").mkdir()
+    with pytest.raises(DataError, match=r"recent_rows is a folder, not a CSV file; give a CSV"):
+        SeriesPredictor.read_input(str(tmp_path / "recent_rows"))
 
 
 def test_a_model_trained_with_forward_fill_fills_its_input(

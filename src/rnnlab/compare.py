@@ -505,10 +505,10 @@ def _json_safe(value: Any) -> Any:
 
 
 def _pairs(models: list[str], pairs: list[list[str]], baselines: list[str]) -> list[tuple[str, str]]:
-    """The configured pairs whose models both have runs, then each of their models against each of `baselines`."""
+    """The configured pairs whose models both have runs, then every model with runs against each of `baselines` (a model
+    in no pair too: `models=[gru]` still answers "is it better than the simple bar?")."""
     tested = [(a, b) for a, b in pairs if a in models and b in models]
-    networks = list(dict.fromkeys(model for pair in tested for model in pair))
-    return tested + [(model, baseline) for model in networks for baseline in baselines]
+    return tested + [(model, baseline) for model in models for baseline in baselines]
 
 
 def baselines_to_test(baselines: dict[str, float], mode: str, which: str) -> list[str]:

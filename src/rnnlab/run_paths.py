@@ -21,8 +21,11 @@ from rnnlab.errors import ConfigError
 MARKER = ".rnnlab-run"
 # What a run writes into its run folder, and so may clear before starting afresh.
 RUN_CONTENT = ("checkpoints", "figures")
-# What Hydra writes into a job's folder, which a search's trial uses as its run folder: Hydra's, not foreign.
+# What Hydra writes into a job's folder (and its *.log), which a search's trial uses as its run folder: Hydra's, not
+# foreign. Only these may be in a run folder without a marker: checkpoints or figures there are some other program's.
 HYDRA_CONTENT = (".hydra",)
+# The figures a run saves (tracking.save_figure refuses other names), as <name>.png: all that its plots folder holds.
+FIGURES = ("confusion_matrix", "forecast")
 OUTPUT_DIRS = ("run_dir", "model_dir", "plots_dir")
 OUTPUT_FILES = ("metrics_file", "history_file", "predictions_file")
 # The project's own folders, where no run output belongs: its sources, configs and documentation, the data, reports
@@ -85,8 +88,8 @@ def _is_model_dir_of(folder: Path, cfg: DictConfig) -> bool:
 
 
 def _is_plots_dir(folder: Path, cfg: DictConfig) -> bool:
-    """A plots folder holds the figures a run saved and nothing else (DVC renders every file of it, so no marker)."""
-    return all(p.is_file() and p.suffix == ".png" for p in folder.iterdir())
+    """A plots folder holds the figures a run saves and nothing else (DVC renders every file of it, so no marker)."""
+    return all(p.is_file() and p.suffix == ".png" and p.stem in FIGURES for p in folder.iterdir())
 
 
 def _claimed(folder: Path) -> str | None:
@@ -107,9 +110,7 @@ def claim_run_dir(cfg: DictConfig) -> None:
             )
     elif run_dir.is_dir():
         foreign = sorted(
-            p.name
-            for p in run_dir.iterdir()
-            if p.name not in (*RUN_CONTENT, *HYDRA_CONTENT, MARKER) and not (p.is_file() and p.suffix == ".log")
+            p.name for p in run_dir.iterdir() if p.name not in (*HYDRA_CONTENT, MARKER) and not (p.is_file() and p.suffix == ".log")
         )
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
@@ -117,6 +118,8 @@ def claim_run_dir(cfg: DictConfig) -> None:
                 f"paths.run_dir={run_dir} already holds files no rnnlab run made ({shown}); a run clears its checkpoints and "
                 "figures there, so point paths.run_dir at a new or empty folder (the default is logs/runs/<task>-<model>-seed<seed>)."
             )
+    if claimed == owner:  # its own: rewriting the marker could only lose it (emptied by a full disk)
+        return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / MARKER).write_text(owner + "\n")

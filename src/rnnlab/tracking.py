@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import rnnlab
+from rnnlab import run_paths
 from rnnlab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -211,6 +212,9 @@ def save_figure(module: LightningModule, figure: Figure, name: str) -> Path:
     """
     import matplotlib.pyplot as plt  # only runs that draw figures need it
 
+    if name not in run_paths.FIGURES:  # how run_paths tells a run's plots folder from someone else's
+        plt.close(figure)
+        raise ValueError(f"figure {name!r} is not in rnnlab.run_paths.FIGURES; add its name there.")
     path = figures_dir(module.trainer.default_root_dir) / f"{name}.png"
     if not module.trainer.is_global_zero:
         plt.close(figure)

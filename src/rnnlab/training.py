@@ -15,6 +15,7 @@ import shutil
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import lightning as L
 import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -75,6 +77,21 @@ class RunInterrupted(KeyboardInterrupt):
 
 # A folder that cannot take what a run writes: full, over quota, read-only or not ours.
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+@contextlib.contextmanager
+def _writable(cfg: DictConfig, when: str, where: str) -> Iterator[None]:
+    """A full, read-only or forbidden folder met `when` (checkpoints, figures, MLflow artifacts) as one line that names
+    the file and the fix: `where`, the settings that point at the folders the step writes."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        raise ConfigError(
+            f"cannot write {err.filename or 'into ' + cfg.paths.run_dir} ({err.strerror}) {when}; free space there, or point "
+            f"{where} at writable folders with free space."
+        ) from None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -133,14 +150,20 @@ def _train(cfg: DictConfig, stop: StopOnSignal, trial_scope: contextlib.ExitStac
 
             trial.set_user_attr(RUN_ID_ATTR, logger.run_id)
         callbacks += [history, NoiseStream(cfg.seed), ResumeState(), FiniteLoss(), cost, stop]
-        trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.run_dir)
+        try:
+            trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=cfg.paths.run_dir)
+        except InstantiationException as err:  # Hydra's wrapper around Lightning's refusal (enable_checkpointing=false
+            if not isinstance(err.__cause__, MisconfigurationException):  # with a checkpoint callback, say)
+                raise
+            raise ConfigError(f"Lightning refused the trainer settings: {err.__cause__}") from None
         _check_launch(trainer)
         tracking.log_config(logger, cfg)
         if resume_from is None:
             logger.log_metrics({"n_params": n_params, "hidden_size": width})
         started = time.perf_counter()
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+            with _writable(cfg, "while training", "paths.run_dir (checkpoints) and tracking.artifact_location"):
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         except MisconfigurationException as err:  # Lightning's own refusal of a setting: its message names the fix
             raise ConfigError(f"Lightning refused the trainer settings: {err}") from None
         except RuntimeError as err:
@@ -148,13 +171,6 @@ def _train(cfg: DictConfig, stop: StopOnSignal, trial_scope: contextlib.ExitStac
                 raise
             # EarlyStopping's monitor is checked only after the first validation; its message lists what was logged.
             raise ConfigError(f"callbacks.early_stopping.monitor names no logged metric: {' '.join(str(err).split())}") from None
-        except OSError as err:
-            if err.errno not in WRITE_ERRORS:
-                raise
-            raise ConfigError(
-                f"cannot write {err.filename or 'into ' + cfg.paths.run_dir} ({err.strerror}) while training; free space there, or "
-                "point paths.run_dir (checkpoints) and tracking.artifact_location at writable folders with free space."
-            ) from None
         train_seconds = time.perf_counter() - started
         if trainer.global_step == 0:
             raise TrainingError(
@@ -178,9 +194,10 @@ def _train(cfg: DictConfig, stop: StopOnSignal, trial_scope: contextlib.ExitStac
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:  # the best epoch's weights alone: test(ckpt_path=...) would also roll the callbacks back to that epoch
             module = type(module).load_from_checkpoint(best, weights_only=True)
-        tested = tester.test(module, datamodule=datamodule, verbose=False)[0]
-        predictions = test_predictions(datamodule, module).to_csv(index=False, float_format="%.6g")
-        logger.experiment.log_text(logger.run_id, predictions, tracking.PREDICTIONS_ARTIFACT)
+        with _writable(cfg, "while testing", "paths.run_dir (figures) and tracking.artifact_location"):
+            tested = tester.test(module, datamodule=datamodule, verbose=False)[0]
+            predictions = test_predictions(datamodule, module).to_csv(index=False, float_format="%.6g")
+            logger.experiment.log_text(logger.run_id, predictions, tracking.PREDICTIONS_ARTIFACT)
         metrics = {
             **{key: float(value) for key, value in tested.items()},
             "n_params": n_params,
@@ -191,7 +208,8 @@ def _train(cfg: DictConfig, stop: StopOnSignal, trial_scope: contextlib.ExitStac
             **cost.metrics,
         }
         logger.log_metrics({key: metrics[key] for key in ("train_seconds", "seconds_per_epoch", *cost.metrics)})
-        model_uri = tracking.log_model(logger, module.net)
+        with _writable(cfg, "while logging the model", "tracking.artifact_location"):
+            model_uri = tracking.log_model(logger, module.net)
         stop.check()
         _publish(cfg, {**metrics, "mlflow_run_id": logger.run_id}, history, predictions, best, model_uri, stop)
     except BaseException:

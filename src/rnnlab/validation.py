@@ -45,6 +45,14 @@ NON_NEGATIVE_NUMBER = Accepts("a finite number >= 0", lambda value: is_number(va
 FRACTION = Accepts("in [0, 1)", lambda value: is_number(value) and 0 <= value < 1)
 BOOLEAN = Accepts("true or false", lambda value: isinstance(value, bool))
 
+
+def _flag_or(word: str | None = None) -> Accepts:
+    """A Lightning flag: true, false, null (Lightning's default) or the one word it also takes."""
+    return Accepts(
+        f"true, false{f', {word}' if word else ''} or null", lambda value: value is None or isinstance(value, bool) or value == word
+    )
+
+
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed_everything's range
 # A limit of batches: a count, or a fraction of the split (Lightning's rule); 0 trains or checks nothing.
 BATCH_LIMIT = Accepts("a positive whole number or a fraction in (0, 1]", lambda v: (is_int(v) and v > 0) or (is_number(v) and 0 < v <= 1))
@@ -61,6 +69,12 @@ SETTINGS: dict[str, tuple[Accepts, str]] = {
     "trainer.limit_val_batches": (BATCH_LIMIT, "0.5"),
     "trainer.limit_test_batches": (BATCH_LIMIT, "0.5"),
     "trainer.gradient_clip_val": (NON_NEGATIVE_NUMBER.or_null(), "1.0"),
+    # Lightning takes text here as "true" without a word (`deterministic=no` would not make runs deterministic), or torch
+    # fails with a traceback once training starts (`benchmark=yes`).
+    "trainer.deterministic": (_flag_or("warn"), "true"),
+    **{f"trainer.{key}": (_flag_or(), "false") for key in ("enable_model_summary", "benchmark")},
+    # Not "link": Lightning's link points at the best epoch's file, and resume=true continues from last.ckpt.
+    "callbacks.checkpoint.save_last": (_flag_or(), "true"),
     "optimizer.lr": (POSITIVE_NUMBER, "2e-3"),
     "optimizer.weight_decay": (NON_NEGATIVE_NUMBER, "0.01"),
     "model.encoder.hidden_size": (POSITIVE_INT, "128"),

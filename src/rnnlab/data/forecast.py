@@ -82,7 +82,8 @@ def read_series_csv(path: str | Path, date_column: str = "date", date_fix: str =
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path} does not exist; give a CSV with a {date_column!r} column and numeric value columns.")
+        what = "is a folder, not a CSV file" if path.is_dir() else "does not exist"
+        raise DataError(f"{path} {what}; give a CSV with a {date_column!r} column and numeric value columns.")
     return series_rows(read_csv(path, "a header line and one row per date"), str(path), date_column, date_fix)
 
 
@@ -96,6 +97,7 @@ def series_rows(frame: pd.DataFrame, name: str, date_column: str = "date", date_
             f"{name} needs a date column and at least one value column with rows; it has {list(frame.columns)}, {len(frame)} rows."
         )
     frame = frame.rename(columns={date_column: "date"})
+    written = frame["date"].astype(str)
     dates = pd.to_datetime(frame["date"], errors="coerce", format="mixed")
     if dates.isna().any():
         row = int(np.flatnonzero(dates.isna())[0])
@@ -110,6 +112,13 @@ def series_rows(frame: pd.DataFrame, name: str, date_column: str = "date", date_
     frame = pd.concat([frame[["date"]], numeric], axis=1)
     duplicated = frame["date"].duplicated()
     if duplicated.any():
+        row = int(np.flatnonzero(duplicated)[0])
+        first = int(np.flatnonzero(frame["date"] == frame["date"].iloc[row])[0])
+        if written.iloc[row] != written.iloc[first]:  # '2015-12-3', cut from '2015-12-31', reads as a date of line 4
+            raise DataError(
+                f"{name} line {row + 2}: {written.iloc[row]!r} reads as {frame['date'].iloc[row]}, the date of line {first + 2} "
+                f"({written.iloc[first]!r}): a truncated or malformed row? Fix it, keeping one row per date."
+            )
         raise DataError(
             f"{name} has {int(duplicated.sum())} repeated date(s), e.g. {frame.loc[duplicated, 'date'].iloc[0]}; keep one row per date."
         )
