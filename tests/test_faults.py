@@ -183,13 +183,13 @@ def test_a_folder_no_run_marked_keeps_the_figures_and_checkpoints_a_run_would_cl
 def test_processed_data_that_cannot_be_read_is_one_line_naming_the_file(
     tiny_overrides: list[str], sentiment_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    processed = tmp_path / "processed"
+    processed = tmp_path / "processed" / "sentiment"
     shutil.copytree(sentiment_root / "data" / "processed" / "sentiment", processed)
     (processed / "train.pt").write_bytes((processed / "train.pt").read_bytes()[:100])  # cut short, as by a full disk
     result = run_main(train_main, *tiny_overrides, f"paths.processed={processed}", run_dir=tmp_path / "hydra", capsys=capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("rnnlab: error:")]
-    assert f"{processed / 'train.pt'} is not readable processed data" in line and "dvc repro -f preprocess@<task>" in line
+    assert f"{processed / 'train.pt'} is not readable processed data" in line and "dvc repro -f preprocess@sentiment`" in line
     assert not any((tmp_path / output).exists() for output in OUTPUTS)
 
 

@@ -57,8 +57,9 @@ def save_split(out_dir: Path, split: str, tensors: dict[str, torch.Tensor]) -> N
     torch.save(tensors, out_dir / f"{split}.pt")
 
 
-# What to do about processed data that cannot be read: DVC restores or rebuilds it.
-REPROCESS = "restore it with `dvc checkout`, or preprocess again with `dvc repro -f preprocess@<task>`"
+def reprocess_hint(processed_dir: Path) -> str:
+    """What to do about processed data that cannot be read: DVC restores or rebuilds it (the folder is named after the task)."""
+    return f"restore it with `dvc checkout`, or preprocess again with `dvc repro -f preprocess@{Path(processed_dir).name}`"
 
 
 def load_split(processed_dir: Path, split: str) -> dict[str, torch.Tensor]:
@@ -68,7 +69,7 @@ def load_split(processed_dir: Path, split: str) -> dict[str, torch.Tensor]:
     try:
         return torch.load(path, weights_only=True)
     except Exception as err:  # truncated, overwritten or not torch's: torch.load's error depends on the bytes
-        raise DataError(f"{path} is not readable processed data ({err}); {REPROCESS}.") from err
+        raise DataError(f"{path} is not readable processed data ({err}); {reprocess_hint(processed_dir)}.") from err
 
 
 class EpochShuffle(Sampler[int]):
@@ -129,7 +130,7 @@ class SplitTensorDataModule(L.LightningDataModule):
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError) as err:  # truncated or not JSON (a UnicodeDecodeError is a ValueError)
-            raise DataError(f"{path} is not readable processed data ({err}); {REPROCESS}.") from None
+            raise DataError(f"{path} is not readable processed data ({err}); {reprocess_hint(self.processed_dir)}.") from None
 
     def transform(self, split: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook for load-time changes (e.g. truncation); identity by default."""

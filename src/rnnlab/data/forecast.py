@@ -97,7 +97,7 @@ def series_rows(frame: pd.DataFrame, name: str, date_column: str = "date", date_
             f"{name} needs a date column and at least one value column with rows; it has {list(frame.columns)}, {len(frame)} rows."
         )
     frame = frame.rename(columns={date_column: "date"})
-    written = frame["date"].astype(str)
+    written = frame["date"]  # as read, for the message about a truncated date
     dates = pd.to_datetime(frame["date"], errors="coerce", format="mixed")
     if dates.isna().any():
         row = int(np.flatnonzero(dates.isna())[0])
@@ -114,10 +114,10 @@ def series_rows(frame: pd.DataFrame, name: str, date_column: str = "date", date_
     if duplicated.any():
         row = int(np.flatnonzero(duplicated)[0])
         first = int(np.flatnonzero(frame["date"] == frame["date"].iloc[row])[0])
-        if written.iloc[row] != written.iloc[first]:  # '2015-12-3', cut from '2015-12-31', reads as a date of line 4
+        if str(written.iloc[row]) != str(written.iloc[first]):  # '2015-12-3', cut from '2015-12-31', reads as a date of line 4
             raise DataError(
-                f"{name} line {row + 2}: {written.iloc[row]!r} reads as {frame['date'].iloc[row]}, the date of line {first + 2} "
-                f"({written.iloc[first]!r}): a truncated or malformed row? Fix it, keeping one row per date."
+                f"{name} line {row + 2}: {str(written.iloc[row])!r} reads as {frame['date'].iloc[row]}, the date of line {first + 2} "
+                f"({str(written.iloc[first])!r}): a truncated or malformed row? Fix it, keeping one row per date."
             )
         raise DataError(
             f"{name} has {int(duplicated.sum())} repeated date(s), e.g. {frame.loc[duplicated, 'date'].iloc[0]}; keep one row per date."
