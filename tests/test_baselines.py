@@ -99,7 +99,7 @@ def test_a_task_without_a_baseline_stage_is_a_clear_error(sentiment_root: Path, 
     with pytest.raises(ConfigError, match=r"task sentiment has no baseline: its config needs `baselines:` with the `_target_` function"):
         run(compose_baselines(f"paths.root={sentiment_root}", "~task.baselines", f"paths.baselines_dir={tmp_path}"))
     result = run_main(baselines_main, f"paths.root={tmp_path}", run_dir=tmp_path / "hydra", capsys=capsys)
-    assert result.returncode == 2 and "splits.json is missing: run the preprocess stage first" in result.stderr
+    assert result.returncode == 2 and "splits.json is missing: run `dvc repro preprocess@sentiment`" in result.stderr
     assert not list(tmp_path.glob("metrics/**/*.csv"))
 
 

@@ -34,6 +34,7 @@ from rnnlab.compare import (
     learning_curve,
     requested_models,
     requested_seeds,
+    train_command,
     with_owa,
 )
 from rnnlab.compare import main as compare_main
@@ -604,11 +605,20 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
     # Tuned models train over more_seeds too (the store's tuned runs have seed 1 only, so this is read, not compared).
     assert requested_seeds(compose_compare(f"seeds_from={params}"), ["sentiment", "textgen"]) == {"sentiment": [1, 2], "textgen": [1]}
     params.write_text("models: [gru, lstm_scratch]\ntuned: []\ndefault_tasks: [sentiment]\n")
-    with pytest.raises(DataError, match=r"no FINISHED training runs of lstm_scratch on sentiment .*Produce them with"):
+    produce = r"Produce them with `dvc repro`, or `python -m rnnlab.train task=sentiment model=lstm_scratch profile=default`"
+    with pytest.raises(DataError, match=r"no FINISHED training runs of lstm_scratch on sentiment .*" + produce):
         compare(compose_compare(*store_overrides(store, tmp_path / "missing"), NO_ALIAS, f"models_from={params}", "tasks=[sentiment]"))
     params.write_text("models: [gru]\ntuned: []\ndefault_tasks: [textgen]\n")
     with pytest.raises(ConfigError, match=r"models_from=.*params.yaml trains no model on sentiment \(neither its default_tasks nor"):
         compare(compose_compare(*store_overrides(store, tmp_path / "untrained"), NO_ALIAS, f"models_from={params}", "tasks=[sentiment]"))
+
+
+def test_the_command_that_produces_a_missing_run_names_a_config_that_exists() -> None:
+    tuned = train_command("speech", "gru_tuned", "default", 42)
+    assert tuned == "python -m rnnlab.train experiment=speech_gru_tuned seed=42 profile=default"
+    assert (config_dir() / "experiment" / "speech_gru_tuned.yaml").is_file()
+    assert train_command("sentiment", "lstm", "quick") == "python -m rnnlab.train task=sentiment model=lstm profile=quick"
+    assert (config_dir() / "model" / "lstm.yaml").is_file()
 
 
 @pytest.mark.parametrize(
@@ -624,7 +634,8 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
         (
             ["seeds=[1,99]"],
             DataError,
-            r"seed 99 has no FINISHED training runs of profile 'default' .*; the runs there have seeds 1, 2, 3, 4, 5\. ",
+            r"seed 99 has no FINISHED training runs of profile 'default' .*; the runs there have seeds 1, 2, 3, 4, 5\. .*"
+            r"`python -m rnnlab.train task=\w+ model=\w+ seed=99 profile=default` and likewise for each missing run",
         ),
         (["seeds=[1]", "seeds_from=params.yaml"], ConfigError, r"give seeds or seeds_from, not both"),
         (["seeds_from=/nonexistent/params.yaml"], ConfigError, r"seeds_from=/nonexistent/params.yaml: cannot read"),
@@ -633,7 +644,8 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
         (
             ["models=[lstm_scratch]"],
             DataError,
-            r"no FINISHED training runs of model lstm_scratch .*; models with runs: gru, gru_tuned, lstm, rnn",
+            r"no FINISHED training runs of model lstm_scratch .*; models with runs: gru, gru_tuned, lstm, rnn\. "
+            r"Produce them with `dvc repro`, or `python -m rnnlab.train task=\w+ model=lstm_scratch",
         ),
         (["tasks=[nosuch]"], ConfigError, r"unknown task 'nosuch'; known: .*sentiment"),
         (["champion_alias=latest"], ConfigError, r"champion_alias must be null .* other than 'latest' and v<number>"),

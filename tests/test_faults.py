@@ -183,7 +183,7 @@ def test_a_folder_no_run_marked_keeps_the_figures_and_checkpoints_a_run_would_cl
 def test_processed_data_that_cannot_be_read_is_one_line_naming_the_file(
     tiny_overrides: list[str], sentiment_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    processed = tmp_path / "processed" / "sentiment"
+    processed = tmp_path / "processed"  # not named after the task: the hint takes the task from the config
     shutil.copytree(sentiment_root / "data" / "processed" / "sentiment", processed)
     (processed / "train.pt").write_bytes((processed / "train.pt").read_bytes()[:100])  # cut short, as by a full disk
     result = run_main(train_main, *tiny_overrides, f"paths.processed={processed}", run_dir=tmp_path / "hydra", capsys=capsys)

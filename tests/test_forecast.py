@@ -231,8 +231,8 @@ def test_baseline_inputs_refuse_a_series_that_is_not_the_one_preprocessed(tmp_pa
     fetch(str(tmp_path / "raw"), source="csv", csv_path=str(write_csv(make_series(120), tmp_path / "longer.csv")))
     with pytest.raises(DataError, match=r"has 120 rows but .* was cut from 100: rerun preprocess"):
         baseline_inputs(tmp_path / "raw", processed)
-    with pytest.raises(DataError, match=r"metadata\.json is missing: run the preprocess stage first"):
-        baseline_inputs(tmp_path / "raw", tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"metadata\.json is missing: run `dvc repro preprocess@forecast_stock`"):
+        baseline_inputs(tmp_path / "raw", tmp_path / "nowhere", "forecast_stock")
 
 
 # --- the model -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ metrics, a smoke training of each task, and the lag sweep's report."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -205,13 +206,26 @@ def test_the_copy_datamodule_serves_tokens_and_the_sizes_of_its_network(copy_dir
     assert len(dm.test_units()) == 5
 
 
+def test_unreadable_memory_data_names_the_task_s_stage_not_the_lag_folder(adding_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "adding"
+    shutil.copytree(adding_dir, broken)
+    (broken / "lag4" / "train.pt").write_bytes(b"cut short")
+    unreadable = r"lag4/train\.pt is not readable processed data .*`dvc repro -f preprocess@memory_adding`\.$"
+    with pytest.raises(DataError, match=unreadable) as error:
+        AddingDataModule(str(broken), lag=4, task="memory_adding").setup()
+    assert "\n" not in str(error.value)  # torch's own error runs to a dozen lines
+    (broken / "metadata.json").write_text('{"lags": [4')  # truncated: a one-line error, not a traceback
+    with pytest.raises(DataError, match=r"metadata\.json is not readable processed data .*preprocess@memory_adding`\.$"):
+        AddingDataModule(str(broken), lag=4, task="memory_adding")
+
+
 def test_a_lag_that_was_not_preprocessed_is_refused_naming_those_that_were(adding_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"task.data.lag=5 was not preprocessed: .* holds the lags 4, 9\. Train one of those, or add 5"):
         AddingDataModule(str(adding_dir), lag=5)
     with pytest.raises(DataError, match=r"task.data.lag must be a positive whole number, got 0"):
         AddingDataModule(str(adding_dir), lag=0)
-    with pytest.raises(DataError, match=r"metadata.json is missing: run the preprocess stage first"):
-        AddingDataModule(str(tmp_path), lag=4)
+    with pytest.raises(DataError, match=r"metadata.json is missing: run `dvc repro preprocess@memory_adding`"):
+        AddingDataModule(str(tmp_path), lag=4, task="memory_adding")
 
 
 # --- the task modules ------------------------------------------------------------------------------------------

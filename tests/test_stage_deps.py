@@ -290,7 +290,12 @@ def test_a_tuned_configuration_equal_to_a_default_that_default_tasks_trains_too_
     [
         ("[textgen]", None, r"tuned in .*params.yaml must list tasks of `tasks` .*got \['textgen'\]"),
         ("{sentiment-gru: {task: sentiment, model: gru}}", None, r"tuned in .*params.yaml must list tasks of `tasks`"),
-        ("[speech]", "speech_lstm", r"lists speech, but conf/experiment/speech_lstm_tuned.yaml does not exist: run its study .*model=lstm"),
+        (
+            "[speech]",
+            "speech_lstm",
+            r"lists speech, but conf/experiment/speech_lstm_tuned.yaml does not exist: run its study "
+            r"\(python -m rnnlab.train -m hparams_search=speech task=speech model=lstm\)",
+        ),
         # The project's own speech studies (the GRU's best trial was its default configuration), speech a default task too.
         ("[speech]", None, r"lists speech, but conf/experiment/speech_gru_tuned.yaml is model=gru's default configuration"),
     ],
@@ -312,7 +317,7 @@ def test_studied_reports_every_tuned_task_and_only_tasks_whose_every_model_has_a
     (tmp_path / "params.yaml").write_text(pipeline.replace("studied: [sentiment]", "studied: [speech, sentiment]"))
     missing = (
         r"studied in params.yaml lists speech, whose journals optuna/speech_lstm.log do not exist: run each missing study, "
-        r"e.g. python -m rnnlab.train -m hparams_search=<speech's search config> task=speech model=lstm; or drop speech from studied"
+        r"e.g. python -m rnnlab.train -m hparams_search=speech task=speech model=lstm; or drop speech from studied"
     )
     with pytest.raises(ConfigError, match=missing):
         project.resolve()

@@ -16,6 +16,7 @@ from optuna.trial import TrialState, create_trial
 from rnnlab import study_report
 from rnnlab.config import project_root
 from rnnlab.errors import ConfigError
+from rnnlab.resolve import study_command
 from rnnlab.trial import open_storage
 
 SPACE = {"optimizer.lr": FloatDistribution(1e-4, 1e-2, log=True), "model.encoder.num_layers": CategoricalDistribution([1, 2])}
@@ -81,9 +82,19 @@ def test_the_task_report_puts_every_cell_side_by_side(tmp_path: Path) -> None:
     assert before == {p.name: p.read_bytes() for p in (tmp_path / "reports/studies").iterdir() if p.suffix != ".png"}
 
 
+def test_the_study_command_names_the_search_config_of_the_task_s_family() -> None:
+    assert study_command("forecast_stock", "lstm") == "python -m rnnlab.train -m hparams_search=forecast task=forecast_stock model=lstm"
+    assert study_command("textgen", "rnn") == "python -m rnnlab.train -m hparams_search=textgen task=textgen model=rnn"
+    assert "hparams_search=<a config of conf/hparams_search/>" in study_command("memory_copy", "gru")  # no search of its own
+
+
 def test_a_task_without_studies_is_refused_with_the_command_to_run(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"no study journal optuna/speech_<model>.log .*hparams_search=.*task=speech model=<model>"):
-        study_report.write(tmp_path, "speech", ["gru"], pipeline_trains_tuned=True)
+    with pytest.raises(
+        ConfigError,
+        match=r"none of the study journals optuna/speech_gru.log, optuna/speech_rnn.log exists: run a study first, e.g. "
+        r"python -m rnnlab.train -m hparams_search=speech task=speech model=gru\.",
+    ):
+        study_report.write(tmp_path, "speech", ["gru", "rnn"], pipeline_trains_tuned=True)
     assert not (tmp_path / "reports").exists()
 
 

@@ -304,15 +304,27 @@ def _named_run(client: MlflowClient, task: str, path: Path, profile: str) -> dic
     return row
 
 
-def select_runs(runs: pd.DataFrame, models: TaskModels, seeds: TaskSeeds, where: str) -> pd.DataFrame:
+def train_command(task: str, model: str, profile: str, seed: int | None = None) -> str:
+    """The command that trains one run of `model` on `task`: a tuned model trains from its experiment config."""
+    chosen = f"experiment={task}_{model}" if model.endswith("_tuned") else f"task={task} model={model}"
+    return f"python -m rnnlab.train {chosen}{'' if seed is None else f' seed={seed}'} profile={profile}"
+
+
+def select_runs(runs: pd.DataFrame, models: TaskModels, seeds: TaskSeeds, where: str, tasks: list[str], profile: str) -> pd.DataFrame:
     """The runs of the requested models (per task or for every task; null: every model with runs) and of each task's
-    seeds (null: every seed); each requested model and seed must have runs. `where` says in the errors which profile
-    and store were searched."""
-    train = "`dvc repro`, or `python -m rnnlab.train task=<task> model=<model> seed=<seed> profile=<profile>` for each seed"
+    seeds (null: every seed) of `tasks`; each requested model and seed must have runs. `where` says in the errors which
+    profile and store were searched."""
+
+    def train(task: str, model: str, seed: int | None = None) -> str:
+        if seed is None and seeds:
+            seed = seeds.get(task, [None])[0]
+        return f"`dvc repro`, or `{train_command(task, model, profile, seed)}` and likewise for each missing run"
+
     if runs.empty:
+        model = (models.get(tasks[0]) or ["gru"])[0] if isinstance(models, dict) else (models or ["gru"])[0]
         raise DataError(
-            f"no FINISHED training runs {where} (search trials are not counted). Produce them with {train}, or compare another "
-            "profile (profile=...)."
+            f"no FINISHED training runs {where} (search trials are not counted). Produce them with {train(tasks[0], model)}, "
+            "or compare another profile (profile=...)."
         )
     found = sorted(runs["model"].unique())
     if isinstance(models, list):
@@ -326,23 +338,26 @@ def select_runs(runs: pd.DataFrame, models: TaskModels, seeds: TaskSeeds, where:
         if missing:
             raise DataError(
                 f"no FINISHED training runs of model {', '.join(missing)} {where}; models with runs: {', '.join(found)}. "
-                f"Produce them with {train}."
+                f"Produce them with {train(tasks[0], missing[0])}."
             )
         runs = runs[runs["model"].isin(models)]
     elif models is not None:
         trained = runs.groupby("task")["model"].agg(set).to_dict()
-        missing = [f"{model} on {task}" for task, names in models.items() for model in names if model not in trained.get(task, ())]
+        missing = [(task, model) for task, names in models.items() for model in names if model not in trained.get(task, ())]
         if missing:
-            raise DataError(f"no FINISHED training runs of {', '.join(missing)} {where}. Produce them with {train}.")
+            listed = ", ".join(f"{model} on {task}" for task, model in missing)
+            raise DataError(f"no FINISHED training runs of {listed} {where}. Produce them with {train(*missing[0])}.")
         runs = runs[[model in models.get(task, ()) for task, model in zip(runs["task"], runs["model"], strict=True)]]
     if seeds is not None:
         have = sorted(int(seed) for seed in runs["seed"].unique())
         absent = [seed for seed in sorted(set().union(*seeds.values())) if seed not in have]
         if absent:
+            task = next(task for task, wanted in seeds.items() if absent[0] in wanted)
+            model = next(iter(runs.loc[runs["task"] == task, "model"]), found[0])
             raise DataError(
                 f"seed {', '.join(map(str, absent))} has no FINISHED training runs {where}; the runs there have seeds "
                 f"{', '.join(map(str, have))}. Compare those (e.g. seeds=[{','.join(map(str, have))}]) or produce the missing "
-                f"ones with {train}."
+                f"ones with {train(task, str(model), absent[0])}."
             )
         runs = runs[[seed in seeds.get(task, ()) for task, seed in zip(runs["task"], runs["seed"], strict=True)]]
     return runs.reset_index(drop=True)
@@ -997,7 +1012,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
         where = f"named by {cfg.metrics_dir}/<task>/<model>/seed<seed>.json for tasks {', '.join(tasks)}"
     else:
         found = load_runs(client, tasks, cfg.profile)
-    runs = select_runs(found, requested_models(cfg, tasks), seeds, where)
+    runs = select_runs(found, requested_models(cfg, tasks), seeds, where, tasks, cfg.profile)
     best = [best_validation(client, run) for _, run in runs.iterrows()]
     runs = runs.assign(best_val=[value for value, _ in best], best_epoch=[epoch for _, epoch in best])
     unmargined = runs.loc[runs["margin"].isna(), "run_name"].tolist()

@@ -276,7 +276,7 @@ def _check_studies_exist(root: Path, params: dict[str, Any]) -> None:
         task, model = missing[0]
         raise ConfigError(
             f"studied in params.yaml lists {tasks}, whose journals {journals} do not exist: run each missing study, e.g. "
-            f"python -m rnnlab.train -m hparams_search=<{task}'s search config> task={task} model={model}; or drop {tasks} from studied."
+            f"{study_command(task, model)}; or drop {tasks} from studied."
         )
 
 
@@ -284,11 +284,19 @@ def _journal(root: Path, task: str, model: str) -> Path:
     return root / "optuna" / f"{task}_{model}.log"
 
 
+def study_command(task: str, model: str) -> str:
+    """The command that runs `model`'s study on `task`: its search config is conf/hparams_search/<task>.yaml, or that of
+    the family the task's name starts with (forecast for forecast_stock)."""
+    searches = sorted(path.stem for path in (config_dir() / "hparams_search").glob("*.yaml"))
+    search = next((name for name in (task, task.split("_")[0]) if name in searches), "<a config of conf/hparams_search/>")
+    return f"python -m rnnlab.train -m hparams_search={search} task={task} model={model}"
+
+
 def _check_tuned_exists(root: Path, task: str, model: str) -> None:
     if not (root / "conf" / "experiment" / f"{task}_{model}_tuned.yaml").is_file():
         raise ConfigError(
             f"tuned in params.yaml lists {task}, but conf/experiment/{task}_{model}_tuned.yaml does not exist: run its study "
-            f"(python -m rnnlab.train -m hparams_search=<{task}'s search config> task={task} model={model}) or remove {task} from `tuned`."
+            f"({study_command(task, model)}) or remove {task} from `tuned`."
         )
 
 

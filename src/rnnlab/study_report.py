@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from rnnlab import io
 from rnnlab.config import exit_on_user_error, project_root
 from rnnlab.errors import ConfigError
-from rnnlab.resolve import pipeline_params, studied_metric
+from rnnlab.resolve import pipeline_params, studied_metric, study_command
 from rnnlab.trial import best_reported, open_storage
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -145,10 +145,8 @@ def write(root: Path, task: str, models: Sequence[str], *, pipeline_trains_tuned
     """reports/studies/<task>.md, .json and _trials.png from the task's study journals; the markdown file."""
     result = task_report(root / "optuna", task, models)
     if result is None:
-        raise ConfigError(
-            f"no study journal optuna/{task}_<model>.log for any of {list(models)}: "
-            f"run a study first (python -m rnnlab.train -m hparams_search=<{task}'s search config> task={task} model=<model>)."
-        )
+        journals = ", ".join(f"optuna/{task}_{model}.log" for model in models)
+        raise ConfigError(f"none of the study journals {journals} exists: run a study first, e.g. {study_command(task, models[0])}.")
     out = root / "reports" / "studies"
     out.mkdir(parents=True, exist_ok=True)
     figure(task, result, out / f"{task}_trials.png")

@@ -51,7 +51,7 @@ for notices in ("lightning.pytorch.utilities.rank_zero", "pytorch_lightning.util
 
 def build(cfg: DictConfig) -> tuple[SplitTensorDataModule, RecurrentModule]:
     """The task's DataModule and the LightningModule sized to its data, initialised from the run's weights stream."""
-    datamodule = instantiate(cfg.task.data, seed=cfg.seed)
+    datamodule = instantiate(cfg.task.data, seed=cfg.seed, task=cfg.task.name)
     torch.manual_seed(streams.stream_seed(cfg.seed, streams.WEIGHTS))
     front_end = {**OmegaConf.to_container(cfg.task.front_end, resolve=True), **datamodule.front_end_dims}
     module = instantiate(

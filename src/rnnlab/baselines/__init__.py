@@ -54,7 +54,7 @@ def written_baselines(baselines_dir: Path) -> list[str]:
 def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Fit the task's baselines and write each one's metrics and per-example test outputs, all or none."""
     fit, settings = _baseline(cfg.task)
-    results = fit(Path(cfg.paths.raw), instantiate(cfg.task.data), **settings)
+    results = fit(Path(cfg.paths.raw), instantiate(cfg.task.data, task=cfg.task.name), **settings)
     out = Path(cfg.paths.baselines_dir)
     with contextlib.ExitStack() as stack:
         for name, (outputs, metrics) in results.items():

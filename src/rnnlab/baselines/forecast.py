@@ -244,7 +244,7 @@ def statistical_forecasts(raw_dir: Path, data: SplitTensorDataModule, seasonal_p
     are tested on (task.data.limit_test keeps the oldest); the fitted models' settings go with their metrics."""
     data.setup()
     test = data.datasets["test"]
-    inputs = baseline_inputs(raw_dir, data.processed_dir)
+    inputs = baseline_inputs(raw_dir, data.processed_dir, data.task)
     inputs["origins"] = inputs["origins"][: len(test)]
     forecasts, fitted = baseline_forecasts(**inputs, seasonal_periods=seasonal_periods, arima=arima)
     targets = test.tensors[1].numpy().astype(np.float64)  # the networks' targets, float32 as they read them

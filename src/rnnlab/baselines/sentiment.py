@@ -9,7 +9,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from rnnlab.baselines.common import Outputs, best_on_validation, classifier_outputs, split_ids
-from rnnlab.data.base import SPLITS, SplitTensorDataModule
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, missing_hint
 from rnnlab.data.sentiment import RAW_FILE, read_reviews_csv, tokenize
 from rnnlab.errors import DataError
 
@@ -17,9 +17,9 @@ from rnnlab.errors import DataError
 def tfidf_logistic_regression(raw_dir: Path, data: SplitTensorDataModule, c_grid: list[float], ngram_max: int, min_df: int) -> Outputs:
     """Fit TF-IDF + logistic regression on train for each C of `c_grid`, keep the best on validation accuracy, and
     score the test reviews; the per-review test outputs and the metrics."""
-    ids = split_ids(data.processed_dir, data.limits)
+    ids = split_ids(data.processed_dir, data.limits, data.task)
     if not (raw_dir / RAW_FILE).is_file():
-        raise DataError(f"{raw_dir / RAW_FILE} is missing: run the fetch stage first (`dvc repro` or `python -m rnnlab.fetch task=...`).")
+        raise DataError(f"{raw_dir / RAW_FILE} is missing: {missing_hint('sentiment', 'fetch')}.")
     reviews = read_reviews_csv(raw_dir / RAW_FILE).set_index("id")
     texts = {split: reviews.loc[ids[split], "text"].tolist() for split in SPLITS}
     labels = {split: reviews.loc[ids[split], "label"].astype(int).to_numpy() for split in SPLITS}

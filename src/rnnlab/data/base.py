@@ -57,19 +57,36 @@ def save_split(out_dir: Path, split: str, tensors: dict[str, torch.Tensor]) -> N
     torch.save(tensors, out_dir / f"{split}.pt")
 
 
-def reprocess_hint(processed_dir: Path) -> str:
-    """What to do about processed data that cannot be read: DVC restores or rebuilds it (the folder is named after the task)."""
-    return f"restore it with `dvc checkout`, or preprocess again with `dvc repro -f preprocess@{Path(processed_dir).name}`"
+def reprocess_hint(task: str) -> str:
+    """What to do about processed data that cannot be read: DVC restores or rebuilds it."""
+    return f"restore it with `dvc checkout`, or preprocess again with `dvc repro -f preprocess@{task}`"
 
 
-def load_split(processed_dir: Path, split: str) -> dict[str, torch.Tensor]:
+def missing_hint(task: str, stage: str = "preprocess") -> str:
+    """What to do about a file a stage (fetch or preprocess) of `task` should have written."""
+    return f"run `dvc repro {stage}@{task}` (or `python -m rnnlab.{stage} task={task}`)"
+
+
+def load_split(processed_dir: Path, split: str, task: str) -> dict[str, torch.Tensor]:
     path = Path(processed_dir) / f"{split}.pt"
     if not path.is_file():
-        raise DataError(f"{path} is missing: run the preprocess stage first (`dvc repro` or `python -m rnnlab.preprocess task=...`).")
+        raise DataError(f"{path} is missing: {missing_hint(task)}.")
     try:
         return torch.load(path, weights_only=True)
     except Exception as err:  # truncated, overwritten or not torch's: torch.load's error depends on the bytes
-        raise DataError(f"{path} is not readable processed data ({err}); {reprocess_hint(processed_dir)}.") from err
+        # Its first line only: torch's unpickling errors run to a dozen lines of advice about weights_only.
+        reason = next(iter(str(err).strip().splitlines()), type(err).__name__)
+        raise DataError(f"{path} is not readable processed data ({reason[:100]}); {reprocess_hint(task)}.") from err
+
+
+def read_metadata(processed_dir: Path, task: str) -> dict[str, Any]:
+    path = Path(processed_dir) / "metadata.json"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: {missing_hint(task)}.")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # truncated or not JSON (a UnicodeDecodeError is a ValueError)
+        raise DataError(f"{path} is not readable processed data ({err}); {reprocess_hint(task)}.") from None
 
 
 class EpochShuffle(Sampler[int]):
@@ -111,11 +128,13 @@ class SplitTensorDataModule(L.LightningDataModule):
         limit_test: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        task: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
             raise DataError(f"batch_size must be a positive integer, got {batch_size}.")
         self.processed_dir = Path(processed_dir)
+        self.task = task or self.processed_dir.name  # the pipeline's layout names a task's folder after it
         self.batch_size = batch_size
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
         self.num_workers = num_workers
@@ -124,13 +143,7 @@ class SplitTensorDataModule(L.LightningDataModule):
 
     @property
     def metadata(self) -> dict[str, Any]:
-        path = self.processed_dir / "metadata.json"
-        if not path.is_file():
-            raise DataError(f"{path} is missing: run the preprocess stage first.")
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as err:  # truncated or not JSON (a UnicodeDecodeError is a ValueError)
-            raise DataError(f"{path} is not readable processed data ({err}); {reprocess_hint(self.processed_dir)}.") from None
+        return read_metadata(self.processed_dir, self.task)
 
     def transform(self, split: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook for load-time changes (e.g. truncation); identity by default."""
@@ -140,7 +153,7 @@ class SplitTensorDataModule(L.LightningDataModule):
         for split in SPLITS:
             if split in self.datasets:
                 continue
-            tensors = self.transform(split, load_split(self.processed_dir, split))
+            tensors = self.transform(split, load_split(self.processed_dir, split, self.task))
             limit = self.limits[split]
             # Splits are shuffled once in preprocess, so a prefix is a random sample.
             columns = [tensors[key][:limit] for key in self.batch_keys]

@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from rnnlab import io
 from rnnlab.console import summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, read_csv, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, missing_hint, read_csv, save_split
 from rnnlab.errors import ConfigError, DataError
 
 RAW_FILE = "series.csv"
@@ -383,15 +383,16 @@ def preprocess(
     )
 
 
-def baseline_inputs(raw_dir: str | Path, processed_dir: str | Path) -> dict[str, Any]:
+def baseline_inputs(raw_dir: str | Path, processed_dir: str | Path, task: str | None = None) -> dict[str, Any]:
     """What the statistical baselines fit and forecast from, as preprocess cut it (its metadata.json and splits.json,
     over the fetched series): the cleaned target series, its Fourier regressors (None without), the end of the train
-    rows, every test origin in order, the horizon and M4's period; rnnlab.baselines.forecast.baseline_forecasts' arguments."""
+    rows, every test origin in order, the horizon and M4's period; rnnlab.baselines.forecast.baseline_forecasts' arguments.
+    `task` names the stages to run in errors (by default the processed folder's name, as in the pipeline's layout)."""
     metadata_path, splits_path = Path(processed_dir) / "metadata.json", Path(processed_dir) / "splits.json"
     raw_path = Path(raw_dir) / RAW_FILE
     for path, stage in ((raw_path, "fetch"), (metadata_path, "preprocess"), (splits_path, "preprocess")):
         if not path.is_file():
-            raise DataError(f"{path} is missing: run the {stage} stage first (`dvc repro` or `python -m rnnlab.{stage} task=...`).")
+            raise DataError(f"{path} is missing: {missing_hint(task or Path(processed_dir).name, stage)}.")
     meta, splits = json.loads(metadata_path.read_text()), json.loads(splits_path.read_text())
     if "fill_missing" not in meta:
         raise DataError(f"{metadata_path} was written by an older rnnlab: rerun the preprocess stage (`dvc repro`).")
@@ -423,7 +424,7 @@ class ForecastDataModule(SplitTensorDataModule):
         super().setup(stage)
         test = self.datasets["test"]
         if len(test.tensors) == len(self.batch_keys):
-            tensors = load_split(self.processed_dir, "test")
+            tensors = load_split(self.processed_dir, "test", self.task)
             self.datasets["test"] = TensorDataset(*test.tensors, *(tensors[key][: len(test)] for key in TEST_EXTRAS))
 
     def test_units(self) -> pd.DataFrame:

@@ -28,7 +28,7 @@ import torch
 
 from rnnlab import io
 from rnnlab.console import summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_metadata, save_split
 from rnnlab.errors import DataError
 
 PROBLEMS = ("adding", "copy")
@@ -117,7 +117,7 @@ def fetch(out_dir: str, problem: str, length: int | None = None, alphabet: int |
 def read_source(raw_dir: str | Path) -> dict[str, Any]:
     path = Path(raw_dir) / SOURCE
     if not path.is_file():
-        raise DataError(f"{path} is missing: run the fetch stage first (`python -m rnnlab.fetch task=...`).")
+        raise DataError(f"{path} is missing: run the fetch stage first (`python -m rnnlab.fetch task=memory_adding`, or task=memory_copy).")
     source = json.loads(path.read_text())
     if source.get("problem") not in PROBLEMS:
         raise DataError(f"{path} names no memory problem ({source.get('problem')!r}); fetch it again.")
@@ -179,18 +179,15 @@ class MemoryDataModule(SplitTensorDataModule):
     def __init__(self, processed_dir: str, lag: int = 100, **kwargs: Any) -> None:
         if not is_int(lag) or lag <= 0:
             raise DataError(f"task.data.lag must be a positive whole number, got {lag!r}.")
-        root = Path(processed_dir)
-        overview = root / METADATA
-        if not overview.is_file():
-            raise DataError(f"{overview} is missing: run the preprocess stage first (`python -m rnnlab.preprocess task=...`).")
-        lags = json.loads(overview.read_text())["lags"]
+        root, task = Path(processed_dir), kwargs.get("task") or Path(processed_dir).name
+        lags = read_metadata(root, task)["lags"]
         if lag not in lags:
             raise DataError(
                 f"task.data.lag={lag} was not preprocessed: {root} holds the lags {', '.join(map(str, lags))}. Train one of "
                 f"those, or add {lag} to task.preprocess.lags and preprocess again."
             )
         super().__init__(lag_dir(root, lag), **kwargs)
-        self.lag = lag
+        self.task, self.lag = task, lag
 
     def test_units(self) -> pd.DataFrame:
         ids = np.arange(len(self.datasets["test"]))

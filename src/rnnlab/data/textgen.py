@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rnnlab import io, streams
 from rnnlab.console import summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, read_text, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, missing_hint, read_text, save_split
 from rnnlab.errors import DataError
 from rnnlab.vocab import PAD, UNK, UNK_ID
 
@@ -277,7 +277,8 @@ class TextStreamDataModule(SplitTensorDataModule):
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:
             if split not in self.chunks:
-                self.chunks[split] = StreamChunks(load_split(self.processed_dir, split)["stream"].long(), self.batch_size, self.seq_len)
+                stream = load_split(self.processed_dir, split, self.task)["stream"].long()
+                self.chunks[split] = StreamChunks(stream, self.batch_size, self.seq_len)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         # Batches stay in order within an epoch: the state carried between batches needs them so.
@@ -305,7 +306,7 @@ class TextStreamDataModule(SplitTensorDataModule):
     def vocabulary(self) -> list[str]:
         path = self.processed_dir / "vocab.json"
         if not path.is_file():
-            raise DataError(f"{path} is missing: run the preprocess stage first.")
+            raise DataError(f"{path} is missing: {missing_hint(self.task)}.")
         return json.loads(path.read_text())
 
     @property

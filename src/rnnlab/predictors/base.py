@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from rnnlab.data.base import missing_hint
 from rnnlab.errors import DataError
 
 
@@ -74,7 +75,7 @@ def require_columns(frame: pd.DataFrame, columns: list[str], example: str) -> No
 
 def missing_preprocessed(path: Path, task: str) -> DataError:
     """The error for a file preprocess should have written."""
-    return DataError(f"{path} is missing: run `dvc repro preprocess@{task}` (or `python -m rnnlab.preprocess task={task}`).")
+    return DataError(f"{path} is missing: {missing_hint(task)}.")
 
 
 def read_processed_json(processed_dir: Path, name: str, task: str, keys: Sequence[str] = ()) -> Any:
