@@ -180,16 +180,19 @@ def test_a_folder_no_run_marked_keeps_the_figures_and_checkpoints_a_run_would_cl
     assert not (paper / run_paths.MARKER).exists()
 
 
+# Each processed file a run reads: the tensors before training, metadata.json at set-up, splits.json after training
+# (the test examples' ids), so a late failure must leave nothing behind either.
+@pytest.mark.parametrize("name", ["train.pt", "metadata.json", "splits.json"])
 def test_processed_data_that_cannot_be_read_is_one_line_naming_the_file(
-    tiny_overrides: list[str], sentiment_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    name: str, tiny_overrides: list[str], sentiment_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     processed = tmp_path / "processed"  # not named after the task: the hint takes the task from the config
     shutil.copytree(sentiment_root / "data" / "processed" / "sentiment", processed)
-    (processed / "train.pt").write_bytes((processed / "train.pt").read_bytes()[:100])  # cut short, as by a full disk
+    (processed / name).write_bytes((processed / name).read_bytes()[:30])  # cut short, as by a full disk
     result = run_main(train_main, *tiny_overrides, f"paths.processed={processed}", run_dir=tmp_path / "hydra", capsys=capsys)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("rnnlab: error:")]
-    assert f"{processed / 'train.pt'} is not readable processed data" in line and "dvc repro -f preprocess@sentiment`" in line
+    assert f"{processed / name} is not readable processed data" in line and "dvc repro -f preprocess@sentiment`" in line
     assert not any((tmp_path / output).exists() for output in OUTPUTS)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rnnlab.data.base import SPLITS, missing_hint
-from rnnlab.errors import DataError
+from rnnlab.data.base import SPLITS, read_processed_json
 
 # Per baseline: its per-example test outputs (the columns of a network's) and its metrics, as every baseline returns them.
 Outputs = dict[str, tuple[pd.DataFrame, dict[str, Any]]]
@@ -19,10 +17,7 @@ Outputs = dict[str, tuple[pd.DataFrame, dict[str, Any]]]
 
 def split_ids(processed_dir: Path, limits: dict[str, int | None], task: str) -> dict[str, list[Any]]:
     """The example ids of each split as the networks read them: splits.json's order, cut at task.data.limit_<split>."""
-    path = processed_dir / "splits.json"
-    if not path.is_file():
-        raise DataError(f"{path} is missing: {missing_hint(task)}.")
-    splits = json.loads(path.read_text())
+    splits = read_processed_json(processed_dir, "splits.json", task, SPLITS)
     return {split: splits[split][: limits.get(split)] for split in SPLITS}
 
 

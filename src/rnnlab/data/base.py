@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +79,20 @@ def load_split(processed_dir: Path, split: str, task: str) -> dict[str, torch.Te
         raise DataError(f"{path} is not readable processed data ({reason[:100]}); {reprocess_hint(task)}.") from err
 
 
-def read_metadata(processed_dir: Path, task: str) -> dict[str, Any]:
-    path = Path(processed_dir) / "metadata.json"
+def read_processed_json(processed_dir: str | Path, name: str, task: str, keys: Sequence[str] = ()) -> Any:
+    """A JSON file preprocess wrote, with `keys` present (older preprocess outputs lack some); a missing, unreadable or
+    older file is a DataError naming the command that writes it again."""
+    path = Path(processed_dir) / name
     if not path.is_file():
         raise DataError(f"{path} is missing: {missing_hint(task)}.")
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (OSError, ValueError) as err:  # truncated or not JSON (a UnicodeDecodeError is a ValueError)
         raise DataError(f"{path} is not readable processed data ({err}); {reprocess_hint(task)}.") from None
+    missing = [key for key in keys if key not in content]
+    if missing:
+        raise DataError(f"{path} has no {missing}: it was written by an older preprocess; run `dvc repro preprocess@{task}` and retrain.")
+    return content
 
 
 class EpochShuffle(Sampler[int]):
@@ -143,7 +149,7 @@ class SplitTensorDataModule(L.LightningDataModule):
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return read_metadata(self.processed_dir, self.task)
+        return read_processed_json(self.processed_dir, "metadata.json", self.task)
 
     def transform(self, split: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook for load-time changes (e.g. truncation); identity by default."""

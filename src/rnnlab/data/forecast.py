@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from rnnlab import io
 from rnnlab.console import summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, missing_hint, read_csv, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, missing_hint, read_csv, read_processed_json, save_split
 from rnnlab.errors import ConfigError, DataError
 
 RAW_FILE = "series.csv"
@@ -388,14 +388,11 @@ def baseline_inputs(raw_dir: str | Path, processed_dir: str | Path, task: str | 
     over the fetched series): the cleaned target series, its Fourier regressors (None without), the end of the train
     rows, every test origin in order, the horizon and M4's period; rnnlab.baselines.forecast.baseline_forecasts' arguments.
     `task` names the stages to run in errors (by default the processed folder's name, as in the pipeline's layout)."""
-    metadata_path, splits_path = Path(processed_dir) / "metadata.json", Path(processed_dir) / "splits.json"
-    raw_path = Path(raw_dir) / RAW_FILE
-    for path, stage in ((raw_path, "fetch"), (metadata_path, "preprocess"), (splits_path, "preprocess")):
-        if not path.is_file():
-            raise DataError(f"{path} is missing: {missing_hint(task or Path(processed_dir).name, stage)}.")
-    meta, splits = json.loads(metadata_path.read_text()), json.loads(splits_path.read_text())
-    if "fill_missing" not in meta:
-        raise DataError(f"{metadata_path} was written by an older rnnlab: rerun the preprocess stage (`dvc repro`).")
+    raw_path, task = Path(raw_dir) / RAW_FILE, task or Path(processed_dir).name
+    if not raw_path.is_file():
+        raise DataError(f"{raw_path} is missing: {missing_hint(task, 'fetch')}.")
+    meta = read_processed_json(processed_dir, "metadata.json", task, ["columns", "fill_missing"])
+    splits = read_processed_json(processed_dir, "splits.json", task, ["test"])
     frame, _ = clean_values(read_series_csv(raw_path), meta["columns"], meta["fill_missing"], str(raw_path))
     rows = splits["test"]["rows"][1]  # the last row preprocess cut windows from
     if len(frame) != rows:

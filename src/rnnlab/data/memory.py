@@ -28,7 +28,7 @@ import torch
 
 from rnnlab import io
 from rnnlab.console import summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_metadata, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_processed_json, save_split
 from rnnlab.errors import DataError
 
 PROBLEMS = ("adding", "copy")
@@ -180,7 +180,7 @@ class MemoryDataModule(SplitTensorDataModule):
         if not is_int(lag) or lag <= 0:
             raise DataError(f"task.data.lag must be a positive whole number, got {lag!r}.")
         root, task = Path(processed_dir), kwargs.get("task") or Path(processed_dir).name
-        lags = read_metadata(root, task)["lags"]
+        lags = read_processed_json(root, "metadata.json", task, ["lags"])["lags"]
         if lag not in lags:
             raise DataError(
                 f"task.data.lag={lag} was not preprocessed: {root} holds the lags {', '.join(map(str, lags))}. Train one of "

@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 
 from rnnlab import io
 from rnnlab.console import progress, summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_csv, read_text, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_csv, read_processed_json, read_text, save_split
 from rnnlab.errors import DataError
 from rnnlab.vocab import PAD, PAD_ID, UNK, UNK_ID
 
@@ -211,7 +211,7 @@ class SentimentDataModule(SplitTensorDataModule):
 
     def test_units(self) -> pd.DataFrame:
         """Each test example is one review, its own group (its id in the fetched data)."""
-        ids = json.loads((self.processed_dir / "splits.json").read_text())["test"][: len(self.datasets["test"])]
+        ids = read_processed_json(self.processed_dir, "splits.json", self.task, ["test"])["test"][: len(self.datasets["test"])]
         return pd.DataFrame({"unit": ids, "group": ids})
 
     @property

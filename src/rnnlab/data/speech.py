@@ -35,7 +35,7 @@ from torchaudio.datasets import SPEECHCOMMANDS
 
 from rnnlab import io, streams
 from rnnlab.console import progress, summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_csv, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, read_csv, read_processed_json, save_split
 from rnnlab.errors import DataError
 
 SAMPLE_RATE = 16000  # every clip is one second at this rate
@@ -694,11 +694,8 @@ class SpeechDataModule(SplitTensorDataModule):
         """Each test example is one clip; its group is the unit the splits hold out, its voice or its speaker
         (metadata `held_out`; silence clips, cut from background noise, form one group)."""
         size = len(self.datasets["test"])
-        files = json.loads((self.processed_dir / "splits.json").read_text())["test"][:size]
-        path = self.processed_dir / "groups.json"
-        if not path.is_file():
-            raise DataError(f"{path} is missing (processed by an older rnnlab): run the preprocess stage again.")
-        groups = json.loads(path.read_text())["test"][:size]
+        files = read_processed_json(self.processed_dir, "splits.json", self.task, ["test"])["test"][:size]
+        groups = read_processed_json(self.processed_dir, "groups.json", self.task, ["test"])["test"][:size]
         return pd.DataFrame({"unit": files, "group": [group or "(silence)" for group in groups]})
 
     @property

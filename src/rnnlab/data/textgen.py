@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rnnlab import io, streams
 from rnnlab.console import summary
-from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, missing_hint, read_text, save_split
+from rnnlab.data.base import SPLITS, SplitTensorDataModule, load_split, read_processed_json, read_text, save_split
 from rnnlab.errors import DataError
 from rnnlab.vocab import PAD, UNK, UNK_ID
 
@@ -295,7 +295,7 @@ class TextStreamDataModule(SplitTensorDataModule):
         chunks = self.chunks["test"]
         n_chunks = len(self.test_dataloader())
         offsets = (torch.arange(n_chunks)[:, None] * self.seq_len + chunks.row_starts()[None, :]).flatten().numpy()
-        names = json.loads((self.processed_dir / "splits.json").read_text())["test"]
+        names = read_processed_json(self.processed_dir, "splits.json", self.task, ["test"])["test"]
         starts = self.metadata.get("work_starts")
         if starts is None:
             raise DataError(f"{self.processed_dir / 'metadata.json'} has no work_starts (an older rnnlab's): run preprocess again.")
@@ -304,10 +304,7 @@ class TextStreamDataModule(SplitTensorDataModule):
 
     @property
     def vocabulary(self) -> list[str]:
-        path = self.processed_dir / "vocab.json"
-        if not path.is_file():
-            raise DataError(f"{path} is missing: {missing_hint(self.task)}.")
-        return json.loads(path.read_text())
+        return read_processed_json(self.processed_dir, "vocab.json", self.task)
 
     @property
     def front_end_dims(self) -> dict[str, int]:

@@ -6,17 +6,13 @@ turns it into the InvalidRequest that `mlflow models serve` answers with 400.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from rnnlab.data.base import missing_hint
 from rnnlab.errors import DataError
 
 
@@ -71,23 +67,6 @@ def require_columns(frame: pd.DataFrame, columns: list[str], example: str) -> No
     missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise DataError(f"the input lacks the column(s) {missing} (it has {list(map(str, frame.columns))}); e.g. {example}.")
-
-
-def missing_preprocessed(path: Path, task: str) -> DataError:
-    """The error for a file preprocess should have written."""
-    return DataError(f"{path} is missing: {missing_hint(task)}.")
-
-
-def read_processed_json(processed_dir: Path, name: str, task: str, keys: Sequence[str] = ()) -> Any:
-    """A JSON file preprocess wrote, with `keys` present (older preprocess outputs lack some)."""
-    path = processed_dir / name
-    if not path.is_file():
-        raise missing_preprocessed(path, task)
-    content = json.loads(path.read_text())
-    missing = [key for key in keys if key not in content]
-    if missing:
-        raise DataError(f"{path} has no {missing}: it was written by an older preprocess; run `dvc repro preprocess@{task}` and retrain.")
-    return content
 
 
 def check_utf8(text: str, where: str, what: str) -> str:

@@ -12,9 +12,10 @@ import torch
 from omegaconf import DictConfig
 from pandas.tseries.frequencies import to_offset
 
+from rnnlab.data.base import read_processed_json
 from rnnlab.data.forecast import first_bad_row, fourier_at, read_series_csv, series_rows
 from rnnlab.errors import DataError
-from rnnlab.predictors.base import TaskPredictor, read_processed_json, require_columns
+from rnnlab.predictors.base import TaskPredictor, require_columns
 
 
 def periods_between(start: pd.Timestamp, end: pd.Timestamp, frequency: str) -> int | None:

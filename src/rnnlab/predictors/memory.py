@@ -12,10 +12,10 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from rnnlab.data.base import read_csv
+from rnnlab.data.base import read_csv, read_processed_json
 from rnnlab.data.memory import adding_inputs, copy_tokens
 from rnnlab.errors import DataError
-from rnnlab.predictors.base import TaskPredictor, read_processed_json, require_columns, text_rows
+from rnnlab.predictors.base import TaskPredictor, require_columns, text_rows
 
 
 def trained_lag(cfg: DictConfig, keys: list[str]) -> dict[str, Any]:

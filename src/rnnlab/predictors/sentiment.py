@@ -10,9 +10,10 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from rnnlab.data.base import read_processed_json
 from rnnlab.data.sentiment import encode, tokenize
 from rnnlab.errors import DataError
-from rnnlab.predictors.base import TaskPredictor, check_utf8, read_processed_json, require_columns, text_rows
+from rnnlab.predictors.base import TaskPredictor, check_utf8, require_columns, text_rows
 
 
 class ReviewPredictor(TaskPredictor):

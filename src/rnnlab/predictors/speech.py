@@ -11,9 +11,10 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from rnnlab.data.base import read_processed_json
 from rnnlab.data.speech import SAMPLE_RATE, fit_length, log_mel, read_wav
 from rnnlab.errors import DataError
-from rnnlab.predictors.base import TaskPredictor, read_processed_json, require_columns, text_rows
+from rnnlab.predictors.base import TaskPredictor, require_columns, text_rows
 
 WAV_FIX = "give a PCM WAV file of one spoken word (any rate and channels: it is resampled to 16 kHz mono), e.g. `ffmpeg -i in.m4a in.wav`"
 

@@ -9,9 +9,10 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from rnnlab.data.base import read_processed_json
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.models.language_model import check_sampling, encode_prompt, generate
-from rnnlab.predictors.base import TaskPredictor, check_utf8, read_processed_json, require_columns, text_rows
+from rnnlab.predictors.base import TaskPredictor, check_utf8, require_columns, text_rows
 from rnnlab.vocab import PAD, UNK
 
 
