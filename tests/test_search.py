@@ -234,6 +234,7 @@ def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(run_stud
     assert "hyperparameter search sentiment_gru" in output
     # The first trial runs the config's own values where the space holds them.
     defaults = {"optimizer.lr": 2e-3, "optimizer.weight_decay": 0.01, "model.encoder.num_layers": 1, "model.encoder.bidirectional": False}
+    defaults["scheduler"] = "cosine"  # a config group's composed option
     assert {key: trials[0].params[key] for key in defaults} == defaults
     # As in hydra-optuna-sweeper, a key the command line fixes (TINY's sizes) is not searched.
     for trial in trials:
@@ -268,8 +269,28 @@ def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(run_stud
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         tuned = compose(config_name="config", overrides=[f"hydra.searchpath=[file://{written.parents[1]}]", "experiment=test_tuned"])
     for key, value in best.params.items():
-        assert OmegaConf.select(tuned, key) == value
+        if key != "scheduler":  # a config group's option: the next test
+            assert OmegaConf.select(tuned, key) == value
     assert (tuned.task.name, tuned.model.name) == ("sentiment", "gru_tuned")
+
+
+def test_a_searched_config_group_is_a_defaults_list_option_of_the_tuned_config(run_study: Callable[..., Finished], tmp_path: Path) -> None:
+    # The learning-rate schedule's shape is a config group (conf/scheduler/), searched as any group is in Hydra: the
+    # tuned config must select the best trial's option in its defaults list, not overwrite the `scheduler` node.
+    result = run_study("sentiment", "hydra.sweeper.n_trials=2", "scheduler=choice(plateau,none)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = load(tmp_path, "sentiment_gru").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    best = max(trials, key=lambda t: t.value)
+    assert best.params["scheduler"] in {"plateau", "none"}  # cosine, the composed option, lies outside this space
+    written = tmp_path / "conf" / "experiment" / "sentiment_gru_tuned.yaml"
+    assert {"override /scheduler": best.params["scheduler"]} in yaml.safe_load(written.read_text())["defaults"]
+    written.rename(written.with_name("test_tuned.yaml"))
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        tuned = compose(config_name="config", overrides=[f"hydra.searchpath=[file://{written.parents[1]}]", "experiment=test_tuned"])
+        chosen = compose(config_name="config", overrides=[f"scheduler={best.params['scheduler']}"])
+    assert OmegaConf.to_container(tuned.scheduler) == OmegaConf.to_container(chosen.scheduler)
+    assert tuned.model.name == "gru_tuned"
 
 
 def test_a_two_objective_study_finds_the_front_of_validation_score_against_parameters(

@@ -205,11 +205,17 @@ def test_what_rnnlab_train_cannot_do_is_refused_in_one_line(tmp_path: Path, sett
 
 
 ConfigStore.instance().store(name="sweeper_semantics_app", node={"x": 0.0, "y": 0, "z": 0, "mode": "one"})
+# A config group of the app, `shape`, composed as steep: its option adds `k` to the objective.
+ConfigStore.instance().store(group="shape", name="flat", node={"k": 1})
+ConfigStore.instance().store(group="shape", name="steep", node={"k": 3})
+ConfigStore.instance().store(
+    name="sweeper_group_app", node={"defaults": ["_self_", {"shape": "steep"}], "x": 0.0, "y": 0, "z": 0, "mode": "one"}
+)
 
 
 def objective(cfg: DictConfig) -> Any:
     """The app's return value is the objective: one float, or two for two directions, or garbage."""
-    first = (cfg.x - 0.5) ** 2 + cfg.y + cfg.z
+    first = (cfg.x - 0.5) ** 2 + cfg.y + cfg.z + (cfg.shape.k if "shape" in cfg else 0)
     if cfg.mode == "two":
         return [first, cfg.x * 10]
     if cfg.mode == "bad":
@@ -222,7 +228,9 @@ def extend(config: DictConfig, trial: optuna.Trial) -> None:
     trial.suggest_int("z", 5, 7)
 
 
-def run_app(runner: TSweepRunner, tmp_path: Path, *overrides: str) -> tuple[optuna.Study, dict | None]:
+def run_app(
+    runner: TSweepRunner, tmp_path: Path, *overrides: str, config_name: str = "sweeper_semantics_app"
+) -> tuple[optuna.Study, dict | None]:
     storage = f"sqlite:///{tmp_path}/study.db"
     sweep_dir = tmp_path / "sweep"
     base = ["hydra/sweeper=rnnlab_optuna", f"hydra.sweeper.storage='{storage}'", "hydra.sweeper.study_name=app"]
@@ -231,7 +239,7 @@ def run_app(runner: TSweepRunner, tmp_path: Path, *overrides: str) -> tuple[optu
         calling_module=None,
         task_function=objective,
         config_path=None,
-        config_name="sweeper_semantics_app",
+        config_name=config_name,
         overrides=[*base, *overrides],
         temp_dir=sweep_dir,
     ):
@@ -261,6 +269,27 @@ def test_a_plain_hydra_app_gets_complete_trials_valued_by_what_it_returns(hydra_
     # Run again: hydra-optuna-sweeper's n_trials is what each run launches, into the same study.
     study, _ = run_app(hydra_sweep_runner, tmp_path, "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=2", "x=interval(0, 1)", "y=0")
     assert len(study.trials) == 7 and all(t.params.keys() == {"x"} for t in study.trials[5:])
+
+
+def test_a_config_group_is_searched_by_its_options_starting_from_the_composed_one(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:
+    study, results = run_app(
+        hydra_sweep_runner,
+        tmp_path,
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=0",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.enqueue_defaults=true",
+        "shape=choice(flat,steep)",
+        "x=interval(0, 1)",
+        config_name="sweeper_group_app",
+    )
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+    assert trials[0].params == {"shape": "steep", "x": 0.0}  # the composed option and value, first
+    assert {t.params["shape"] for t in trials} == {"flat", "steep"}
+    for trial in trials:  # each trial composed the option it drew: the app's objective counts its k
+        assert trial.value == pytest.approx((trial.params["x"] - 0.5) ** 2 + {"flat": 1, "steep": 3}[trial.params["shape"]])
+    assert results is not None and results["best_params"]["shape"] == "flat"
 
 
 def test_several_directions_take_one_returned_value_each(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:

@@ -161,8 +161,8 @@ def _add(override: Override, where: str, line: str, config: DictConfig, searched
         fixed[name] = line
         return
     add = override.is_add() or override.is_force_add()
-    # A config group (model=gru,lstm) is not a key of the composed config; Hydra checks it in the trial.
-    if not add and "/" not in name and not _is_key(config, name):
+    # A config group (model=gru,lstm) need not be a key of the composed config; Hydra checks its options in the trial.
+    if not add and "/" not in name and name not in group_choices(config) and not _is_key(config, name):
         raise ConfigError(f"{where}: `{name}` is not a key of the config; check its spelling, or write `+{name}` to add a new key.")
     fixed.pop(name, None)
     searched[name] = Param(name, distribution_of(override, where), add)
@@ -232,10 +232,19 @@ def distribution_of(override: Override, where: str = "") -> BaseDistribution:
     raise ConfigError(f"{where} is a sweep the Optuna sweeper cannot search; {SYNTAX_HELP}.")
 
 
+def group_choices(config: DictConfig) -> dict[str, Any]:
+    """The option of each config group the run composed (hydra.runtime.choices, e.g. scheduler: cosine); empty for a
+    config composed without Hydra's own node."""
+    choices = OmegaConf.select(config, "hydra.runtime.choices", default=None)
+    return dict(choices) if choices is not None else {}
+
+
 def default_params(space: Space, config: DictConfig) -> dict[str, Any]:
-    """The config's own values of the searched keys that lie in the space: enqueued as the first
-    trial (enqueue_defaults), so that a search starts from the default and its best is never worse on validation."""
-    values = {param.name: OmegaConf.select(config, param.name, default=None) for param in space.params}
+    """The config's own values of the searched keys that lie in the space (a searched config group's: the option it
+    composed): enqueued as the first trial (enqueue_defaults), so that a search starts from the default and its best is
+    never worse on validation."""
+    groups = group_choices(config)
+    values = {p.name: groups[p.name] if p.name in groups else OmegaConf.select(config, p.name, default=None) for p in space.params}
     return {param.name: values[param.name] for param in space.params if _in_space(param.distribution, values[param.name])}
 
 
@@ -770,7 +779,12 @@ class Search:
         """conf/experiment/<task>_<model>_tuned.yaml: the default config with the best trial's searched values."""
         task, model = self.config.task.name, self.config.model.name
         path = Path(self.config.search.experiment_file)
-        values = OmegaConf.from_dotlist([Param(k, CategoricalDistribution([v])).override(v) for k, v in best.params.items()])
+        # A searched config group (scheduler: choice(cosine, plateau)) is an option of the defaults list, not a value.
+        groups = group_choices(self.config)
+        chosen = {key: value for key, value in best.params.items() if key in groups}
+        values = OmegaConf.from_dotlist(
+            [Param(k, CategoricalDistribution([v])).override(v) for k, v in best.params.items() if k not in chosen]
+        )
         values.model = OmegaConf.merge(values.get("model", {}), {"name": f"{model}_tuned"})
         header = (
             "# @package _global_\n"
@@ -779,7 +793,8 @@ class Search:
             f"# Train it with: python -m rnnlab.train experiment={path.stem}\n"
             "# The search's fixed overrides (shorter budgets, say) are not part of it.\n"
         )
-        defaults = OmegaConf.create({"defaults": [{"override /task": task}, {"override /model": model}]})
+        overrides = {"task": task, "model": model, **chosen}
+        defaults = OmegaConf.create({"defaults": [{f"override /{group}": option} for group, option in overrides.items()]})
         io.write_text(path, header + OmegaConf.to_yaml(defaults) + OmegaConf.to_yaml(values))
         return path
 
