@@ -602,7 +602,10 @@ def test_seeds_filter(store: Path, tmp_path: Path) -> None:
     both = (NO_ALIAS, FEW_RESAMPLES, f"models_from={params}", "seeds=[1]", "tasks=[sentiment,textgen]")
     only_tuned = compare(compose_compare(*store_overrides(store, tmp_path / "only_tuned"), *both))
     assert list(only_tuned["tasks"]["sentiment"]["models"]) == ["gru_tuned"] and list(only_tuned["tasks"]["textgen"]["models"]) == ["gru"]
-    # Tuned models train over more_seeds too (the store's tuned runs have seed 1 only, so this is read, not compared).
+    # The tuned models of more_seeds_tuned train over more_seeds too (the store's tuned runs have seed 1 only, so this is
+    # read, not compared); those of another tuned task over `seeds` alone.
+    assert requested_seeds(compose_compare(f"seeds_from={params}"), ["sentiment", "textgen"]) == {"sentiment": [1], "textgen": [1]}
+    params.write_text(params.read_text() + "more_seeds_tuned: [sentiment]\n")
     assert requested_seeds(compose_compare(f"seeds_from={params}"), ["sentiment", "textgen"]) == {"sentiment": [1, 2], "textgen": [1]}
     params.write_text("models: [gru, lstm_scratch]\ntuned: []\ndefault_tasks: [sentiment]\n")
     produce = r"Produce them with `dvc repro`, or `python -m rnnlab.train task=sentiment model=lstm_scratch profile=default`"

@@ -352,26 +352,40 @@ def test_studied_reports_every_tuned_task_and_only_tasks_whose_every_model_has_a
             r"more_seeds_tasks in .*params.yaml must list tasks of `default_tasks`, e.g. \[speech\]; got \['sentiment'\]",
         ),
         (
-            "more_seeds: [2]\nmore_seeds_tasks: [speech]",
-            r"tuned in .*params.yaml lists sentiment, which more_seeds_tasks lacks: .*add it to more_seeds_tasks, or set more_seeds: \[\]",
+            "more_seeds: [2]\nmore_seeds_tuned: [speech]",
+            r"more_seeds_tuned in .*params.yaml must list tasks of `tuned`, e.g. \[speech\]; got \['speech'\]",
+        ),
+        (
+            "more_seeds: [2]\nmore_seeds_tasks: [speech]\nmore_seeds_tuned: [sentiment]",
+            r"sentiment in .*params.yaml trains default and tuned models, but only one of more_seeds_tasks and more_seeds_tuned "
+            r"lists it, .*list it in both, or in neither \(or set more_seeds: \[\]\)",
+        ),
+        (
+            "more_seeds: [2]\nmore_seeds_tasks: [sentiment, speech]",
+            r"sentiment in .*params.yaml trains default and tuned models, but only one of more_seeds_tasks and more_seeds_tuned",
         ),
     ],
 )
-def test_more_seeds_for_tasks_the_pipeline_does_not_train_or_whose_tuned_runs_would_lack_defaults_are_refused(
+def test_more_seeds_for_tasks_the_pipeline_does_not_train_or_for_one_kind_of_a_tasks_models_are_refused(
     tmp_path: Path, more: str, message: str
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         Project(tmp_path, PIPELINE + more).resolve()
 
 
-def test_more_seeds_for_every_tuned_task_or_none_at_all_resolve(tmp_path: Path) -> None:
-    for more in ("more_seeds: [2]\nmore_seeds_tasks: [sentiment, speech]", "more_seeds: []\nmore_seeds_tasks: [speech]"):
+def test_more_seeds_for_both_kinds_of_a_tasks_models_or_neither_or_none_at_all_resolve(tmp_path: Path) -> None:
+    for more in (
+        "more_seeds: [2]\nmore_seeds_tasks: [sentiment, speech]\nmore_seeds_tuned: [sentiment]",
+        "more_seeds: [2]\nmore_seeds_tasks: [speech]",  # sentiment's default and tuned models: five seeds alike
+        "more_seeds: []\nmore_seeds_tasks: [speech]\nmore_seeds_tuned: [sentiment]",
+    ):
         files = Project(tmp_path / str(len(more)), SMALL_PIPELINE + more).resolve()
         assert {"sentiment/gru_tuned.yaml", "speech/gru.yaml"} <= set(files)
-    # A tuned task without default models needs no more_seeds_tasks entry: its tuned models get more_seeds alone.
-    tuned_only = SMALL_PIPELINE + "more_seeds: [2]\nmore_seeds_tasks: [speech]\n" + SMALL_TUNED_ONLY
-    files = Project(tmp_path / "tuned_only", tuned_only).resolve()
-    assert "sentiment/gru_tuned.yaml" in files and "sentiment/gru.yaml" not in files
+    # A tuned task without default models may have more seeds or not: no default models to pair with.
+    for more_tuned in ("[sentiment]", "[]"):
+        tuned_only = SMALL_PIPELINE + f"more_seeds: [2]\nmore_seeds_tasks: [speech]\nmore_seeds_tuned: {more_tuned}\n" + SMALL_TUNED_ONLY
+        files = Project(tmp_path / f"tuned_only{len(more_tuned)}", tuned_only).resolve()
+        assert "sentiment/gru_tuned.yaml" in files and "sentiment/gru.yaml" not in files
 
 
 def test_default_tasks_choose_which_tasks_train_their_default_models(tmp_path: Path) -> None:

@@ -129,7 +129,7 @@ TaskSeeds = dict[str, list[int]] | None
 
 def requested_seeds(cfg: DictConfig, tasks: list[str]) -> TaskSeeds:
     """Per task, `seeds`; or from the YAML file `seeds_from` (the DVC stage passes params.yaml: DVC cannot put a list
-    into a command line) its `seeds`, and for the tasks of its `more_seeds_tasks` and `tuned` its `more_seeds` too."""
+    into a command line) its `seeds`, and for the tasks of its `more_seeds_tasks` and `more_seeds_tuned` its `more_seeds` too."""
     if cfg.seeds_from is None:
         seeds = check_seeds(cfg.seeds)
         return None if seeds is None else {task: seeds for task in tasks}
@@ -140,7 +140,7 @@ def requested_seeds(cfg: DictConfig, tasks: list[str]) -> TaskSeeds:
         raise ConfigError(f"seeds_from={cfg.seeds_from}: it has no top-level `seeds` list, e.g. `seeds: [42, 43, 44]`.")
     seeds = check_seeds(params.seeds, f"seeds in {cfg.seeds_from}")
     more = check_seeds(params.get("more_seeds") or None, f"more_seeds in {cfg.seeds_from}", "no more seeds") or []
-    more_tasks = [*_task_list(params, "more_seeds_tasks", cfg.seeds_from), *_task_list(params, "tuned", cfg.seeds_from)]
+    more_tasks = [*_task_list(params, "more_seeds_tasks", cfg.seeds_from), *_task_list(params, "more_seeds_tuned", cfg.seeds_from)]
     return {task: sorted(set(seeds) | set(more)) if task in more_tasks else seeds for task in tasks}
 
 

@@ -387,18 +387,23 @@ def _check_default_tasks(params: dict[str, Any], path: Path) -> None:
 
 
 def _check_more_seeds(params: dict[str, Any], path: Path) -> None:
-    """`more_seeds` trains the default models of the tasks of `more_seeds_tasks` over more seeds (pipelines/train/dvc.yaml's train_more),
-    and the tuned models of every task of `tuned` (train_tuned_more): a task with both whose default models lack
-    more_seeds would get tuned runs of seeds that its default models lack."""
-    more_seeds, more_tasks = params.get("more_seeds") or [], params.get("more_seeds_tasks") or []
+    """`more_seeds` trains the default models of the tasks of `more_seeds_tasks` over more seeds (pipelines/train/dvc.yaml's
+    train_more), and the tuned models of the tasks of `more_seeds_tuned` (train_tuned_more): a task with both default and
+    tuned models must be in both lists or in neither, or one kind would have seeds the other lacks and compare could not
+    pair them."""
+    more_seeds = params.get("more_seeds") or []
+    more_tasks, more_tuned = params.get("more_seeds_tasks") or [], params.get("more_seeds_tuned") or []
     if not isinstance(more_tasks, list) or not set(more_tasks) <= set(params["default_tasks"]):
         raise ConfigError(f"more_seeds_tasks in {path} must list tasks of `default_tasks`, e.g. [speech]; got {more_tasks}.")
-    outside = [task for task in params["tuned"] if task in params["default_tasks"] and task not in more_tasks]
-    if more_seeds and outside:
+    if not isinstance(more_tuned, list) or not set(more_tuned) <= set(params["tuned"]):
+        raise ConfigError(f"more_seeds_tuned in {path} must list tasks of `tuned`, e.g. [speech]; got {more_tuned}.")
+    uneven = [task for task in params["tuned"] if task in params["default_tasks"] and (task in more_tasks) != (task in more_tuned)]
+    if more_seeds and uneven:
         raise ConfigError(
-            f"tuned in {path} lists {', '.join(outside)}, which more_seeds_tasks lacks: tuned models train over more_seeds "
-            "too, so their task's default models must; add it to more_seeds_tasks, or set more_seeds: []."
+            f"{', '.join(uneven)} in {path} trains default and tuned models, but only one of more_seeds_tasks and more_seeds_tuned "
+            "lists it, so one kind would lack seeds of more_seeds: list it in both, or in neither (or set more_seeds: [])."
         )
+    params["more_seeds_tasks"], params["more_seeds_tuned"] = more_tasks, more_tuned
 
 
 def _without_paths(cfg: DictConfig) -> dict[str, Any]:
