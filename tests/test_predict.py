@@ -4,6 +4,7 @@ answered with a one-line message and exit code 2."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
 # Session fixtures: tiny trained runs whose serving pyfunc is the champion (built once, shared with test_serving).
 from test_serving import Champion, sentiment_champion, textgen_champion  # noqa: F401
@@ -125,6 +127,20 @@ def test_an_input_of_the_wrong_type_is_a_one_line_error(sentiment_champion: Cham
     assert code == 2 and out == ""
     assert err.startswith("rnnlab: error: models:/rnnlab-sentiment-gru@champion refuses the input: "), err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_without_a_default_gru_predict_answers_with_the_tuned_one(sentiment_champion: Champion, capsys, tmp_path: Path) -> None:  # noqa: F811
+    """A task the pipeline tunes registers gru_tuned and no gru: the default model follows (in a copy of the store)."""
+    store = tmp_path / "mlflow.db"
+    shutil.copy(sentiment_champion.uri.removeprefix("sqlite:///"), store)
+    client = MlflowClient(f"sqlite:///{store}")
+    source = f"models:/{sentiment_champion.registered_model}/{sentiment_champion.version}"
+    tuned = client.copy_model_version(source, "rnnlab-sentiment-gru_tuned")
+    client.set_registered_model_alias("rnnlab-sentiment-gru_tuned", "champion", tuned.version)
+    client.delete_registered_model(sentiment_champion.registered_model)
+    code, out, err = run_main(capsys, "sentiment", "great film", "--tracking-uri", f"sqlite:///{store}")
+    assert code == 0, err
+    assert out.startswith(("positive", "negative")) and "rnnlab-sentiment-gru_tuned v1" in err
 
 
 def test_by_default_predict_reads_the_projects_store() -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -73,6 +74,7 @@ STUDY_SPACE = {
     "trainer.max_epochs",
     "task.data.batch_size",
 }
+SHAPE_KEYS = {"model.encoder.hidden_size", "model.encoder.num_layers", "model.encoder.bidirectional"}
 
 
 @pytest.mark.parametrize("task", TASK_SEARCHES)
@@ -87,9 +89,15 @@ def test_every_cell_of_a_task_gets_the_same_study(task: str) -> None:
         assert cfg.search.direction == {"max": "maximize", "min": "minimize"}[cfg.task.monitor_mode]
         space = {p.name: p.distribution for p in parse_search_space(cfg.hydra.sweeper.params, cfg).params}
         # A language model cannot read both ways (language_model.py refuses it): textgen's space leaves direction out.
-        assert set(space) >= STUDY_SPACE - ({"model.encoder.bidirectional"} if task == "textgen" else set())
+        # Sentiment searches whole encoder shapes of similar cost (conf/encoder_shape/) in place of width, depth and direction.
+        shapes = "encoder_shape" in space
+        expected = STUDY_SPACE - (SHAPE_KEYS if shapes else set()) - ({"model.encoder.bidirectional"} if task == "textgen" else set())
+        assert set(space) >= expected
         assert task != "textgen" or "model.encoder.bidirectional" not in space
-        assert space["model.encoder.num_layers"] == IntDistribution(1, 2)  # 1 or 2 layers: the stop is included
+        if shapes:
+            assert not SHAPE_KEYS & set(space)  # a shape's width is not searched a second time
+        else:
+            assert space["model.encoder.num_layers"] == IntDistribution(1, 2)  # 1 or 2 layers: the stop is included
         pruner = OmegaConf.to_container(cfg.search.pruner, resolve=True)
         assert pruner["_target_"] == "optuna.pruners.HyperbandPruner"
         assert pruner["max_resource"] == max(space["trainer.max_epochs"].choices)
@@ -112,11 +120,35 @@ def test_the_forecast_study_searches_any_series() -> None:
 
 def test_a_null_entry_drops_a_key_from_the_space_it_extends(compose_cfg: Callable[..., DictConfig]) -> None:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hparams_search=sentiment_cpu"], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=["hparams_search=sentiment"], return_hydra_config=True)
     searched = {p.name: p.distribution for p in parse_search_space(cfg.hydra.sweeper.params, cfg).params}
-    assert not {"model.encoder.num_layers", "model.encoder.bidirectional", "trainer.max_epochs"} & set(searched)
-    assert searched["model.encoder.hidden_size"] == CategoricalDistribution([96, 128, 160])
+    assert not SHAPE_KEYS & set(searched)  # base's width, depth and direction, dropped for encoder_shape
+    assert searched["encoder_shape"] == CategoricalDistribution(["1x128", "1x64", "2x64", "1x64_bidirectional"])
     assert searched["optimizer.lr"] == FloatDistribution(3e-4, 1e-2, log=True)  # inherited from base
+
+
+# The default run each capped study must not exceed per run (conf/hparams_search/sentiment.yaml, textgen.yaml), and the
+# shapes measured at 0.90-1.11x the default's 1x128 epoch (docs/search.md).
+CAPPED_SHAPES = {"1x128", "1x64", "2x64", "1x64_bidirectional"}
+
+
+@pytest.mark.parametrize("task", ["sentiment", "textgen"])
+def test_a_capped_study_tries_nothing_costlier_than_the_default_run(task: str) -> None:
+    """make run trains the tuned sentiment and textgen cells over five seeds in the time of their defaults: no epoch budget
+    above the default's, no batch below it, no wider or deeper encoder, no shape outside the measured ones."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hparams_search={task}"], return_hydra_config=True)
+        default = compose(config_name="config", overrides=[f"task={task}"])
+    space = {p.name: p.distribution for p in parse_search_space(cfg.hydra.sweeper.params, cfg).params}
+    assert max(space["trainer.max_epochs"].choices) == default.trainer.max_epochs == cfg.search.max_epochs
+    assert min(space["task.data.batch_size"].choices) == default.task.data.batch_size
+    assert max(space["task.front_end.embedding_dim"].choices) == default.task.front_end.embedding_dim
+    if task == "sentiment":
+        assert set(space["encoder_shape"].choices) == CAPPED_SHAPES
+    else:
+        assert max(space["model.encoder.hidden_size"].choices) == default.model.encoder.hidden_size
+        assert space["model.encoder.num_layers"].high == default.model.encoder.num_layers
+        assert max(space["task.data.seq_len"].choices) == default.task.data.seq_len
 
 
 @pytest.mark.parametrize(
@@ -233,8 +265,8 @@ def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(run_stud
     best = max(trials, key=lambda t: t.value)
     assert "hyperparameter search sentiment_gru" in output
     # The first trial runs the config's own values where the space holds them.
-    defaults = {"optimizer.lr": 2e-3, "optimizer.weight_decay": 0.01, "model.encoder.num_layers": 1, "model.encoder.bidirectional": False}
-    defaults["scheduler"] = "cosine"  # a config group's composed option
+    defaults = {"optimizer.lr": 2e-3, "optimizer.weight_decay": 0.01, "model.encoder.dropout": 0.0}
+    defaults |= {"scheduler": "cosine", "encoder_shape": "1x128"}  # config groups' composed options
     assert {key: trials[0].params[key] for key in defaults} == defaults
     # As in hydra-optuna-sweeper, a key the command line fixes (TINY's sizes) is not searched.
     for trial in trials:
@@ -269,27 +301,42 @@ def test_a_study_runs_its_trials_tracks_them_and_writes_the_best_config(run_stud
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         tuned = compose(config_name="config", overrides=[f"hydra.searchpath=[file://{written.parents[1]}]", "experiment=test_tuned"])
     for key, value in best.params.items():
-        if key != "scheduler":  # a config group's option: the next test
+        if key not in ("scheduler", "encoder_shape"):  # config groups' options: the next test
             assert OmegaConf.select(tuned, key) == value
     assert (tuned.task.name, tuned.model.name) == ("sentiment", "gru_tuned")
 
 
-def test_a_searched_config_group_is_a_defaults_list_option_of_the_tuned_config(run_study: Callable[..., Finished], tmp_path: Path) -> None:
-    # The learning-rate schedule's shape is a config group (conf/scheduler/), searched as any group is in Hydra: the
-    # tuned config must select the best trial's option in its defaults list, not overwrite the `scheduler` node.
-    result = run_study("sentiment", "hydra.sweeper.n_trials=2", "scheduler=choice(plateau,none)")
+@pytest.mark.parametrize(
+    ("group", "options", "keys"),
+    [
+        ("scheduler", ("plateau", "none"), ["scheduler"]),
+        # A group whose package is another node (model.encoder) and not a key of the config of its own.
+        ("encoder_shape", ("2x64", "1x64_bidirectional"), sorted(SHAPE_KEYS)),
+    ],
+)
+def test_a_searched_config_group_is_a_defaults_list_option_of_the_tuned_config(
+    run_study: Callable[..., Finished], tmp_path: Path, group: str, options: tuple[str, str], keys: list[str]
+) -> None:
+    # The learning-rate schedule and the encoder's shape are config groups (conf/scheduler/, conf/encoder_shape/),
+    # searched as any group is in Hydra: the tuned config must select the best trial's option in its defaults list, not
+    # overwrite the node the group fills.
+    result = run_study("sentiment", "hydra.sweeper.n_trials=2", f"{group}=choice({','.join(options)})")
     assert result.returncode == 0, result.stderr[-3000:]
     trials = load(tmp_path, "sentiment_gru").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     best = max(trials, key=lambda t: t.value)
-    assert best.params["scheduler"] in {"plateau", "none"}  # cosine, the composed option, lies outside this space
+    assert best.params[group] in options  # the composed option (cosine, 1x128) lies outside this space
     written = tmp_path / "conf" / "experiment" / "sentiment_gru_tuned.yaml"
-    assert {"override /scheduler": best.params["scheduler"]} in yaml.safe_load(written.read_text())["defaults"]
+    assert {f"override /{group}": best.params[group]} in yaml.safe_load(written.read_text())["defaults"]
     written.rename(written.with_name("test_tuned.yaml"))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         tuned = compose(config_name="config", overrides=[f"hydra.searchpath=[file://{written.parents[1]}]", "experiment=test_tuned"])
-        chosen = compose(config_name="config", overrides=[f"scheduler={best.params['scheduler']}"])
-    assert OmegaConf.to_container(tuned.scheduler) == OmegaConf.to_container(chosen.scheduler)
+        chosen = compose(config_name="config", overrides=[f"{group}={best.params[group]}"])
+
+    def values(cfg: DictConfig) -> dict[str, Any]:
+        return {key: OmegaConf.to_object(value) if isinstance(value := OmegaConf.select(cfg, key), DictConfig) else value for key in keys}
+
+    assert values(tuned) == values(chosen)
     assert tuned.model.name == "gru_tuned"
 
 

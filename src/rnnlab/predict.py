@@ -5,10 +5,11 @@
     rnnlab-predict forecast recent.csv
     rnnlab-predict textgen "ROMEO:" --length 200 --temperature 0.8 --seed 1
 
-loads `models:/rnnlab-<task>-<model>@<alias>` (default: the GRU's champion, which `python -m rnnlab.compare`
-sets) as an MLflow pyfunc from the project's store and prints its predictions, then a summary table.
-The model brings its own task predictor (rnnlab.serving.RnnlabModel), which reads the input, so nothing
-here depends on the task. Arguments are options, not Hydra overrides: a review or a prompt is free text.
+loads `models:/rnnlab-<task>-<model>@<alias>` (default: the GRU's champion, which `python -m rnnlab.compare` sets;
+the tuned GRU's on a task whose registry holds no default GRU) as an MLflow pyfunc from the project's store and prints
+its predictions, then a summary table. The model brings its own task predictor (rnnlab.serving.RnnlabModel), which
+reads the input, so nothing here depends on the task. Arguments are options, not Hydra overrides: a review or a prompt
+is free text.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("task", choices=tasks(), help="the task the model was trained for")
     parser.add_argument("input", help="sentiment: a review text; speech: a WAV file; forecast: a CSV of recent values; textgen: a prompt")
-    parser.add_argument("--model", default="gru", help="the recurrent model (default: gru)")
+    parser.add_argument(
+        "--model", help="the recurrent model (default: gru, or gru_tuned on a task whose registry holds only the tuned GRU)"
+    )
     parser.add_argument("--alias", default="champion", help="the registered model's alias (default: champion)")
     parser.add_argument("--model-uri", help="any MLflow model URI, e.g. models:/rnnlab-sentiment-lstm/3 (overrides --model, --alias)")
     parser.add_argument("--tracking-uri", help="the MLflow store (default: the project's, as training uses it)")
@@ -61,6 +64,21 @@ def project_tracking_uri(task: str) -> str:
     """The store training writes to: `tracking.uri` of the project's composed config."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return str(compose(config_name="config", overrides=[f"task={task}"]).tracking.uri)
+
+
+def default_model(tracking_uri: str, task: str) -> str:
+    """gru, or gru_tuned where the registry holds a tuned GRU of the task and no default one: the pipeline trains only the
+    tuned cells of the tasks of params.yaml's `tuned`."""
+    client = MlflowClient(tracking_uri)
+
+    def registered(model: str) -> bool:
+        try:
+            client.get_registered_model(f"rnnlab-{task}-{model}")
+        except MlflowException:
+            return False
+        return True
+
+    return "gru_tuned" if not registered("gru") and registered("gru_tuned") else "gru"
 
 
 def registered_version(tracking_uri: str, model_uri: str) -> str:
@@ -101,7 +119,7 @@ def check_store(tracking_uri: str, task: str) -> None:
 def predict(args: argparse.Namespace) -> None:
     tracking_uri = args.tracking_uri or project_tracking_uri(args.task)
     check_store(tracking_uri, args.task)
-    model_uri = args.model_uri or f"models:/rnnlab-{args.task}-{args.model}@{args.alias}"
+    model_uri = args.model_uri or f"models:/rnnlab-{args.task}-{args.model or default_model(tracking_uri, args.task)}@{args.alias}"
     params: dict[str, Any] = {name: getattr(args, name) for name in PARAM_OPTIONS if getattr(args, name) is not None}
     model, served = load_served(model_uri, tracking_uri)
     if served.task != args.task:

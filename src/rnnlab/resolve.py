@@ -344,21 +344,22 @@ def pipeline_params(path: Path) -> dict[str, Any]:
     missing = [key for key in ("profile", "tasks", "models", "single_seed_models", "tuned") if key not in params]
     if missing:
         raise ConfigError(f"{path} lacks {', '.join(missing)}: restore them from git (git checkout -- params.yaml).")
-    params["tuned"] = params["tuned"] or []
-    if not isinstance(params["tuned"], list) or not set(params["tuned"]) <= set(params["tasks"]):
-        raise ConfigError(
-            f"tuned in {path} must list tasks of `tasks` whose every model has a tuned configuration, e.g. [forecast]; "
-            f"got {params['tuned']}."
-        )
+    params["tuned"] = _task_list(params, "tuned", "tasks", path, "[forecast]", " whose every model has a tuned configuration")
     _check_default_tasks(params, path)
     _check_more_seeds(params, path)
     _check_studied(params, path)
-    params["baseline_tasks"] = params.get("baseline_tasks") or []
-    if not isinstance(params["baseline_tasks"], list) or not set(params["baseline_tasks"]) <= set(params["tasks"]):
-        raise ConfigError(f"baseline_tasks in {path} must list tasks of `tasks`, e.g. [sentiment]; got {params['baseline_tasks']!r}.")
+    params["baseline_tasks"] = _task_list(params, "baseline_tasks", "tasks", path, "[sentiment]")
     params.setdefault("memory_tasks", [])
     params.setdefault("memory_lags", [])
     return params
+
+
+def _task_list(params: dict[str, Any], key: str, within: str, path: Path, example: str, which: str = "") -> list[str]:
+    """params[key] (none if absent or null), refused unless it lists tasks of params[within]."""
+    tasks = params.get(key) or []
+    if not isinstance(tasks, list) or not set(tasks) <= set(params[within]):
+        raise ConfigError(f"{key} in {path} must list tasks of `{within}`{which}, e.g. {example}; got {tasks!r}.")
+    return tasks
 
 
 def _check_studied(params: dict[str, Any], path: Path) -> None:
@@ -374,9 +375,8 @@ def _check_studied(params: dict[str, Any], path: Path) -> None:
 def _check_default_tasks(params: dict[str, Any], path: Path) -> None:
     """`default_tasks` (every task of `tasks` if absent) train their models' default configurations (pipelines/train/dvc.yaml's
     train and train_single_seed), the tasks of `tuned` their tuned ones; a task in neither would be fetched for nothing."""
-    default_tasks = params.get("default_tasks", params["tasks"]) or []
-    if not isinstance(default_tasks, list) or not set(default_tasks) <= set(params["tasks"]):
-        raise ConfigError(f"default_tasks in {path} must list tasks of `tasks`, e.g. [sentiment, speech]; got {default_tasks}.")
+    params.setdefault("default_tasks", params["tasks"])
+    default_tasks = _task_list(params, "default_tasks", "tasks", path, "[sentiment, speech]")
     untrained = [task for task in params["tasks"] if task not in default_tasks and task not in params["tuned"]]
     if untrained:
         raise ConfigError(
@@ -392,11 +392,8 @@ def _check_more_seeds(params: dict[str, Any], path: Path) -> None:
     tuned models must be in both lists or in neither, or one kind would have seeds the other lacks and compare could not
     pair them."""
     more_seeds = params.get("more_seeds") or []
-    more_tasks, more_tuned = params.get("more_seeds_tasks") or [], params.get("more_seeds_tuned") or []
-    if not isinstance(more_tasks, list) or not set(more_tasks) <= set(params["default_tasks"]):
-        raise ConfigError(f"more_seeds_tasks in {path} must list tasks of `default_tasks`, e.g. [speech]; got {more_tasks}.")
-    if not isinstance(more_tuned, list) or not set(more_tuned) <= set(params["tuned"]):
-        raise ConfigError(f"more_seeds_tuned in {path} must list tasks of `tuned`, e.g. [speech]; got {more_tuned}.")
+    more_tasks = _task_list(params, "more_seeds_tasks", "default_tasks", path, "[speech]")
+    more_tuned = _task_list(params, "more_seeds_tuned", "tuned", path, "[speech]")
     uneven = [task for task in params["tuned"] if task in params["default_tasks"] and (task in more_tasks) != (task in more_tuned)]
     if more_seeds and uneven:
         raise ConfigError(

@@ -161,8 +161,9 @@ def _add(override: Override, where: str, line: str, config: DictConfig, searched
         fixed[name] = line
         return
     add = override.is_add() or override.is_force_add()
-    # A config group (model=gru,lstm) is not a key of the composed config; Hydra checks it in the trial.
-    if not add and "/" not in name and not _is_key(config, name):
+    # A config group (model=gru,lstm; encoder_shape, whose package is model.encoder) need not be a key of the composed
+    # config; Hydra checks its options in the trial.
+    if not add and "/" not in name and name not in group_choices(config) and not _is_key(config, name):
         raise ConfigError(f"{where}: `{name}` is not a key of the config; check its spelling, or write `+{name}` to add a new key.")
     fixed.pop(name, None)
     searched[name] = Param(name, distribution_of(override, where), add)
