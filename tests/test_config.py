@@ -38,10 +38,10 @@ def test_smoke_profile_shrinks_the_run(compose_cfg) -> None:
     assert smoke.model.encoder.hidden_size < default.model.encoder.hidden_size
 
 
-@pytest.mark.parametrize("experiment", ["forecast_rnn_tuned", "speech_lstm_tuned", "textgen_lstm_tuned"])
+@pytest.mark.parametrize("experiment", ["forecast_rnn_tuned", "speech_lstm_tuned", "uncapped/textgen_lstm_tuned"])
 def test_smoke_and_quick_profiles_shrink_a_tuned_cell_too(compose_cfg, experiment: str) -> None:
     """A saved configuration sets its own epochs and width; the smoke and quick budgets still bound them."""
-    task = experiment.split("_")[0]
+    task = experiment.split("/")[-1].split("_")[0]
     default, quick, smoke = (compose_cfg(f"experiment={experiment}", f"profile={p}") for p in ("default", "quick", "smoke"))
     untuned_quick = compose_cfg(f"task={task}", "profile=quick")
     assert smoke.trainer.max_epochs == 1 and smoke.model.encoder.hidden_size == 16
