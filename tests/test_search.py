@@ -128,7 +128,7 @@ def test_a_null_entry_drops_a_key_from_the_space_it_extends(compose_cfg: Callabl
 
 
 # The default run each capped study must not exceed per run (conf/hparams_search/sentiment.yaml, textgen.yaml), and the
-# shapes measured at 0.90-1.11x the default's 1x128 epoch (docs/search.md).
+# shapes measured at 0.63-1.12x the default's 1x128 epoch (docs/search.md).
 CAPPED_SHAPES = {"1x128", "1x64", "2x64", "1x64_bidirectional"}
 
 
