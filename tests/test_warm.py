@@ -81,6 +81,28 @@ def test_a_signal_to_the_client_reaches_the_run(tmp_path: Path, signum: int) -> 
         assert run.returncode == -signal.SIGINT  # killed by the signal, as the module was: the client ends the same way
 
 
+def test_a_signal_that_reaches_the_client_before_the_childs_pid_is_forwarded_once_the_pid_arrives(tmp_path: Path) -> None:
+    # The server's child runs as soon as it is forked, so a stage's SIGTERM can reach the client before the child's pid
+    # does (seen once in CI under load: the client died of the signal, the run's own handler never ran). Here the
+    # signal comes in exactly that window: the server's answer is replaced by one that signals the client first.
+    script = """
+import os, signal, socket, subprocess, sys
+from rnnlab import warm
+handler = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); print(flush=True); time.sleep(60)"
+child = subprocess.Popen([sys.executable, "-c", handler], stdout=subprocess.PIPE)
+child.stdout.readline()  # its handler is set
+answers = iter([
+    lambda: (os.kill(os.getpid(), signal.SIGTERM), warm._INT.pack(child.pid))[1],  # the signal, then the child's pid
+    lambda: warm._INT.pack(child.wait() << 8),  # its wait status, as the server sends it
+])
+warm._receive = lambda connection, size: next(answers)()
+client, _ = socket.socketpair()
+sys.exit(warm._ask(client, "warm_probe", [], tmp_log))
+"""
+    run = subprocess.run([sys.executable, "-c", f"tmp_log = {str(tmp_path / 'log')!r}" + script], timeout=60)
+    assert run.returncode == 143  # the child got the signal and its exit code came back; not -15, the client killed
+
+
 def test_a_run_whose_client_is_killed_is_stopped(tmp_path: Path) -> None:
     # SIGKILL to a stage's process group reaches the client, not the run forked from the server (in its own session):
     # the server sees the client's connection close and sends the run SIGTERM, as a plain process would have died.

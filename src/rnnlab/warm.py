@@ -125,10 +125,16 @@ def _ask(connection: socket.socket, module: str, args: list[str], server_log: Pa
     streams; forward the signals this process gets to it; return its exit code, as a shell reports it. `server_log`: where
     the server writes its own errors."""
     request = json.dumps({"module": module, "args": args, "cwd": os.getcwd(), "env": dict(os.environ), "client": os.getpid()})
-    socket.send_fds(connection, [_INT.pack(len(request)) + request.encode()], [_open_or_null(fd) for fd in (0, 1, 2)])
-    child = _INT.unpack(_receive(connection, _INT.size))[0]
-    for signum in FORWARDED:
-        signal.signal(signum, lambda received, frame: os.kill(child, received))
+    # The child may run (and be signalled through this process) before its pid arrives here: a signal in between waits,
+    # blocked, for the handler that forwards it, rather than ending this process alone.
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        socket.send_fds(connection, [_INT.pack(len(request)) + request.encode()], [_open_or_null(fd) for fd in (0, 1, 2)])
+        child = _INT.unpack(_receive(connection, _INT.size))[0]
+        for signum in FORWARDED:
+            signal.signal(signum, lambda received, frame: os.kill(child, received))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
     raw = _receive(connection, _INT.size)
     if not raw:  # the server died before its child ended: its status is lost
         print(
