@@ -691,6 +691,23 @@ def test_pipeline_runs_are_those_the_metrics_files_name(store: Path, tmp_path: P
     assert newest["tasks"]["sentiment"]["models"]["gru"]["mean"] == pytest.approx(np.mean(GRU_SENTIMENT[:3]))
 
 
+def test_pipeline_runs_leave_out_the_metrics_files_of_models_the_pipeline_no_longer_trains(store: Path, tmp_path: Path) -> None:
+    # A model that leaves params.yaml (sentiment's defaults, when its tuned cells replaced them) leaves its metrics files
+    # in git, naming runs that a fresh clone's store does not have: they are not this pipeline's, as other seeds are not.
+    named = sentiment_gru_runs(store)
+    for model, seed_runs in {"gru": {seed: run_id for (seed, _), run_id in named.items()}, "lstm": {1: "0" * 32}}.items():
+        (tmp_path / "metrics" / "sentiment" / model).mkdir(parents=True)
+        for seed, run_id in seed_runs.items():
+            (tmp_path / "metrics" / "sentiment" / model / f"seed{seed}.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+    params = tmp_path / "params.yaml"
+    params.write_text("tasks: [sentiment]\nmodels: [gru]\n")
+    overrides = [*store_overrides(store, tmp_path), NO_ALIAS, "runs=pipeline", f"metrics_dir={tmp_path}/metrics", "tasks=[sentiment]"]
+    models = compare(compose_compare(*overrides, "seeds=[1,2]", f"models_from={params}"))["tasks"]["sentiment"]["models"]
+    assert list(models) == ["gru"] and models["gru"]["seeds"] == [1, 2]
+    with pytest.raises(DataError, match=r"lstm/seed1\.json names MLflow run 0{32}, which is not in this store"):
+        compare(compose_compare(*overrides, "seeds=[1,2]"))  # every model's files, where no params file names the models
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -269,13 +269,21 @@ def load_runs(client: MlflowClient, tasks: list[str], profile: str) -> pd.DataFr
     return newest_first.drop_duplicates(["task", "model", "seed"]).sort_values(["task", "model", "seed"]).reset_index(drop=True)
 
 
-def load_pipeline_runs(client: MlflowClient, tasks: list[str], profile: str, metrics_dir: Path, seeds: TaskSeeds) -> pd.DataFrame:
-    """One row per metrics file <metrics_dir>/<task>/<model>/seed<seed>.json of the task's `seeds` (None: every seed): the
-    MLflow run it names (`mlflow_run_id`), which must be a FINISHED training run of `profile`. The files are what
-    pipelines/*/dvc.lock record, so the report and DVC agree; files of other seeds (an earlier pipeline's) are not this pipeline's."""
+def load_pipeline_runs(
+    client: MlflowClient, tasks: list[str], profile: str, metrics_dir: Path, models: TaskModels, seeds: TaskSeeds
+) -> pd.DataFrame:
+    """One row per metrics file <metrics_dir>/<task>/<model>/seed<seed>.json of the task's `models` and `seeds` (None:
+    every model, every seed): the MLflow run it names (`mlflow_run_id`), which must be a FINISHED training run of
+    `profile`. The files are what pipelines/*/dvc.lock record, so the report and DVC agree; files of other models or
+    seeds (an earlier pipeline's, which DVC leaves in place when a stage leaves the pipeline) are not this pipeline's."""
     rows = []
     for task in tasks:
-        patterns = [f"*/seed{seed}.json" for seed in seeds[task]] if seeds is not None else ["*/seed*.json"]
+        names = models.get(task, []) if isinstance(models, dict) else models
+        patterns = [
+            f"{model}/seed{seed}.json"
+            for model in (["*"] if names is None else names)
+            for seed in (["*"] if seeds is None else seeds[task])
+        ]
         for path in sorted({path for pattern in patterns for path in Path(metrics_dir, task).glob(pattern)}):
             rows.append(_named_run(client, task, path, profile))
     return pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values(["task", "model", "seed"]).reset_index(drop=True)
@@ -1007,12 +1015,13 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     where = f"of profile {cfg.profile!r} in experiments {', '.join(f'rnnlab-{task}' for task in tasks)} at {cfg.tracking.uri}"
     if cfg.runs not in ("pipeline", "newest"):
         raise ConfigError(f"runs must be pipeline (the runs the metrics files name) or newest (the newest in MLflow), got {cfg.runs!r}.")
+    models = requested_models(cfg, tasks)
     if cfg.runs == "pipeline":
-        found = load_pipeline_runs(client, tasks, cfg.profile, Path(cfg.metrics_dir), seeds)
+        found = load_pipeline_runs(client, tasks, cfg.profile, Path(cfg.metrics_dir), models, seeds)
         where = f"named by {cfg.metrics_dir}/<task>/<model>/seed<seed>.json for tasks {', '.join(tasks)}"
     else:
         found = load_runs(client, tasks, cfg.profile)
-    runs = select_runs(found, requested_models(cfg, tasks), seeds, where, tasks, cfg.profile)
+    runs = select_runs(found, models, seeds, where, tasks, cfg.profile)
     best = [best_validation(client, run) for _, run in runs.iterrows()]
     runs = runs.assign(best_val=[value for value, _ in best], best_epoch=[epoch for _, epoch in best])
     unmargined = runs.loc[runs["margin"].isna(), "run_name"].tolist()
