@@ -571,9 +571,14 @@ class Search:
 
     def _ask(self) -> optuna.Trial:
         if self.sampler_cfg.get("_target_") in RESEEDABLE:
-            # Reseeded per trial: reproducible for one worker, distinct draws for parallel workers.
-            self.study.sampler = self._build_sampler(len(self.study.get_trials(deepcopy=False)))
-        trial = self.study.ask(self.space.distributions())
+            # Reseeded by the trial's number, which the storage gives each trial once: reproducible for one worker, and
+            # distinct draws for workers that ask at the same instant (a count of the trials read before asking is not).
+            trial = self.study.ask()
+            self.study.sampler = self._build_sampler(trial.number)
+            for name, distribution in self.space.distributions().items():
+                _suggest(trial, name, distribution)
+        else:
+            trial = self.study.ask(self.space.distributions())
         trial.set_user_attr(WORKER_ATTR, _this_worker())
         if self.extender is not None:
             try:
@@ -811,6 +816,16 @@ def shared_tag(client: Any, run_id: str, key: str, value: str, attempts: int = 3
             if "UNIQUE constraint failed" not in str(err) or attempt == attempts - 1:
                 raise
             time.sleep(0.1 * (attempt + 1))
+
+
+def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> None:
+    """What study.ask(fixed_distributions) does for one parameter, through the trial's public suggest methods."""
+    if isinstance(distribution, CategoricalDistribution):
+        trial.suggest_categorical(name, distribution.choices)
+    elif isinstance(distribution, IntDistribution):
+        trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+    else:
+        trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
 
 
 def _state_counts(trials: list[FrozenTrial]) -> dict[TrialState, int]:
