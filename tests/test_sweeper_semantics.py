@@ -323,6 +323,27 @@ def test_a_resumed_study_of_a_stateful_sampler_draws_new_values_reproducibly(hyd
     assert two_runs(tmp_path / "again") == drawn
 
 
+def test_a_reseedable_sampler_draws_each_trial_from_seed_plus_trial_number(hydra_sweep_runner: TSweepRunner, tmp_path: Path) -> None:
+    # Workers of one study that ask at the same instant get distinct trial numbers from the storage, so distinct draws;
+    # anything read before asking (such as a count of trials) can be the same for both. Trial 0 belongs to another worker.
+    optuna.create_study(study_name="app", storage=f"sqlite:///{tmp_path}/study.db").ask()
+    study, _ = run_app(
+        hydra_sweep_runner,
+        tmp_path,
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=3",
+        "hydra.sweeper.n_trials=3",
+        "x=interval(0, 1)",
+        "y=range(0, 9)",
+    )
+    space = {"x": FloatDistribution(0.0, 1.0), "y": IntDistribution(0, 9)}
+    ours = study.trials[1:]
+    assert [t.number for t in ours] == [1, 2, 3] and all(t.state == TrialState.COMPLETE for t in ours)
+    for trial in ours:
+        alone = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3 + trial.number)).ask(space)
+        assert trial.params == alone.params
+
+
 @pytest.mark.parametrize("sampler", ["grid", "qmc"])
 def test_a_resumed_grid_or_qmc_study_goes_on_with_its_own_seed(hydra_sweep_runner: TSweepRunner, tmp_path: Path, sampler: str) -> None:
     # Their seed orders the grid or scrambles the one sequence the study continues: a resumed run keeps it.

@@ -570,15 +570,13 @@ class Search:
         )
 
     def _ask(self) -> optuna.Trial:
+        trial = self.study.ask()
         if self.sampler_cfg.get("_target_") in RESEEDABLE:
             # Reseeded by the trial's number, which the storage gives each trial once: reproducible for one worker, and
             # distinct draws for workers that ask at the same instant (a count of the trials read before asking is not).
-            trial = self.study.ask()
             self.study.sampler = self._build_sampler(trial.number)
-            for name, distribution in self.space.distributions().items():
-                _suggest(trial, name, distribution)
-        else:
-            trial = self.study.ask(self.space.distributions())
+        for name, distribution in self.space.distributions().items():  # what study.ask(distributions) does after asking
+            _suggest(trial, name, distribution)
         trial.set_user_attr(WORKER_ATTR, _this_worker())
         if self.extender is not None:
             try:
