@@ -27,15 +27,15 @@ from rnnlab.models import cells, fused
 
 # (cell, constructor options): each C++ loop, and the RNN's two nonlinearities.
 CELLS = {"GRU": ("GRU", {}), "LSTM": ("LSTM", {}), "RNN-tanh": ("RNN", {}), "RNN-relu": ("RNN", {"nonlinearity": "relu"})}
-# Hidden sizes 5 and 9 end in a partial vector (AVX2 holds 4 doubles or 8 floats), 8 does not.
+# Hidden sizes 5 and 17 end in a partial vector (AVX2 holds 4 doubles or 8 floats, AVX-512 8 or 16), 16 does not.
 SHAPES = {
     "padded": {"batch": 3, "steps": 5, "input_size": 4, "hidden_size": 5},
-    "packed": {"batch": 4, "steps": 7, "input_size": 3, "hidden_size": 9, "lengths": [7, 2, 5, 1]},
+    "packed": {"batch": 4, "steps": 7, "input_size": 3, "hidden_size": 17, "lengths": [7, 2, 5, 1]},
     "2 layers, both directions, packed": {
         "batch": 5,
         "steps": 6,
         "input_size": 3,
-        "hidden_size": 8,
+        "hidden_size": 16,
         "num_layers": 2,
         "bidirectional": True,
         "lengths": [3, 6, 1, 6, 2],

@@ -36,12 +36,18 @@ _loaded: dict[Path, ModuleType | None] = {}
 
 @functools.cache
 def _flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(compiler flags, linker flags). With AVX2, ATen's Vectorized exp and tanh are SLEEF's, exported by libtorch_cpu,
-    as in torch's own CPU kernels (the flags torch.compile's C++ kernels use); without it, ATen's portable vector type.
-    OpenMP, as torch's Linux wheels use it, lets at::parallel_for split a large step across threads."""
+    """(compiler flags, linker flags). With AVX2 or AVX-512, the vector width ATen itself runs at here, ATen's Vectorized
+    exp and tanh are SLEEF's, exported by libtorch_cpu, as in torch's own CPU kernels (the flags torch.compile's C++
+    kernels use); without either, ATen's portable vector type. OpenMP, as torch's Linux wheels use it, lets
+    at::parallel_for split a large step across threads."""
     compile_flags = ["-O3"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        compile_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    capability = torch.backends.cpu.get_cpu_capability()  # ATEN_CPU_CAPABILITY=avx2 picks the narrower build
+    if capability == "AVX512":
+        compile_flags += ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-mf16c"]
+    elif capability == "AVX2":
+        compile_flags += ["-mavx2", "-mfma", "-mf16c"]
+    if capability in ("AVX2", "AVX512"):
+        compile_flags += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
     link_flags: list[str] = []
     if sys.platform == "linux" and torch.backends.openmp.is_available():
         compile_flags.append("-fopenmp")

@@ -8,8 +8,8 @@
 //
 // Layout (cells._Layout): packed, time-major rows; step t holds the first batch_sizes[t] sequences, so its rows
 // are a prefix of step t - 1's. State buffers are [B + N, H]: B rows of initial state, then every step's rows.
-// Built by rnnlab/models/fused.py (python -m rnnlab.models.fused build), with AVX2 where the CPU has it so that
-// ATen's Vectorized<T> exp and tanh are SLEEF's, as in torch's own kernels.
+// Built by rnnlab/models/fused.py (python -m rnnlab.models.fused build), with AVX2 or AVX-512 where ATen runs at that
+// width, so that ATen's Vectorized<T> exp and tanh are SLEEF's, as in torch's own kernels.
 
 #include <torch/extension.h>
 
