@@ -174,6 +174,11 @@ def tuned_as_default(cfg: DictConfig) -> TunedDefaults | None:
 TaskModels = dict[str, list[str]] | list[str] | None
 
 
+def _models_of(models: TaskModels, task: str) -> list[str] | None:
+    """The models `models` asks for on `task` (None: every model)."""
+    return models.get(task, []) if isinstance(models, dict) else models
+
+
 def requested_models(cfg: DictConfig, tasks: list[str]) -> TaskModels:
     """`models`, or per task the models a pipeline's params file trains (`models_from`): its `models` and
     `single_seed_models` on the tasks of `default_tasks` (if it has none: of its `tasks`, or every task) and
@@ -278,7 +283,7 @@ def load_pipeline_runs(
     seeds (an earlier pipeline's, which DVC leaves in place when a stage leaves the pipeline) are not this pipeline's."""
     rows = []
     for task in tasks:
-        names = models.get(task, []) if isinstance(models, dict) else models
+        names = _models_of(models, task)
         patterns = [
             f"{model}/seed{seed}.json"
             for model in (["*"] if names is None else names)
@@ -329,7 +334,7 @@ def select_runs(runs: pd.DataFrame, models: TaskModels, seeds: TaskSeeds, where:
         return f"`dvc repro`, or `{train_command(task, model, profile, seed)}` and likewise for each missing run"
 
     if runs.empty:
-        model = (models.get(tasks[0]) or ["gru"])[0] if isinstance(models, dict) else (models or ["gru"])[0]
+        model = (_models_of(models, tasks[0]) or ["gru"])[0]
         raise DataError(
             f"no FINISHED training runs {where} (search trials are not counted). Produce them with {train(tasks[0], model)}, "
             "or compare another profile (profile=...)."
