@@ -34,6 +34,13 @@ SWITCH = "RNNLAB_FUSED"
 _loaded: dict[Path, ModuleType | None] = {}
 
 
+# The instruction sets of each vector width ATen runs at (torch.backends.cpu.get_cpu_capability()).
+VECTOR_FLAGS = {
+    "AVX512": ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-mf16c"),
+    "AVX2": ("-mavx2", "-mfma", "-mf16c"),
+}
+
+
 @functools.cache
 def _flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(compiler flags, linker flags). With AVX2 or AVX-512, the vector width ATen itself runs at here, ATen's Vectorized
@@ -42,12 +49,8 @@ def _flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     at::parallel_for split a large step across threads."""
     compile_flags = ["-O3"]
     capability = torch.backends.cpu.get_cpu_capability()  # ATEN_CPU_CAPABILITY=avx2 picks the narrower build
-    if capability == "AVX512":
-        compile_flags += ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-mf16c"]
-    elif capability == "AVX2":
-        compile_flags += ["-mavx2", "-mfma", "-mf16c"]
-    if capability in ("AVX2", "AVX512"):
-        compile_flags += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+    if capability in VECTOR_FLAGS:
+        compile_flags += [*VECTOR_FLAGS[capability], f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
     link_flags: list[str] = []
     if sys.platform == "linux" and torch.backends.openmp.is_available():
         compile_flags.append("-fopenmp")
