@@ -362,3 +362,29 @@ def test_a_fresh_build_from_the_command_loads_and_gives_torchs_results(monkeypat
     reference, ours = modules("GRU", shape)
     assert max_difference(run(reference, shape), run(ours, shape)) <= 1e-10
     assert counted.calls == {"gru_forward": 4, "gru_backward": 4}
+
+
+@pytest.mark.parametrize(("capability", "instruction_set"), [("AVX512", "-mavx512f"), ("AVX2", "-mavx2"), ("DEFAULT", None)], ids=str)
+def test_the_loops_are_built_at_the_vector_width_aten_runs_at_and_each_width_has_its_own_build(
+    monkeypatch: pytest.MonkeyPatch, capability: str, instruction_set: str | None
+) -> None:
+    def flags_and_directory(width: str) -> tuple[tuple[str, ...], Path]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: width)
+        fused._flags.cache_clear()
+        fused._digest.cache_clear()
+        return fused._flags()[0], fused.build_directory(Path("/kernels"))
+
+    try:
+        flags, directory = flags_and_directory(capability)
+        others = {flags_and_directory(width)[1] for width in ("AVX512", "AVX2", "DEFAULT") if width != capability}
+    finally:
+        fused._flags.cache_clear()
+        fused._digest.cache_clear()
+    vector_flags = [flag for flag in flags if flag.startswith(("-mavx", "-DCPU_CAPABILITY"))]
+    if instruction_set is None:
+        assert vector_flags == []  # ATen's portable vector type
+    else:
+        assert instruction_set in flags and f"-DCPU_CAPABILITY={capability}" in flags and f"-DCPU_CAPABILITY_{capability}" in flags
+        assert not any(flag.startswith("-DCPU_CAPABILITY_") and flag != f"-DCPU_CAPABILITY_{capability}" for flag in flags)
+        assert capability == "AVX512" or "-mavx512f" not in flags
+    assert directory not in others  # a build for another width is never loaded
